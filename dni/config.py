@@ -1,0 +1,66 @@
+"""Every training default, defined once. The CLI of main.py, mlp.py and cnn.py is built from it."""
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from dni.errors import DNIError
+from dni.models import MODELS
+
+METHODS = ("dni", "backprop")
+SCHEDULES = ("cosine", "constant", "paper")
+DEVICES = ("auto", "cpu", "cuda")
+DATASET_CHOICES = ("mnist", "fashion_mnist", "cifar10")
+
+
+def _opt(help, **kw):
+    return field(default=kw.pop("default"), metadata=dict(help=help, **kw))
+
+
+@dataclass
+class Config:
+    """One training run. None means "the model's default" (see dni.models.MODELS)."""
+    model_type: str = _opt("network", default="mlp", choices=MODELS)
+    method: str = _opt("dni: every stage decoupled by a DNI; backprop: the baseline", default="dni",
+                       choices=METHODS)
+    conditioned: bool = _opt("cDNI: synthesizers also read the one-hot label", default=False)
+    dataset: str = _opt("data set", default="mnist", choices=DATASET_CHOICES)
+    data_dir: str = _opt("where data sets live", default="data")
+    num_epochs: Optional[int] = _opt("epochs (default: mlp 10, cnn 4)", default=None, positive=True)
+    batch_size: int = _opt("batch size", default=256, positive=True)
+    lr: float = _opt("Adam learning rate of the stages", default=1e-3, positive=True)
+    sg_lr: float = _opt("Adam learning rate of the synthesizers", default=1e-4, positive=True)
+    schedule: str = _opt("learning-rate schedule; paper: /10 at 60%% and 80%% of the steps",
+                         default="cosine", choices=SCHEDULES)
+    depth: Optional[int] = _opt("hidden stages (default: mlp 3, cnn 2)", default=None, positive=True)
+    hidden: int = _opt("units per mlp hidden stage", default=256, positive=True)
+    channels: int = _opt("filters per cnn stage (the paper: 128)", default=32, positive=True)
+    synth_layers: int = _opt("hidden layers in each synthesizer (0 = linear)", default=1, choices=(0, 1, 2))
+    synth_width: int = _opt("units per dense synthesizer hidden layer", default=1024, positive=True)
+    synth_channels: int = _opt("filters per conv synthesizer hidden layer", default=64, positive=True)
+    device: str = _opt("where to train", default="auto", choices=DEVICES)
+    use_gpu: Optional[bool] = _opt("the seed's flag: True = --device cuda, False = --device cpu",
+                                   default=None)
+    seed: int = _opt("random seed (weights and data order)", default=0)
+    out: str = _opt("run folder (default: results/<dataset>_<model>_<method>)", default="")
+    plot: bool = _opt("draw the PNG plots at the end", default=True)
+    overwrite: bool = _opt("replace a finished run in --out", default=False)
+
+    def __post_init__(self):
+        spec = MODELS[self.model_type]
+        if self.depth is None:
+            self.depth = spec.depth
+        if self.num_epochs is None:
+            self.num_epochs = spec.num_epochs
+        if self.use_gpu is not None:
+            self.device = "cuda" if self.use_gpu else "cpu"
+        if self.conditioned and self.method != "dni":
+            raise DNIError("--conditioned True needs --method dni (backprop has no synthesizers)")
+
+    @property
+    def name(self):
+        """Short name of the run: mlp_dni, mlp_cdni, cnn_backprop, fashion_mnist_mlp_dni..."""
+        method = "cdni" if self.conditioned else self.method
+        prefix = "" if self.dataset == "mnist" else f"{self.dataset}_"
+        return f"{prefix}{self.model_type}_{method}"
+
+    def to_dict(self):
+        return asdict(self)

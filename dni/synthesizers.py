@@ -1,0 +1,82 @@
+"""Synthetic gradient models M_i (paper section 2; cDNI in section 2 and 3.1).
+
+A synthesizer reads a stage's output h_i (the *trigger*, always detached) and,
+optionally, a *context* c (the one-hot label under cDNI), and predicts the
+gradient of the loss w.r.t. h_i. Its last layer starts at zero, weights and
+bias, so its first synthetic gradient is exactly zero (paper, section 3.1).
+
+Scale convention: a synthesizer predicts the *per-example* gradient
+d loss_n / d h_n, i.e. the gradient of the batch-summed loss. The mean-reduced
+loss's gradient is that divided by the batch size; `dni.interface` applies the
+factor, so a synthesizer's output does not depend on the batch size.
+
+Loss convention (one, used everywhere): `synthesizer_loss` is the mean over all
+elements of (g_hat - g)^2, so dense and conv synthesizers share a learning rate.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def synthesizer_loss(g_hat, target):
+    """L2 between synthetic and target gradient: mean over batch and features."""
+    return F.mse_loss(g_hat, target.detach())
+
+
+def _zero(layer):
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class DenseSynthesizer(nn.Module):
+    """M(h, c) for vector triggers (B, features): `hidden_layers` x (Linear -> BatchNorm -> ReLU)
+    of `width` units, then a zero-initialised Linear back to `features`. hidden_layers=0 is linear."""
+
+    def __init__(self, *, features, context_features=0, hidden_layers=1, width=1024):
+        super().__init__()
+        layers, n_in = [], features + context_features
+        for _ in range(hidden_layers):
+            layers += [nn.Linear(n_in, width), nn.BatchNorm1d(width), nn.ReLU()]
+            n_in = width
+        layers.append(_zero(nn.Linear(n_in, features)))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, trigger, context=None):
+        if context is not None:
+            trigger = torch.cat([trigger, context], dim=1)  # (B, features + classes)
+        return self.net(trigger)
+
+
+class ConvSynthesizer(nn.Module):
+    """M(h, c) for feature maps (B, C, H, W): `hidden_layers` x (5x5 same conv -> BatchNorm -> ReLU)
+    of `width` channels, then a zero-initialised 5x5 conv back to C. Under cDNI the one-hot
+    context joins the trigger as extra planes, broadcast over height and width."""
+
+    def __init__(self, *, channels, context_features=0, hidden_layers=1, width=64, kernel_size=5):
+        super().__init__()
+        pad = kernel_size // 2
+        layers, n_in = [], channels + context_features
+        for _ in range(hidden_layers):
+            layers += [nn.Conv2d(n_in, width, kernel_size, padding=pad), nn.BatchNorm2d(width), nn.ReLU()]
+            n_in = width
+        layers.append(_zero(nn.Conv2d(n_in, channels, kernel_size, padding=pad)))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, trigger, context=None):
+        if context is not None:
+            B, _, H, W = trigger.shape
+            planes = context[:, :, None, None].expand(B, context.shape[1], H, W)
+            trigger = torch.cat([trigger, planes], dim=1)  # (B, C + classes, H, W)
+        return self.net(trigger)
+
+
+def make_synthesizer(shape, *, context_features=0, hidden_layers=1, width=1024, conv_width=64):
+    """The synthesizer for a trigger of per-example `shape`: (features,) -> dense, (C, H, W) -> conv."""
+    if len(shape) == 1:
+        return DenseSynthesizer(features=shape[0], context_features=context_features,
+                                hidden_layers=hidden_layers, width=width)
+    if len(shape) == 3:
+        return ConvSynthesizer(channels=shape[0], context_features=context_features,
+                               hidden_layers=hidden_layers, width=conv_width)
+    raise ValueError(f"no synthesizer for trigger shape {tuple(shape)}")

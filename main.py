@@ -1,0 +1,9 @@
+"""Train on MNIST with every stage decoupled by a DNI (or cDNI with --conditioned True).
+
+    python main.py --model_type mlp
+    python main.py --model_type cnn --conditioned True
+"""
+from dni.train import main
+
+if __name__ == "__main__":
+    main(prog="main.py", description=__doc__.splitlines()[0])
