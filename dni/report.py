@@ -1,0 +1,70 @@
+"""The README's results table, made from the run folders' summary.json files.
+
+    python -m dni.report                 # print the table of results/*/summary.json
+    python -m dni.report --readme README.md   # also rewrite it between the README's markers
+
+No figure in the README is typed by hand: this prints each one from a run folder.
+"""
+import argparse
+import json
+import platform
+from pathlib import Path
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+METHOD_ORDER = {"backprop": 0, "dni": 1, "cdni": 2}
+
+
+def load_summaries(results_dir):
+    """Every finished run's summary under results_dir, with its folder name."""
+    summaries = []
+    for path in sorted(Path(results_dir).glob("*/summary.json")):
+        summary = json.loads(path.read_text())
+        summary["run"] = path.parent.name
+        env = path.parent / "env.json"
+        summary["env"] = json.loads(env.read_text()) if env.exists() else {}
+        summaries.append(summary)
+    return summaries
+
+
+def method_name(summary):
+    return "cdni" if summary.get("conditioned") else summary["method"]
+
+
+def results_table(summaries):
+    """Markdown: test accuracy of each run, with the gap to backprop of the same model and data."""
+    baseline = {(s["dataset"], s["model_type"], s["epochs"]): s["test_acc"]
+                for s in summaries if s["method"] == "backprop"}
+    rows = ["| data | model | method | epochs | test accuracy | vs backprop | train time | run |",
+            "|---|---|---|---|---|---|---|---|"]
+    key = lambda s: (s["dataset"], s["model_type"], METHOD_ORDER.get(method_name(s), 9), s["run"])
+    for s in sorted(summaries, key=key):
+        base = baseline.get((s["dataset"], s["model_type"], s["epochs"]))
+        gap = "" if base is None or s["method"] == "backprop" else f"{100 * (s['test_acc'] - base):+.2f} pt"
+        rows.append(f"| {s['dataset']} | {s['model_type']} | {method_name(s)} | {s['epochs']} | "
+                    f"{100 * s['test_acc']:.2f}% | {gap} | {s['seconds']:.0f} s | results/{s['run']} |")
+    envs = {(s["env"].get("torch"), s["env"].get("device"), s["env"].get("threads")) for s in summaries}
+    hardware = "; ".join(f"torch {t}, {d}, {n} threads" for t, d, n in sorted(envs, key=str))
+    rows.append(f"\nMeasured on {platform.machine()} ({hardware}); train time excludes evaluation.")
+    return "\n".join(rows)
+
+
+def rewrite_readme(readme, table):
+    text = Path(readme).read_text()
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    Path(readme).write_text(f"{head}{START}\n{table}\n{END}{tail}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default="results", help="folder of run folders")
+    parser.add_argument("--readme", default=None, help="rewrite this README's table between its markers")
+    args = parser.parse_args(argv)
+    table = results_table(load_summaries(args.results))
+    print(table)
+    if args.readme:
+        rewrite_readme(args.readme, table)
+
+
+if __name__ == "__main__":
+    main()
