@@ -1,0 +1,193 @@
+"""The hyperparameter search behind the DNI defaults in dni/config.py (issue 3): synthesizer
+depth (0, 1 or 2 hidden layers), synthesizer learning rate and stage learning rate, for DNI
+and cDNI on the MNIST FCN, a few epochs per run; backprop at each stage learning rate beside.
+
+    python -m dni.search                     # the grid: 2 x 3 x 3 x 3 runs + 3 backprop, 2 epochs, seed 0
+    python -m dni.search --jobs 2            # two runs at once
+    python -m dni.search --quick             # 2 runs of 1 epoch: checks the plumbing
+    python -m dni.search --table_only        # rank the finished runs again
+
+Every run is a dni.train run folder under <results>/search/ (reused when finished with the
+same settings, so the search resumes); writes <results>/search.json and search.md, ranked by
+test error. Unset settings (network depth, widths, schedule, batch) are dni.config's defaults.
+Caveat: dni.train holds out no validation set, so the ranking uses the test set; numbers
+picked this way flatter the method tuned (compare cells of dni.table1 with that in mind).
+"""
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dni.cli import OneLineParser, main_guard
+from dni.config import DEVICES, Config
+from dni.table1 import mean_std, pending, train_all
+
+SYNTH_LAYERS = (0, 1, 2)
+SG_LRS = (1e-5, 1e-4, 1e-3)
+LRS = (3e-4, 1e-3, 3e-3)
+METHODS = {"dni": dict(method="dni", conditioned=False), "cdni": dict(method="dni", conditioned=True),
+           "backprop": dict(method="backprop")}
+EPOCHS, SEEDS = 2, (0,)
+QUICK = dict(synth_layers=[0], sg_lrs=[1e-4], lrs=[1e-3], methods=["dni", "cdni"], epochs=1, seeds=[0])
+TUNED = ("lr", "sg_lr", "synth_layers")
+
+
+def run_name(method, synth_layers, sg_lr, lr, seed):
+    if method == "backprop":
+        return f"backprop_lr{lr:g}_s{seed}"
+    return f"{method}_sl{synth_layers}_sglr{sg_lr:g}_lr{lr:g}_s{seed}"
+
+
+def points(args):
+    """(method, synth_layers, sg_lr, lr) of every run; backprop once per lr (it has no synthesizer)."""
+    out = []
+    for method in args.methods:
+        if method == "backprop":
+            out += [(method, None, None, lr) for lr in args.lrs]
+        else:
+            out += [(method, s, g, lr) for s, g, lr in itertools.product(args.synth_layers, args.sg_lrs, args.lrs)]
+    return out
+
+
+def run_config(args, method, synth_layers, sg_lr, lr, seed):
+    settings = dict(model_type="mlp", dataset="mnist", lr=lr, num_epochs=args.epochs, seed=seed, plot=False,
+                    overwrite=True, out=str(Path(args.results) / args.stem / run_name(method, synth_layers, sg_lr, lr, seed)),
+                    **METHODS[method])
+    if method != "backprop":
+        settings.update(synth_layers=synth_layers, sg_lr=sg_lr)
+    for name in ("device", "data_dir"):
+        if getattr(args, name):
+            settings[name] = getattr(args, name)
+    return Config(**settings)
+
+
+def collect(args, failures=None):
+    """Every point's test error over seeds, ranked within each method; and the current defaults."""
+    failures, rows = failures or {}, []
+    for method, synth_layers, sg_lr, lr in points(args):
+        errors, seconds, failed = [], [], []
+        for seed in args.seeds:
+            run_dir = Path(run_config(args, method, synth_layers, sg_lr, lr, seed).out)
+            if run_dir.name in failures:
+                failed.append(failures[run_dir.name])
+            if (run_dir / "summary.json").exists():
+                summary = json.loads((run_dir / "summary.json").read_text())
+                errors.append(round(100 * (1 - summary["test_acc"]), 4))
+                seconds.append(summary["seconds"])
+        mean, std = mean_std(errors) if errors else (None, None)
+        rows.append(dict(method=method, synth_layers=synth_layers, sg_lr=sg_lr, lr=lr, test_error=errors,
+                         mean=mean, std=std, seconds=seconds, failed=failed))
+    defaults = Config()
+    best = {}
+    for method in args.methods:
+        done = [r for r in rows if r["method"] == method and r["mean"] is not None]
+        if done:
+            best[method] = min(done, key=lambda r: r["mean"])
+    meta = dict(epochs=args.epochs, seeds=list(args.seeds), runs_done=sum(len(r["test_error"]) for r in rows),
+                runs_total=len(rows) * len(args.seeds), defaults_now={k: getattr(defaults, k) for k in TUNED},
+                network=dict(model_type="mlp", depth=defaults.depth, hidden=defaults.hidden,
+                             synth_width=defaults.synth_width, schedule=defaults.schedule,
+                             batch_size=defaults.batch_size),
+                torch=torch.__version__, command="python -m dni.search " + " ".join(sys.argv[1:]),
+                selection_note="ranked on the test set: dni.train holds out no validation split")
+    return dict(meta=meta, best=best, rows=rows)
+
+
+def _fmt(row):
+    if row["mean"] is None:
+        return "failed" if row["failed"] else "—"
+    return f"{row['mean']:.2f}" + (f" ± {row['std']:.2f}" if row["std"] is not None else "")
+
+
+def markdown(table):
+    meta = table["meta"]
+    lines = ["# DNI / cDNI hyperparameter search (MNIST FCN)", "",
+             f"{meta['runs_done']} of {meta['runs_total']} runs finished"
+             + (" (**partial**)" if meta["runs_done"] < meta["runs_total"] else "")
+             + f"; {meta['epochs']} epoch(s) per run, seeds {meta['seeds']}; test error (%), best first per method.",
+             "", "| method | synth layers | sg_lr | lr | test error | train s |", "|---|---|---|---|---|---|"]
+    key = lambda r: (list(METHODS).index(r["method"]), r["mean"] is None, r["mean"] or 0)
+    blank = lambda value, fmt="": "" if value is None else format(value, fmt)
+    for r in sorted(table["rows"], key=key):
+        lines.append(f"| {r['method']} | {blank(r['synth_layers'])} | {blank(r['sg_lr'], 'g')} | {r['lr']:g} | "
+                     f"{_fmt(r)} | {blank(sum(r['seconds']) / len(r['seconds']) if r['seconds'] else None, '.0f')} |")
+    lines += ["", "Best per method: " + "; ".join(
+        f"{m}: synth_layers {b['synth_layers']}, sg_lr {b['sg_lr']}, lr {b['lr']} ({_fmt(b)}%)"
+        for m, b in table["best"].items()) if table["best"] else "Best per method: no finished run yet.",
+        "Defaults in dni/config.py now: " + ", ".join(f"{k} {v}" for k, v in meta["defaults_now"].items()) + ".",
+        "Network: " + ", ".join(f"{k} {v}" for k, v in meta["network"].items()) + f"; torch {meta['torch']}.",
+        "Caveat: " + meta["selection_note"] + ", so the winners' test errors are optimistic.",
+        f"Made by `{meta['command'].strip()}`.", ""]
+    return "\n".join(lines)
+
+
+def write(args, table):
+    base = Path(args.results) / args.stem
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".json", json.dumps(table, indent=2) + "\n"), (".md", markdown(table))):
+        tmp = base.with_name(base.name + suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(base.with_name(base.name + suffix))
+
+
+def search(args, log=print):
+    start = time.perf_counter()
+    failures = {}
+    if not args.table_only:
+        configs = [run_config(args, *p, seed) for p in points(args) for seed in args.seeds]
+        todo = pending(configs, args.retrain_stale)
+        log(f"{args.stem}: {len(todo)} run(s) to train, --jobs {args.jobs}")
+        failures = train_all(todo, jobs=args.jobs, threads=args.threads, log=log,
+                             after_each=lambda f: write(args, collect(args, f)))
+    table = collect(args, failures)
+    write(args, table)
+    log(markdown(table))
+    log(f"wrote {Path(args.results) / args.stem}.md and .json in {time.perf_counter() - start:.0f} s")
+    return table
+
+
+def parse_args(argv=None):
+    parser = OneLineParser(prog="python -m dni.search", description=__doc__.splitlines()[0])
+    parser.add_argument("--synth_layers", type=int, nargs="+", choices=SYNTH_LAYERS,
+                        help=f"synthesizer hidden layers (default: {' '.join(map(str, SYNTH_LAYERS))})")
+    parser.add_argument("--sg_lrs", type=float, nargs="+", help=f"synthesizer lrs (default: {' '.join(map(str, SG_LRS))})")
+    parser.add_argument("--lrs", type=float, nargs="+", help=f"stage lrs (default: {' '.join(map(str, LRS))})")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: dni cdni backprop")
+    parser.add_argument("--epochs", type=int, help=f"epochs per run (default: {EPOCHS})")
+    parser.add_argument("--seeds", type=int, nargs="+", help=f"default: {' '.join(map(str, SEEDS))}")
+    parser.add_argument("--quick", action="store_true", help="2 runs of 1 epoch, written as search_quick.*")
+    parser.add_argument("--device", choices=DEVICES, help="default: dni.config's")
+    parser.add_argument("--data_dir", help="default: dni.config's")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default: 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (default: 1)")
+    parser.add_argument("--results", default="results", help="writes <results>/search.* and <results>/search/")
+    parser.add_argument("--table_only", action="store_true", help="train nothing: rank the finished runs")
+    parser.add_argument("--retrain_stale", action="store_true",
+                        help="retrain finished runs whose settings differ from those asked for now")
+    args = parser.parse_args(argv)
+    defaults = QUICK if args.quick else dict(synth_layers=list(SYNTH_LAYERS), sg_lrs=list(SG_LRS), lrs=list(LRS),
+                                             methods=list(METHODS), epochs=EPOCHS, seeds=list(SEEDS))
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("epochs", "threads", "jobs"):
+        if getattr(args, name) < 1:
+            parser.error(f"argument --{name}: must be > 0, got {getattr(args, name)}")
+    for name in ("sg_lrs", "lrs"):
+        if any(not v > 0 for v in getattr(args, name)):
+            parser.error(f"argument --{name}: learning rates must be > 0")
+    args.stem = "search_quick" if args.quick else "search"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return main_guard(search, args)
+
+
+if __name__ == "__main__":
+    main()

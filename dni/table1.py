@@ -1,0 +1,469 @@
+"""The paper's Table 1 (section 3.1): test error of FCNs of 3-6 layers and CNNs of 3-4 layers,
+each trained four ways: No Bprop (only the top layer learns), Bprop, DNI and cDNI.
+
+    python -m dni.table1                               # the CPU grid: every cell, seeds 0 1 2
+    python -m dni.table1 --models mlp --jobs 2         # a part of it, two runs at once
+    python -m dni.table1 --dataset fashion_mnist       # -> results/fashion_table1.*
+    python -m dni.table1 --paper --device cuda         # the paper's budget: 500k steps, lr 3e-5
+    python -m dni.table1 --quick                       # a 1-2 minute slice (the test's)
+    python -m dni.table1 --table_only                  # redraw tables and figures from the run folders
+
+Layers are counted as in the paper: every layer with weights, the classifier included. FCN
+"3 layers" is two hidden layers and the classifier (`--model_type mlp --depth 2`); CNN "3
+layers" is two conv layers and the classifier (`--model_type cnn --depth 2`).
+
+Each run is an ordinary `dni.train.run` folder, <results>/table1/<dataset>/<model><layers>_<method>_s<seed>
+(table1_quick/ and table1_paper/ for those budgets). A finished one (summary.json) is reused
+if it was trained with the settings asked for now, so an interrupted table resumes; one trained
+with other settings (say the defaults in dni/config.py moved) stops the table with a message,
+unless --retrain_stale. Unset hyperparameters (lr, sg_lr, synthesizer depth...) are dni.config's
+defaults at run time. Writes <results>/table1.json, .md, _curves.png and _sg.png
+(Fashion-MNIST: fashion_table1.*), rewriting the tables after every run.
+"""
+import argparse
+import json
+import math
+import multiprocessing
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import torch
+
+from dni.cli import OneLineParser, main_guard
+from dni.config import DEVICES, Config
+from dni.data import num_batches
+from dni.errors import DNIError
+from dni.models import MODELS
+
+LAYERS = {"mlp": (3, 4, 5, 6), "cnn": (3, 4)}  # the paper's rows; layers = depth + 1
+MODEL_LABEL = {"mlp": "FCN", "cnn": "CNN"}
+METHODS = {  # table column -> Config settings
+    "nobprop": dict(method="nobprop"),
+    "backprop": dict(method="backprop"),
+    "dni": dict(method="dni", conditioned=False),
+    "cdni": dict(method="dni", conditioned=True),
+}
+METHOD_LABEL = {"nobprop": "No Bprop", "backprop": "Bprop", "dni": "DNI", "cdni": "cDNI"}
+DATASETS = {"mnist": ("MNIST", ""), "fashion_mnist": ("Fashion-MNIST", "fashion_")}  # -> (title, file prefix)
+SEEDS = (0, 1, 2)
+
+# Epochs of the CPU grid, the same for every method: sized so that the full MNIST grid (72 runs)
+# fits in about two hours on a 2-core CPU, one thread per run, two runs at once.
+CPU_EPOCHS = {"mlp": 3, "cnn": 2}
+# The paper's budget (section 3.1): Adam, lr 3e-5 divided by 10 at 60% and 80% of 500k
+# iterations of batch 256; 128 filters per conv layer.
+PAPER_ITERATIONS = 500_000
+PAPER_SETTINGS = dict(lr=3e-5, sg_lr=3e-5, schedule="paper", batch_size=256, channels=128)
+TRAIN_SIZE = 60_000  # MNIST and Fashion-MNIST training images: the paper's epochs = iterations / (60000 // 256)
+QUICK = dict(models=["mlp"], layers=[3], methods=["backprop", "dni", "cdni"], seeds=[0], epochs=1)
+
+# The paper's Table 1 numbers could not be confirmed where this was written (no copy of the
+# PDF's table was reachable), so none is quoted: None prints as "not confirmed".
+PAPER = {}
+# Settings that say where a run lives or how it is drawn, not what it computes.
+NOT_MATHS = {"device", "use_gpu", "out", "plot", "overwrite", "data_dir", "resume"}
+
+
+# ---------------------------------------------------------------- the grid
+
+def run_name(model, layers, method, seed):
+    return f"{model}{layers}_{method}_s{seed}"
+
+
+def grid_cells(args):
+    """(model, layers) cells to train, in the paper's order, filtered by --models/--layers."""
+    return [(model, layers) for model in args.models for layers in LAYERS[model]
+            if args.layers is None or layers in args.layers] + \
+        [(model, layers) for model in args.models for layers in (args.layers or ())
+         if layers not in LAYERS[model]]
+
+
+def table_scope(args):
+    """(cells, methods) the table shows: the whole paper grid even when a part is trained (its
+    other cells then show as missing), plus any extra cell asked for; --quick shows its slice."""
+    if args.quick:
+        return grid_cells(args), args.methods
+    paper = [(model, layers) for model in LAYERS for layers in LAYERS[model]]
+    return paper + [c for c in grid_cells(args) if c not in paper], list(METHODS)
+
+
+def paper_epochs(batch_size):
+    return math.ceil(PAPER_ITERATIONS / num_batches(TRAIN_SIZE, batch_size))
+
+
+def run_config(args, model, layers, method, seed):
+    """The Config of one run: dni.config's defaults but for what the table sets."""
+    settings = dict(model_type=model, depth=layers - 1, dataset=args.dataset, seed=seed, plot=False,
+                    overwrite=True, out=str(run_root(args) / run_name(model, layers, method, seed)),
+                    **METHODS[method])
+    if args.device:
+        settings["device"] = args.device
+    if args.data_dir:
+        settings["data_dir"] = args.data_dir
+    if args.paper:
+        settings.update(PAPER_SETTINGS, num_epochs=paper_epochs(PAPER_SETTINGS["batch_size"]))
+    else:
+        settings["num_epochs"] = args.epochs or CPU_EPOCHS[model]
+    return Config(**settings)
+
+
+def budget(args):
+    return "paper" if args.paper else "quick" if args.quick else ""
+
+
+def stem(args):
+    """table1, table1_quick or table1_paper: the run folders' root and the output files' name."""
+    return "table1" + (f"_{budget(args)}" if budget(args) else "")
+
+
+def run_root(args):
+    return Path(args.results) / stem(args) / args.dataset
+
+
+def output_base(args):
+    return Path(args.results) / f"{DATASETS[args.dataset][1]}{stem(args)}"
+
+
+def stale_settings(run_dir, config):
+    """The settings a finished run was trained with that differ from `config`'s: {name: (was, now)}."""
+    saved = json.loads((run_dir / "config.json").read_text())
+    wanted = config.to_dict()
+    return {k: (saved[k], wanted[k]) for k in sorted(saved.keys() & wanted.keys() - NOT_MATHS)
+            if saved[k] != wanted[k]}
+
+
+def train_one(config, threads):
+    """One run, in a worker process or in this one; returns (name, summary or None, error or None)."""
+    from dni.train import run  # imported here so that spawned workers load it themselves
+    torch.set_num_threads(threads)
+    try:
+        return Path(config.out).name, run(config), None
+    except DNIError as e:  # a diverged run is a result to report, not a reason to stop the grid
+        return Path(config.out).name, None, str(e)
+
+
+def pending(configs, retrain_stale=False):
+    """The configs still to train: those without a finished run folder, and (with
+    `retrain_stale`) those whose finished run was trained with other settings; without it,
+    such a run stops everything with a message saying which settings moved."""
+    todo, stale = [], []
+    for config in configs:
+        run_dir = Path(config.out)
+        if (run_dir / "summary.json").exists():
+            diff = stale_settings(run_dir, config)
+            if not diff:
+                continue
+            if not retrain_stale:
+                stale.append(f"{run_dir} (" + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items()) + ")")
+                continue
+        todo.append(config)
+    if stale:
+        raise DNIError(f"{len(stale)} finished run(s) were trained with other settings, e.g. {stale[0]}; "
+                       "pass --retrain_stale to retrain them, or --table_only to tabulate what is there")
+    return todo
+
+
+def train_all(configs, *, jobs=1, threads=1, log=print, after_each=None):
+    """Train `configs`, `jobs` at once (one process each); calls after_each(failures) after every
+    run; returns {run name: error} of the runs that stopped with a DNIError (e.g. diverged)."""
+    failures = {}
+    if jobs == 1:
+        results = (train_one(config, threads) for config in configs)
+    else:
+        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+        results = (f.result() for f in as_completed([pool.submit(train_one, c, threads) for c in configs]))
+    for n, (name, summary, error) in enumerate(results, 1):
+        if error:
+            failures[name] = error
+            log(f"[{n}/{len(configs)}] {name} failed: {error}")
+        else:
+            log(f"[{n}/{len(configs)}] {name}: test error {100 * (1 - summary['test_acc']):.2f}% "
+                f"in {summary['seconds']:.0f} s of training")
+        if after_each:
+            after_each(failures)
+    if jobs > 1:
+        pool.shutdown()
+    return failures
+
+
+def train_grid(args, log=print):
+    """Train every missing run of the grid, rewriting the tables after each; returns failures."""
+    configs = [run_config(args, model, layers, method, seed) for model, layers in grid_cells(args)
+               for method in args.methods for seed in args.seeds]
+    todo = pending(configs, args.retrain_stale)
+    log(f"{stem(args)} {args.dataset}: {len(todo)} run(s) to train, --jobs {args.jobs}")
+    return train_all(todo, jobs=args.jobs, threads=args.threads, log=log,
+                     after_each=lambda failures: write_tables(args, collect(args, failures)))
+
+
+# ---------------------------------------------------------------- the table
+
+def mean_std(values):
+    """(mean, sample std) of a list; std is None for fewer than two values."""
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def collect(args, failures=None):
+    """The table dict from the finished run folders of the grid (missing runs leave cells partial)."""
+    failures = failures or {}
+    cells, methods = table_scope(args)
+    rows, envs, hyper, seconds, done, total = [], set(), set(), 0.0, 0, 0
+    for model, layers in cells:
+        row = dict(model=model, layers=layers, depth=layers - 1, label=f"{MODEL_LABEL[model]} {layers}",
+                   cells={}, paper={m: PAPER.get((args.dataset, model, layers, m)) for m in methods})
+        for method in methods:
+            cell = dict(seeds=[], test_error=[], seconds=[], epochs=None, steps=None, failed={})
+            for seed in args.seeds:
+                total += 1
+                name = run_name(model, layers, method, seed)
+                run_dir = run_root(args) / name
+                if name in failures:
+                    cell["failed"][seed] = failures[name]
+                if not (run_dir / "summary.json").exists():
+                    continue
+                summary = json.loads((run_dir / "summary.json").read_text())
+                config = json.loads((run_dir / "config.json").read_text())
+                env = json.loads((run_dir / "env.json").read_text()) if (run_dir / "env.json").exists() else {}
+                cell["seeds"].append(seed)
+                cell["test_error"].append(round(100 * (1 - summary["test_acc"]), 4))
+                cell["seconds"].append(summary["seconds"])
+                cell["epochs"], cell["steps"] = summary["epochs"], summary["steps"]
+                seconds += summary["seconds"]
+                done += 1
+                envs.add((env.get("device"), env.get("gpu") or env.get("cpu"), env.get("threads"), env.get("torch")))
+                keys = ("lr", "sg_lr", "schedule", "batch_size", "num_epochs", "synth_layers", "synth_width",
+                        "synth_channels", "hidden", "channels")
+                hyper.add(tuple((k, config.get(k)) for k in keys if model == "cnn" or k not in ("channels", "synth_channels")))
+            if cell["test_error"]:
+                cell["mean"], cell["std"] = mean_std(cell["test_error"])
+            row["cells"][method] = cell
+        rows.append(row)
+    meta = dict(dataset=args.dataset, budget=budget(args) or "cpu", seeds=list(args.seeds), methods=methods,
+                runs_done=done, runs_total=total, partial=done < total,
+                train_seconds_total=round(seconds, 1),
+                hyperparameters=[dict(h) for h in sorted(hyper, key=str)],
+                hardware=[dict(device=d, processor=p, threads=t, torch=v) for d, p, t, v in sorted(envs, key=str)],
+                machine=platform.machine(), torch=torch.__version__, python=platform.python_version(),
+                command="python -m dni.table1 " + " ".join(sys.argv[1:]),
+                layers_note="layers = weight layers incl. the classifier: FCN n = mlp --depth n-1 "
+                            "(n-1 hidden + classifier); CNN n = cnn --depth n-1 (n-1 conv + classifier)",
+                paper_note="the paper's Table 1 values could not be confirmed here; none is quoted")
+    return dict(meta=meta, rows=rows)
+
+
+def _cell_text(cell, seeds):
+    if not cell["test_error"]:
+        return "failed" if cell["failed"] else "—"
+    text = f"{cell['mean']:.2f}" + (f" ± {cell['std']:.2f}" if cell["std"] is not None else "")
+    return text + (f" ({len(cell['test_error'])}/{len(seeds)} seeds)" if len(cell["test_error"]) < len(seeds) else "")
+
+
+def markdown(table):
+    """The table as the README shows it: test error (%) mean ± std over seeds."""
+    meta, methods = table["meta"], table["meta"]["methods"]
+    title = DATASETS[meta["dataset"]][0]
+    status = (f"**PARTIAL**: {meta['runs_done']} of {meta['runs_total']} runs finished; '—' cells have none yet."
+              if meta["partial"] else f"Complete: {meta['runs_done']} runs.")
+    lines = [f"# Table 1 on {title}: test error (%) with DNIs between every layer", "", status, "",
+             "| network | layers | " + " | ".join(METHOD_LABEL[m] for m in methods) + " | paper |",
+             "|---|---|" + "---|" * len(methods) + "---|"]
+    for row in table["rows"]:
+        paper = ", ".join(f"{METHOD_LABEL[m]} {v}" for m, v in row["paper"].items() if v is not None)
+        lines.append(f"| {MODEL_LABEL[row['model']]} | {row['layers']} | "
+                     + " | ".join(_cell_text(row["cells"][m], meta["seeds"]) for m in methods)
+                     + f" | {paper or 'not confirmed'} |")
+    lines += ["", "Train seconds per run (mean over seeds; evaluation excluded):", "",
+              "| network | layers | " + " | ".join(METHOD_LABEL[m] for m in methods) + " |",
+              "|---|---|" + "---|" * len(methods)]
+    for row in table["rows"]:
+        times = [row["cells"][m]["seconds"] for m in methods]
+        lines.append(f"| {MODEL_LABEL[row['model']]} | {row['layers']} | "
+                     + " | ".join(f"{statistics.mean(t):.0f}" if t else "—" for t in times) + " |")
+    failed = [(row["label"], m, s, e) for row in table["rows"] for m in methods
+              for s, e in row["cells"][m]["failed"].items()]
+    lines += [""] + [f"- failed: {label} {METHOD_LABEL[m]} seed {s}: {e}" for label, m, s, e in failed]
+    lines += [
+        f"- Mean ± sample std over seeds {meta['seeds']}, test error after the last epoch (no early stopping).",
+        f"- Layers count every layer with weights, the classifier included: FCN n = `--model_type mlp "
+        f"--depth n-1` (n-1 hidden layers + classifier), CNN n = `--model_type cnn --depth n-1`.",
+        "- No Bprop: only the classifier learns; the layers below keep their random weights "
+        "(`--method nobprop`).",
+        "- Paper: its Table 1 values could not be confirmed where this table was made, so none is quoted.",
+        "- Settings (" + ("the paper's budget" if meta["budget"] == "paper" else
+                           f"{meta['budget']} budget, far below the paper's 500k iterations") + "): "
+        + ("; ".join(", ".join(f"{k} {v}" for k, v in h.items()) for h in meta["hyperparameters"])
+           or "no finished run yet") + ".",
+        "- Hardware: " + ("; ".join(f"{h['device']} ({h['processor']}, {h['threads']} thread(s)), torch {h['torch']}"
+                                    for h in meta["hardware"]) or "no finished run yet")
+        + f"; {meta['train_seconds_total'] / 60:.1f} min of training in all.",
+        f"- Made by `{meta['command'].strip()}`; figures: "
+        f"{table['base']}_curves.png (test error against iterations), {table['base']}_sg.png "
+        "(synthetic-gradient loss and cosine to the target, per layer).",
+        ""]
+    return "\n".join(lines)
+
+
+def write_tables(args, table):
+    base = output_base(args)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    table["base"] = base.name
+    for suffix, text in ((".json", json.dumps(table, indent=2) + "\n"), (".md", markdown(table))):
+        tmp = base.with_name(base.name + suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(base.with_name(base.name + suffix))
+
+
+# ---------------------------------------------------------------- figures
+
+def _runs(args, model, layers, method):
+    return [run_root(args) / run_name(model, layers, method, s) for s in args.seeds
+            if (run_root(args) / run_name(model, layers, method, s) / "summary.json").exists()]
+
+
+def _spread(curves):
+    """(mean, low, high) over seeds, each cut to the shortest curve."""
+    n = min(len(c) for c in curves)
+    columns = list(zip(*(c[:n] for c in curves)))
+    return ([statistics.mean(c) for c in columns], [min(c) for c in columns], [max(c) for c in columns])
+
+
+def plot_curves(args, table, path):
+    """Test error against iterations, Bprop / DNI / cDNI, one panel per network (the paper's Fig. 3);
+    the line is the mean over seeds, the band their min-max."""
+    from dni.plots import plt, read_metrics
+    rows = [r for r in table["rows"] if any(r["cells"][m]["test_error"] for m in ("backprop", "dni", "cdni")
+                                            if m in r["cells"])]
+    if not rows:
+        return False
+    models = sorted({r["model"] for r in rows}, key=list(MODELS).index)
+    ncols = max(sum(r["model"] == m for r in rows) for m in models)
+    fig, axes = plt.subplots(len(models), ncols, figsize=(3.4 * ncols, 2.9 * len(models)), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for i, model in enumerate(models):
+        for j, row in enumerate(r for r in rows if r["model"] == model):
+            ax = axes[i][j]
+            ax.set_visible(True)
+            for method, color in (("backprop", "black"), ("dni", "tab:blue"), ("cdni", "tab:orange")):
+                runs = _runs(args, model, row["layers"], method) if method in table["meta"]["methods"] else []
+                if not runs:
+                    continue
+                epochs = [read_metrics(r)[1] for r in runs]
+                steps = [m["step"] for m in min(epochs, key=len)]
+                mean, low, high = _spread([[100 * (1 - m["test_acc"]) for m in e] for e in epochs])
+                ax.plot(steps, mean, marker="o", ms=3, color=color, label=METHOD_LABEL[method])
+                ax.fill_between(steps, low, high, color=color, alpha=0.2, lw=0)
+            ax.set(title=f"{DATASETS[args.dataset][0]} {row['label']}", xlabel="iteration", ylabel="test error (%)")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_sg(args, table, path):
+    """Per-layer synthetic-gradient loss (log) and cosine to its target over training, DNI solid,
+    cDNI dashed, mean over seeds of a running mean; one column per network."""
+    from dni.plots import plt, read_metrics, smooth
+    rows = [r for r in table["rows"] if any(_runs(args, r["model"], r["layers"], m) for m in ("dni", "cdni")
+                                            if m in table["meta"]["methods"])]
+    if not rows:
+        return False
+    fig, axes = plt.subplots(2, len(rows), figsize=(3.4 * len(rows), 5.6), squeeze=False)
+    for j, row in enumerate(rows):
+        for method, style in (("dni", "-"), ("cdni", "--")):
+            runs = _runs(args, row["model"], row["layers"], method) if method in table["meta"]["methods"] else []
+            if not runs:
+                continue
+            steps = [read_metrics(r)[0] for r in runs]
+            x = [m["step"] for m in min(steps, key=len)]
+            window = max(1, len(x) // 50)
+            for key, ax in (("sg_loss", axes[0][j]), ("sg_cos", axes[1][j])):
+                for k in range(len(steps[0][0][key])):
+                    mean, _, _ = _spread([smooth([m[key][k] for m in s], window) for s in steps])
+                    ax.plot(x[:len(mean)], mean, style, color=f"C{k}", lw=1.2,
+                            label=f"layer {k + 1} {METHOD_LABEL[method]}")
+        axes[0][j].set(title=f"{row['label']}: synthesizer loss", yscale="log", xlabel="iteration")
+        axes[1][j].set(title=f"{row['label']}: cos(ĝ, target)", xlabel="iteration", ylim=(-0.2, 1.0))
+    axes[0][0].set_ylabel("L2 to bootstrapped target")
+    axes[1][0].set_ylabel("cosine similarity")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def make_table(args, log=print):
+    """Train what is missing (unless --table_only), then write the tables and figures."""
+    start = time.perf_counter()
+    failures = {} if args.table_only else train_grid(args, log)
+    table = collect(args, failures)
+    write_tables(args, table)
+    base = output_base(args)
+    paths = [base.with_name(base.name + ".md"), base.with_name(base.name + ".json")]
+    for suffix, plot in (("_curves.png", plot_curves), ("_sg.png", plot_sg)):
+        if plot(args, table, base.with_name(base.name + suffix)):
+            paths.append(base.with_name(base.name + suffix))
+    log(markdown(table))
+    log(f"wrote {', '.join(map(str, paths))} in {time.perf_counter() - start:.0f} s")
+    return table
+
+
+# ---------------------------------------------------------------- command line
+
+def parse_args(argv=None):
+    parser = OneLineParser(prog="python -m dni.table1", description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="mnist", choices=list(DATASETS))
+    parser.add_argument("--seeds", type=int, nargs="+", help=f"seeds per cell (default: {' '.join(map(str, SEEDS))})")
+    parser.add_argument("--models", nargs="+", choices=list(LAYERS), help="networks (default: mlp cnn)")
+    parser.add_argument("--layers", type=int, nargs="+",
+                        help="only these layer counts (default: the paper's, FCN 3-6 and CNN 3-4)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="columns (default: all four)")
+    parser.add_argument("--epochs", type=int,
+                        help=f"epochs of every run (default: {', '.join(f'{k} {v}' for k, v in CPU_EPOCHS.items())})")
+    parser.add_argument("--paper", action="store_true",
+                        help=f"the paper's budget: {PAPER_ITERATIONS} iterations, "
+                             + ", ".join(f"{k} {v}" for k, v in PAPER_SETTINGS.items()) + " (for a GPU)")
+    parser.add_argument("--quick", action="store_true", help="a 1-2 minute slice: FCN 3, Bprop/DNI/cDNI, 1 seed, 1 epoch")
+    parser.add_argument("--device", choices=DEVICES, help="device of every run (default: dni.config's)")
+    parser.add_argument("--data_dir", help="where data sets live (default: dni.config's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default: 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, one process each (default: 1)")
+    parser.add_argument("--results", default="results", help="writes <results>/table1.* and <results>/table1/ (default: results)")
+    parser.add_argument("--table_only", action="store_true", help="train nothing: tabulate the finished runs")
+    parser.add_argument("--retrain_stale", action="store_true",
+                        help="retrain finished runs whose settings differ from those asked for now")
+    args = parser.parse_args(argv)
+    if args.quick and args.paper:
+        parser.error("--quick and --paper are two different budgets; pick one")
+    if args.paper and args.epochs:
+        parser.error("--paper sets the epochs itself (500k iterations); drop --epochs")
+    defaults = QUICK if args.quick else dict(models=list(LAYERS), layers=None, methods=list(METHODS),
+                                             seeds=list(SEEDS), epochs=None)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("epochs", "threads", "jobs"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"argument --{name}: must be > 0, got {getattr(args, name)}")
+    if any(n < 2 for n in args.layers or ()):
+        parser.error("argument --layers: a network has at least 2 layers (one hidden + the classifier)")
+    if len(set(args.seeds)) < len(args.seeds):
+        parser.error("argument --seeds: a seed is repeated")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return main_guard(make_table, args)
+
+
+if __name__ == "__main__":
+    main()

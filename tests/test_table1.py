@@ -1,0 +1,130 @@
+"""python -m dni.table1 (the paper's Table 1): --quick writes a well-formed table and figures,
+a second call reuses its runs, runs made with other settings are refused, bad flags end in
+one line; and the No Bprop step trains the classifier alone."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dni.config import Config
+from dni.data import load_data
+from dni.interface import nobprop_step
+from dni.table1 import PAPER_ITERATIONS, paper_epochs, parse_args, run_config
+from dni.train import Optimizers, build_net
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+
+
+def table1(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "dni.table1", *args, "--data_dir", str(DATA)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900, env=env)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    load_data("mnist", str(DATA))  # builds the files offline once
+    results = tmp_path_factory.mktemp("results")
+    done = table1("--quick", "--results", str(results))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return results, done
+
+
+def test_quick_json_is_well_formed(quick):
+    results, _ = quick
+    table = json.loads((results / "table1_quick.json").read_text())
+    meta = table["meta"]
+    assert meta["dataset"] == "mnist" and meta["seeds"] == [0] and not meta["partial"]
+    assert meta["runs_done"] == meta["runs_total"] == 3
+    assert meta["methods"] == ["backprop", "dni", "cdni"]
+    assert meta["torch"] == torch.__version__ and meta["hardware"][0]["threads"] == 1
+    assert meta["train_seconds_total"] > 0 and "dni.table1 --quick" in meta["command"]
+    [row] = table["rows"]
+    assert (row["model"], row["layers"], row["depth"]) == ("mlp", 3, 2)
+    assert all(v is None for v in row["paper"].values())  # nothing quoted that was not confirmed
+    for method, cell in row["cells"].items():
+        assert cell["seeds"] == [0] and cell["epochs"] == 1 and cell["steps"] == 60000 // 256
+        assert len(cell["test_error"]) == 1 and 0 < cell["mean"] < 50 and cell["std"] is None
+    assert row["cells"]["backprop"]["mean"] < 6  # one epoch of backprop on MNIST
+
+
+def test_quick_markdown_and_figures(quick):
+    results, _ = quick
+    md = (results / "table1_quick.md").read_text()
+    lines = md.splitlines()
+    header = lines.index("| network | layers | Bprop | DNI | cDNI | paper |")
+    row = lines[header + 2].split("|")[1:-1]
+    assert [c.strip() for c in row[:2]] == ["FCN", "3"] and row[-1].strip() == "not confirmed"
+    for cell in row[2:5]:
+        float(cell)  # one seed: a bare number, no ± or dash
+    assert "Complete: 3 runs." in md and "--depth n-1" in md and "torch " + torch.__version__ in md
+    for name in ("table1_quick_curves.png", "table1_quick_sg.png"):
+        assert (results / name).stat().st_size > 1000
+    run = results / "table1_quick" / "mnist" / "mlp3_dni_s0"
+    assert json.loads((run / "config.json").read_text())["depth"] == 2
+
+
+def test_second_call_reuses_runs_and_stale_runs_are_refused(quick):
+    results, _ = quick
+    again = table1("--quick", "--results", str(results))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "0 run(s) to train" in again.stdout and "epoch 1 step" not in again.stdout
+    stale = table1("--quick", "--results", str(results), "--epochs", "2")
+    assert stale.returncode == 2
+    assert stale.stderr.count("\n") == 1 and "num_epochs 1 -> 2" in stale.stderr and "--retrain_stale" in stale.stderr
+
+
+def test_table_only_shows_the_whole_grid_as_partial(tmp_path):
+    done = table1("--table_only", "--results", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = json.loads((tmp_path / "table1.json").read_text())
+    assert [(r["model"], r["layers"]) for r in table["rows"]] == [
+        ("mlp", 3), ("mlp", 4), ("mlp", 5), ("mlp", 6), ("cnn", 3), ("cnn", 4)]
+    assert table["meta"]["partial"] and table["meta"]["runs_total"] == 6 * 4 * 3
+    assert "**PARTIAL**: 0 of 72 runs" in (tmp_path / "table1.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--layers", "1"], "at least 2 layers"),
+    (["--quick", "--paper"], "pick one"),
+    (["--methods", "sgd"], "invalid choice: 'sgd'"),
+    (["--seeds", "0", "0"], "a seed is repeated"),
+    (["--jobs", "0"], "must be > 0"),
+    (["--dataset", "cifar10"], "invalid choice"),
+])
+def test_bad_flags_end_in_one_line(args, message):
+    done = table1(*args, "--table_only", "--results", "/nonexistent/never/written")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+
+
+def test_layers_map_to_depth_and_paper_budget():
+    args = parse_args(["--paper", "--models", "cnn"])
+    config = run_config(args, "cnn", 4, "cdni", 1)
+    assert (config.depth, config.method, config.conditioned, config.seed) == (3, "dni", True, 1)
+    assert (config.lr, config.sg_lr, config.schedule, config.channels) == (3e-5, 3e-5, "paper", 128)
+    steps = 60000 // config.batch_size
+    assert config.num_epochs == paper_epochs(config.batch_size)
+    assert (config.num_epochs - 1) * steps < PAPER_ITERATIONS <= config.num_epochs * steps
+    assert "table1_paper" in config.out
+    quick = run_config(parse_args(["--quick"]), "mlp", 3, "nobprop", 0)
+    assert quick.lr == Config().lr and quick.method == "nobprop" and quick.depth == 2  # defaults at run time
+
+
+def test_nobprop_step_trains_the_classifier_alone():
+    torch.manual_seed(0)
+    config = Config(model_type="mlp", depth=2, hidden=16, method="nobprop")
+    net = build_net(config, (1, 8, 8), 10)
+    optimizers = Optimizers(net, config, total_steps=10)
+    before = [[p.detach().clone() for p in stage.parameters()] for stage in net.stages]
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    out = nobprop_step(net, optimizers.stages, x, y)
+    assert torch.isfinite(out.loss)
+    for stage, old in zip(net.stages[:-1], before[:-1]):
+        for p, q in zip(stage.parameters(), old):
+            assert torch.equal(p, q) and p.grad is None
+    assert any(not torch.equal(p, q) for p, q in zip(net.stages[-1].parameters(), before[-1]))
