@@ -40,8 +40,8 @@ def _positive(kind):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        if not 0 < value < float("inf"):  # nan and inf too: a learning rate of inf is no run at all
+            raise argparse.ArgumentTypeError(f"must be > 0{' and finite' if kind is float else ''}, got {text!r}")
         return value
     return parse
 

@@ -42,7 +42,9 @@ class Config:
     seed: int = _opt("random seed (weights and data order)", default=0)
     out: str = _opt("run folder (default: results/<dataset>_<model>_<method>)", default="")
     plot: bool = _opt("draw the PNG plots at the end", default=True)
-    overwrite: bool = _opt("replace a finished run in --out", default=False)
+    overwrite: bool = _opt("replace a finished or interrupted run in --out", default=False)
+    resume: str = _opt("continue the interrupted run in this folder from its checkpoint, with its own settings",
+                       default="")
 
     def __post_init__(self):
         spec = MODELS[self.model_type]

@@ -3,22 +3,33 @@
 `run(config)` trains, evaluates after every epoch and writes a run folder:
 config.json, command.txt, env.json, metrics.jsonl (a line per step and per epoch),
 summary.json, checkpoint.pt and the PNG plots (see `dni.plots`).
+
+Runs can be trusted (issue 7): bad input stops before anything is written; a
+non-finite loss stops the run at that step, keeping the metrics so far and the
+last good checkpoint; SIGINT/SIGTERM save a checkpoint between two steps and end
+the run with exit code 130/143; `--resume RUN_DIR` continues it from there and ends
+with the same parameters and metrics, bit for bit on CPU, as a run never stopped.
 """
+import argparse
+import dataclasses
+import itertools
 import json
 import math
 import os
 import platform
 import random
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from dni.cli import main_guard, parse_config
+from dni.cli import build_parser, main_guard, parse_config
 from dni.config import Config
 from dni.data import batches, load_data, num_batches
 from dni.errors import DNIError
@@ -85,6 +96,15 @@ class Optimizers:
                 "synthesizers": [o.state_dict() for o in self.synthesizers],
                 "schedules": [s.state_dict() for s in self.schedules]}
 
+    def load_state_dict(self, state):
+        """Inverse of `state_dict`; a ValueError if the counts differ (another model)."""
+        for kind, objects in (("stages", self.stages), ("synthesizers", self.synthesizers),
+                              ("schedules", self.schedules)):
+            if len(state.get(kind, [])) != len(objects):
+                raise ValueError(f"{len(state.get(kind, []))} {kind} optimizer states for {len(objects)} {kind}")
+            for obj, obj_state in zip(objects, state.get(kind, [])):
+                obj.load_state_dict(obj_state)
+
 
 @torch.no_grad()
 def evaluate(net, x, y, batch_size=1000):
@@ -97,31 +117,48 @@ def evaluate(net, x, y, batch_size=1000):
     return correct / len(x)
 
 
-def git_commit():
+def _git(*args):
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+        return subprocess.run(["git", *args], capture_output=True, text=True,
                               cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 
 
+def git_commit():
+    return _git("rev-parse", "HEAD")
+
+
+def _holds_run(run_dir):
+    """'finished', 'unfinished' (a checkpoint to --resume, no summary) or None."""
+    if (run_dir / "summary.json").exists():
+        return "finished"
+    return "unfinished" if (run_dir / "checkpoint.pt").exists() else None
+
+
 def prepare_run_dir(config):
-    """The run folder. A finished run is never overwritten silently: with --out it is refused
-    unless --overwrite; with the default name a fresh one (name-2, name-3...) is picked."""
+    """The run folder of a new run. A run already there, finished or resumable, is never
+    overwritten silently: with --out it is refused unless --overwrite; with the default
+    name a fresh one (name-2, name-3...) is picked."""
     explicit = bool(config.out)
     run_dir = Path(config.out or Path("results") / config.name)
-    if (run_dir / "summary.json").exists() and not config.overwrite:
-        if explicit:
+    held = _holds_run(run_dir)
+    if held and not config.overwrite:
+        if explicit and held == "finished":
             raise DNIError(f"{run_dir} already holds a finished run; pass --overwrite True or another --out")
+        if explicit:
+            raise DNIError(f"{run_dir} holds an unfinished run; continue it with --resume {run_dir}, "
+                           "or pass --overwrite True or another --out")
         base, n = run_dir, 2
-        while (run_dir / "summary.json").exists():
+        while _holds_run(run_dir):
             run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
-        print(f"{base} holds a finished run; writing to {run_dir}")
+        print(f"{base} holds a {held} run; writing to {run_dir}")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DNIError(f"cannot create run folder {run_dir}: {e.strerror}") from None
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    for name in ("metrics.jsonl", "summary.json", "checkpoint.pt"):  # --overwrite: nothing stale may remain
+        (run_dir / name).unlink(missing_ok=True)
     return run_dir
 
 
@@ -132,49 +169,253 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+def environment(device):
+    """What a result depends on besides its config: code version, libraries, hardware."""
+    commit = git_commit()
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None  # edits not in commit
+    return {"git_commit": commit, "git_dirty": dirty, "torch": torch.__version__, "python": platform.python_version(),
+            "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+
+
+def command_line():
+    return shlex.join([sys.executable] + sys.argv)
+
+
 def record_environment(run_dir, config, device):
+    """config.json, command.txt and env.json of a new run."""
     write_json(run_dir / "config.json", config.to_dict())
-    (run_dir / "command.txt").write_text(shlex.join([sys.executable] + sys.argv) + "\n")
-    write_json(run_dir / "env.json", {
-        "git_commit": git_commit(), "torch": torch.__version__, "python": platform.python_version(),
-        "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()})
+    (run_dir / "command.txt").write_text(command_line() + "\n")
+    write_json(run_dir / "env.json", environment(device))
+
+
+def record_resume(run_dir, device, step):
+    """A resumed run appends its command to command.txt and its environment to env.json's "resumes"."""
+    with open(run_dir / "command.txt", "a") as f:
+        f.write(command_line() + "\n")
+    path = run_dir / "env.json"
+    env = json.loads(path.read_text()) if path.exists() else {}
+    env.setdefault("resumes", []).append({"step": step, **environment(device)})
+    write_json(path, env)
+
+
+EXPLODED_LOSS = 1e3  # cross-entropy starts at ln(10) = 2.3: far above, the stages have blown up too
 
 
 def check_finite(stats, step):
-    """Stop at the first non-finite loss, naming where and the lever to pull."""
-    if not math.isfinite(stats["loss"]):
-        raise DNIError(f"classification loss is {stats['loss']} at step {step}; lower --lr")
-    for i, value in enumerate(stats.get("sg_loss", [])):
-        if not math.isfinite(value):
-            raise DNIError(f"synthesizer loss of stage {i + 1} is {value} at step {step}; lower --sg_lr")
+    """Stop at the first non-finite loss, naming the stage, the step and the lever to pull.
+
+    A synthesizer loss that overflows while the classifier's loss is sane points at --sg_lr;
+    a non-finite or exploded classifier loss points at --lr (its huge gradients are the
+    synthesizers' targets, so their losses overflow with it)."""
+    loss = stats["loss"]
+    bad_sg = [(i + 1, v) for i, v in enumerate(stats.get("sg_loss", [])) if not math.isfinite(v)]
+    if not bad_sg and math.isfinite(loss):
+        return
+    last = f"stage {len(stats['sg_loss']) + 1} (the classifier)" if stats.get("sg_loss") else "the classifier"
+    what, levers = [], []
+    if not math.isfinite(loss) or loss > EXPLODED_LOSS:
+        what.append(f"the loss of {last} is {loss:.4g}")
+        levers.append("--lr")
+    if bad_sg:
+        what.append(f"the synthesizer loss of stage {bad_sg[0][0]} is {bad_sg[0][1]}")
+        levers.append("--sg_lr")
+    raise DNIError(f"{' and '.join(what)} at step {step}; lower {' or '.join(levers)}")
+
+
+# ---------------------------------------------------------------- interruption and resume
+
+CHECKPOINT_VERSION = 1  # bump when the checkpoint's layout changes: an old one is then refused, not misread
+# Settings a resumed run may change: where things live and what is drawn, never the maths.
+RESUME_MAY_CHANGE = ("data_dir", "device", "use_gpu", "plot", "overwrite", "out", "resume")
+
+
+def _one_line(error, limit=200):
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def load_run_data(config, device):
+    """`load_data`, with an unreadable file or folder turned into a one-line DNIError."""
+    try:
+        return load_data(config.dataset, config.data_dir, device)
+    except OSError as e:
+        raise DNIError(f"cannot read {e.filename or config.data_dir}: {e.strerror or _one_line(e)}; "
+                       f"fix its permissions, or delete it and rerun to rebuild --data_dir {config.data_dir}") from None
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after it saved a checkpoint; the exit code is 128 + signal."""
+
+    def __init__(self, signum, step, run_dir):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved; "
+                         f"continue with --resume {run_dir}")
+        self.exit_code = 128 + signum
+
+
+class StopFlag:
+    """While active, SIGINT and SIGTERM only set `signum`; the loop reads it between steps, so a
+    step is never cut in half. A second signal stops at once (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum, self._previous = None, {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def rng_states(device):
+    """Every global random generator's state (the data order has its own generator)."""
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_states(states, device):
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and states["cuda"] is not None:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def load_checkpoint(run_dir):
+    """The checkpoint of run folder `run_dir`, checked to be one `--resume` can continue."""
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.is_file():
+        raise DNIError(f"{run_dir} holds no checkpoint.pt to resume from; give the folder of an interrupted run")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, unpicklable...
+        raise DNIError(f"cannot read {path} ({_one_line(e, 120)}); it is damaged or not a checkpoint") from None
+    version = checkpoint.get("version") if isinstance(checkpoint, dict) else None
+    if version != CHECKPOINT_VERSION:
+        raise DNIError(f"{path} is checkpoint version {version}, this code reads version {CHECKPOINT_VERSION}; "
+                       "resume it with the commit that wrote it (env.json, git_commit) or start a new run")
+    if "resume" not in checkpoint:
+        raise DNIError(f"{path} holds no resume state (a --pipeline run writes none); start a new run")
+    unknown = sorted(set(checkpoint["config"]) - {f.name for f in dataclasses.fields(Config)})
+    if unknown:
+        raise DNIError(f"{path} has settings this version does not know ({', '.join(unknown)}); "
+                       "resume it with the commit that wrote it (env.json, git_commit)")
+    return checkpoint
+
+
+def resume_config(run_dir, given):
+    """The config that continues `run_dir`: its checkpoint's, with the flags `given` now on top
+    (`run` then refuses any that would change the maths)."""
+    saved = load_checkpoint(run_dir)["config"]
+    config = Config(**{**saved, "out": str(run_dir), **given, "resume": str(run_dir)})
+    if getattr(config, "pipeline", False):
+        raise DNIError("--resume continues sequential runs only, not --pipeline ones")
+    return config
+
+
+def check_resumable(config, checkpoint, run_dir):
+    """Refuse to continue a run with settings other than its own (another model, depth, seed...)."""
+    if Path(config.out or run_dir).resolve() != Path(run_dir).resolve():
+        raise DNIError(f"--resume continues {run_dir} in place; drop --out {config.out}")
+    for name, value in checkpoint["config"].items():
+        if name not in RESUME_MAY_CHANGE and getattr(config, name) != value:
+            raise DNIError(f"{run_dir}/checkpoint.pt is from a run with --{name} {value}, not {getattr(config, name)}; "
+                           f"drop --{name} to continue that run, or start a new one")
+
+
+def restore(net, optimizers, checkpoint, run_dir):
+    """Load a checkpoint's state_dicts into a freshly built net and its optimizers."""
+    try:
+        net.load_state_dict(checkpoint["net"])
+        optimizers.load_state_dict(checkpoint["optimizers"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise DNIError(f"{run_dir}/checkpoint.pt does not fit the network its settings build "
+                       f"({_one_line(e, 120)}); it was written by another version of the code") from None
+
+
+def kept_metrics(path, lines):
+    """The first `lines` lines of metrics.jsonl: those written up to the checkpoint. Later ones
+    (steps done after it, before the run was killed) go: the resumed run writes them again."""
+    kept = (path.read_text() if path.exists() else "").splitlines(keepends=True)[:lines]
+    if len(kept) < lines or (kept and not kept[-1].endswith("\n")):
+        raise DNIError(f"{path} has {len(kept)} lines, but the checkpoint was written after {lines}; "
+                       "it was cut or edited, so the run cannot be continued faithfully; start a new run")
+    return "".join(kept)
+
+
+def write_text(path, text):
+    """Write a text file atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def run(config):
     """Train one run as `config` says; returns its summary dict."""
     device = pick_device(config.device)
+    if config.resume:  # every check first (bad input writes nothing), the cheap ones before the data
+        run_dir, checkpoint = Path(config.resume), load_checkpoint(config.resume)
+        check_resumable(config, checkpoint, run_dir)
     set_seed(config.seed)
-    data = load_data(config.dataset, config.data_dir, device)
-    run_dir = prepare_run_dir(config)
-    record_environment(run_dir, config, device)
-
-    net = build_net(config, data.in_shape, data.num_classes).to(device)
+    data = load_run_data(config, device)
     steps_per_epoch = num_batches(len(data.train_x), config.batch_size)
     if steps_per_epoch == 0:
         raise DNIError(f"--batch_size {config.batch_size} is larger than the training set ({len(data.train_x)})")
+    net = build_net(config, data.in_shape, data.num_classes).to(device)
     optimizers = Optimizers(net, config, config.num_epochs * steps_per_epoch)
     order = torch.Generator().manual_seed(config.seed)
+
+    # Where the run stands: next is batch `batch` (0-based) of epoch `epoch`, whose permutation is
+    # drawn from `order_state`. A new run starts at the top; a resumed one where its checkpoint left.
+    step, state = 0, {"epoch": 1, "batch": 0, "order_state": order.get_state(), "totals": {"loss": 0.0, "sg_loss": 0.0},
+                      "seconds": 0.0, "test_acc": None, "metrics_lines": 0}
+    if config.resume:
+        restore(net, optimizers, checkpoint, run_dir)
+        if (run_dir / "summary.json").exists():
+            print(f"{run_dir} holds a finished run ({checkpoint['step']} steps); nothing to resume")
+            return json.loads((run_dir / "summary.json").read_text())
+        step, state = checkpoint["step"], checkpoint["resume"]
+        metrics_so_far = kept_metrics(run_dir / "metrics.jsonl", state["metrics_lines"])
+        set_rng_states(state["rng"], device)
+        order.set_state(state["order_state"])
+        write_text(run_dir / "metrics.jsonl", metrics_so_far)
+        record_resume(run_dir, device, step)
+        print(f"resuming {run_dir} at epoch {state['epoch']} step {step}")
+    else:
+        run_dir = prepare_run_dir(config)
+        record_environment(run_dir, config, device)
     print(f"{config.name}: {sum(p.numel() for p in net.stages.parameters()):,} stage parameters, "
           f"{len(net.stages)} stages, {config.num_epochs} epochs on {device} -> {run_dir}")
 
-    step, seconds, test_acc = 0, 0.0, None
-    with open(run_dir / "metrics.jsonl", "a") as metrics:
-        for epoch in range(1, config.num_epochs + 1):
+    seconds, test_acc, totals, lines = state["seconds"], state["test_acc"], state["totals"], state["metrics_lines"]
+    saved_step = step if config.resume else None  # the last checkpoint written, for the divergence message
+
+    def save(epoch, batch, order_state, seconds):
+        """Checkpoint the run as it stands before batch `batch` of `epoch` (and after `step`)."""
+        nonlocal saved_step
+        save_checkpoint(run_dir / "checkpoint.pt", net, optimizers, config, epoch - 1, step, resume={
+            "epoch": epoch, "batch": batch, "order_state": order_state, "totals": dict(totals),
+            "seconds": seconds, "test_acc": test_acc, "metrics_lines": lines, "rng": rng_states(device)})
+        saved_step = step
+
+    with StopFlag() as stop, open(run_dir / "metrics.jsonl", "a") as metrics:
+        for epoch in range(state["epoch"], config.num_epochs + 1):
             net.train()
-            start, totals = time.perf_counter(), {"loss": 0.0, "sg_loss": 0.0}
-            bar = tqdm(batches(data.train_x, data.train_y, config.batch_size, order), total=steps_per_epoch,
-                       desc=f"epoch {epoch}", leave=False, disable=None, mininterval=1.0)
-            for x, y in bar:
+            done = state["batch"] if epoch == state["epoch"] else 0  # batches of this epoch already trained
+            epoch_order, start = order.get_state(), time.perf_counter()  # the permutation is drawn from here
+            source = itertools.islice(batches(data.train_x, data.train_y, config.batch_size, order), done, None)
+            bar = tqdm(source, total=steps_per_epoch, initial=done, desc=f"epoch {epoch}", leave=False,
+                       disable=None, mininterval=1.0)
+            for batch, (x, y) in enumerate(bar, start=done + 1):
                 if config.method == "dni":
                     out = dni_step(net, optimizers.stages, optimizers.synthesizers, x, y)
                 else:
@@ -185,11 +426,21 @@ def run(config):
                 if out.sg_loss:
                     stats["sg_loss"] = [v.item() for v in out.sg_loss]
                     stats["sg_cos"] = [v.item() for v in out.sg_cos]
-                check_finite(stats, step)
+                try:
+                    check_finite(stats, step)
+                except DNIError as e:  # stop here; the files on disk are those of the last good step
+                    kept = f"checkpoint of step {saved_step}" if saved_step is not None else "no checkpoint yet"
+                    raise DNIError(f"{e}; {run_dir} keeps the metrics to step {step - 1} and {kept}") from None
                 metrics.write(json.dumps(stats) + "\n")
+                metrics.flush()  # a run killed outright still leaves every finished step on disk
+                lines += 1
                 totals["loss"] += stats["loss"]
                 totals["sg_loss"] += sum(stats.get("sg_loss", [0.0])) / len(stats.get("sg_loss", [0.0]))
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
+                if stop.signum:  # SIGINT/SIGTERM came during this step: save, then end the run
+                    bar.close()
+                    save(epoch, batch, epoch_order, seconds + time.perf_counter() - start)
+                    raise Interrupted(stop.signum, step, run_dir)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds += time.perf_counter() - start  # training time only: evaluation is not timed
@@ -198,9 +449,13 @@ def run(config):
                     "sg_loss": totals["sg_loss"] / steps_per_epoch, "test_acc": test_acc, "seconds": seconds}
             metrics.write(json.dumps(line) + "\n")
             metrics.flush()
+            lines += 1
             print(f"epoch {epoch} step {step} loss {line['train_loss']:.4f} sg_loss {line['sg_loss']:.1e} "
                   f"test_acc {test_acc:.4f} {seconds:.1f}s", flush=True)
-            save_checkpoint(run_dir / "checkpoint.pt", net, optimizers, config, epoch, step)
+            totals = {"loss": 0.0, "sg_loss": 0.0}
+            save(epoch + 1, 0, order.get_state(), seconds)
+            if stop.signum:  # it came during evaluation: the checkpoint just written is where to resume
+                raise Interrupted(stop.signum, step, run_dir)
 
     summary = {"test_acc": test_acc, "epochs": config.num_epochs, "steps": step, "seconds": round(seconds, 2),
                "method": config.method, "model_type": config.model_type, "conditioned": config.conditioned,
@@ -212,15 +467,35 @@ def run(config):
     return summary
 
 
-def save_checkpoint(path, net, optimizers, config, epoch, step):
-    """A dict of state_dicts plus config and position, written atomically."""
+def save_checkpoint(path, net, optimizers, config, epoch, step, **extra):
+    """A dict of state_dicts plus config and position (`epoch` epochs and `step` steps done),
+    written atomically: a temp file, then os.replace, so a kill mid-write keeps the previous one.
+
+    `extra` is stored as is; `run` adds `resume`: the position within the epoch, the data-order
+    generator's state at the epoch's start, the RNG states and what the metrics hold so far."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"net": net.state_dict(), "optimizers": optimizers.state_dict(), "config": config.to_dict(),
-                "epoch": epoch, "step": step}, tmp)
+    torch.save({"version": CHECKPOINT_VERSION, "net": net.state_dict(), "optimizers": optimizers.state_dict(),
+                "config": config.to_dict(), "epoch": epoch, "step": step, **extra}, tmp)
     os.replace(tmp, path)
 
 
+def given_flags(argv, **parser_kwargs):
+    """The flags typed in `argv`, without the defaults of those not typed."""
+    parser = build_parser(Config, **parser_kwargs)
+    for action in parser._actions:  # a flag not typed then leaves no attribute at all
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
 def main(argv=None, *, prog, description, **defaults):
-    """The command line of main.py, mlp.py and cnn.py: parse flags, train, exit 2 on bad input."""
+    """The command line of main.py, mlp.py and cnn.py: parse flags, train; exit 2 on bad input,
+    130/143 after SIGINT/SIGTERM (checkpoint saved)."""
     config = parse_config(Config, argv, prog=prog, description=description, defaults=defaults)
-    return main_guard(run, config)
+    if config.resume:  # the run's own settings, then this script's defaults and the flags typed now
+        given = given_flags(argv, prog=prog, description=description, defaults=defaults)
+        config = main_guard(resume_config, config.resume, {**defaults, **given})
+    try:
+        return main_guard(run, config)
+    except Interrupted as stop:
+        print(stop, file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
