@@ -45,6 +45,15 @@ class Config:
     overwrite: bool = _opt("replace a finished or interrupted run in --out", default=False)
     resume: str = _opt("continue the interrupted run in this folder from its checkpoint, with its own settings",
                        default="")
+    # Pipelined training (dni.pipeline): one worker process per group of stages, launched by torchrun.
+    pipeline: bool = _opt("one worker process per group of consecutive stages; launch with torchrun",
+                          default=False)
+    partition: str = _opt("pipeline: stages per worker, e.g. 2,2 (default: balanced by multiply-adds)",
+                          default="")
+    max_in_flight: int = _opt("pipeline: batches a worker may run ahead of the true gradient it awaits",
+                              default=2, positive=True)
+    worker_timeout: float = _opt("pipeline: seconds to wait for another worker before stopping with an error",
+                                 default=60.0, positive=True)
 
     def __post_init__(self):
         spec = MODELS[self.model_type]
@@ -56,13 +65,16 @@ class Config:
             self.device = "cuda" if self.use_gpu else "cpu"
         if self.conditioned and self.method != "dni":
             raise DNIError("--conditioned True needs --method dni (backprop has no synthesizers)")
+        if self.partition and not self.pipeline:
+            raise DNIError("--partition needs --pipeline True (it says which worker trains which stages)")
 
     @property
     def name(self):
-        """Short name of the run: mlp_dni, mlp_cdni, cnn_backprop, fashion_mnist_mlp_dni..."""
+        """Short name of the run: mlp_dni, mlp_cdni, cnn_backprop, fashion_mnist_mlp_dni, mlp_dni_pipeline..."""
         method = "cdni" if self.conditioned else self.method
         prefix = "" if self.dataset == "mnist" else f"{self.dataset}_"
-        return f"{prefix}{self.model_type}_{method}"
+        suffix = "_pipeline" if self.pipeline else ""
+        return f"{prefix}{self.model_type}_{method}{suffix}"
 
     def to_dict(self):
         return asdict(self)

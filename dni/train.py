@@ -361,6 +361,9 @@ def write_text(path, text):
 
 def run(config):
     """Train one run as `config` says; returns its summary dict."""
+    if config.pipeline:  # this process is one worker of a torchrun launch: see dni.pipeline
+        from dni.pipeline import run_pipeline
+        return run_pipeline(config)
     device = pick_device(config.device)
     if config.resume:  # every check first (bad input writes nothing), the cheap ones before the data
         run_dir, checkpoint = Path(config.resume), load_checkpoint(config.resume)

@@ -1,0 +1,619 @@
+"""Pipelined DNI: every group of stages trains in its own worker process (paper, section 2:
+update unlocking; shared DNI.md, "Pipelined").
+
+    torchrun --nproc_per_node 2 main.py --model_type mlp --pipeline True                     # DNI
+    torchrun --nproc_per_node 2 main.py --model_type mlp --pipeline True --method backprop   # locked
+
+Worker r owns the consecutive stages f_s..f_{e-1} and their synthesizers, and loops over
+batches t:
+
+    receive h_{s-1}(t) from worker r-1           (worker 0 reads the images itself)
+    for each local stage i: stage_update (or loss_update for the last stage of the net);
+        an internal boundary trains M_{i-1} at once (synthesizer_update), as dni_step does;
+        the first local stage sends its input gradient back to worker r-1 instead
+    send h_{e-1}(t) to worker r+1, keep (trigger, context, g_hat_{e-1}(t)), post a receive
+        for its true gradient
+    train M_{e-1} on every true gradient that has arrived: synthesizer_update(g_hat(t'), grad(t'))
+        (gloo reports a receive complete only once it is waited on, so on CPU M_{e-1} learns
+        exactly k-1 batches late, deterministically; k = max_in_flight, default 2)
+
+A worker goes on to batch t+1 without waiting for worker r+1: that is update unlocking.
+At most `max_in_flight` batches wait for their true gradient; after that the worker blocks
+on the oldest one, so memory stays flat. With max_in_flight=1 the maths is exactly
+sequential `dni_step` (tests/test_pipeline.py checks the parameters).
+
+When the true gradient of batch t arrives, M_{e-1} may have been stepped since it made
+g_hat(t). Then it is asked again, on the kept trigger and context (BatchNorm statistics
+frozen, so they still move once per batch), and trained on that fresh prediction. Training
+on the old g_hat(t) instead, a stale gradient, stops a synthesizer learning at the default
+--sg_lr: one step late, the cosine of M_1's prediction with its target after one MNIST
+epoch falls from 0.47 to 0.04; asked again it is 0.43.
+
+The locked baseline (`--method backprop`) is model-parallel backprop on the same workers
+and partition: worker r forwards, sends h on, and waits for the gradient of batch t to come
+back before it can backward, step and take batch t+1.
+
+Design choices, written once:
+- Labels are never sent: every worker draws the same batch order from the same seeded
+  generator (`dni.data.batches`), and every worker builds the whole net from the same seed,
+  so the initial weights equal a sequential run's.
+- A DNI sits after every stage, as in sequential DNI, so the model, its state_dict and its
+  maths do not depend on the number of workers; the partition only says who computes what.
+  The partition is balanced by multiply-adds per example of each stage plus its
+  synthesizer (`stage_costs`), or given by `--partition 2,2` (stages per worker).
+- torch.distributed carries activations and gradients (isend/irecv, so they overlap with
+  compute): gloo on CPU, NCCL on CUDA (one GPU per worker).
+- Rank 0 writes the run folder of a sequential run: after every epoch it gathers the step
+  statistics and the workers' state_dicts (parameters and optimizer states), evaluates the
+  assembled net and writes metrics.jsonl, checkpoint.pt; summary.json and plots at the end.
+- Faults: every wait on another worker has a deadline (--worker_timeout, also the process
+  group's timeout); a dead peer is seen at once by its closed connection. Either way the
+  worker stops with one line, `error: worker 0: ...`, and exit code 2; files already written
+  stay as they were. Workers started with different settings refuse to start.
+"""
+import contextlib
+import hashlib
+import json
+import os
+import re
+import signal
+import time
+import warnings
+from collections import deque
+from datetime import timedelta
+from functools import lru_cache
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dni.data import batches, load_data, num_batches
+from dni.errors import DNIError
+from dni.interface import loss_update, stage_update, synthesizer_update
+from dni.models import stage_shapes
+from dni.train import (Optimizers, build_net, check_finite, evaluate, pick_device, prepare_run_dir,
+                       record_environment, save_checkpoint, set_seed, write_json)
+
+
+# ---------------------------------------------------------------- partition
+
+@torch.no_grad()
+def stage_costs(net, in_shape):
+    """Multiply-adds per example of each stage plus its synthesizer (forward pass): the work
+    a worker does for that stage, up to a common factor for backward and update."""
+    macs, current = [0] * len(net.stages), [0]
+
+    def count(module, inputs, output):
+        per_example = output[0].numel()
+        if isinstance(module, nn.Linear):
+            macs[current[0]] += per_example * module.in_features
+        else:  # Conv2d
+            kh, kw = module.kernel_size
+            macs[current[0]] += per_example * module.in_channels // module.groups * kh * kw
+
+    hooks = [m.register_forward_hook(count) for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    was_training = net.training
+    net.eval()
+    try:
+        h = torch.zeros(1, *in_shape, device=next(net.parameters()).device)
+        for i, stage in enumerate(net.stages):
+            current[0] = i
+            h = stage(h)
+            if net.synthesizers is not None and i < len(net.synthesizers):
+                net.synthesizers[i](h, net.context(torch.zeros(1, dtype=torch.long, device=h.device)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        net.train(was_training)
+    return macs
+
+
+def balanced_partition(costs, workers):
+    """Cut stages into `workers` consecutive groups so the busiest worker has the least work.
+
+    Returns a list of ranges of stage indices, one per worker (exact, by dynamic programming)."""
+    n = len(costs)
+    if workers > n:
+        raise DNIError(f"{workers} workers but the network has only {n} stages; "
+                       "use fewer workers (--nproc_per_node) or a deeper net (--depth)")
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+
+    @lru_cache(maxsize=None)
+    def best(start, w):  # stages start.. shared by w workers -> (max load, stops)
+        if w == 1:
+            return prefix[n] - prefix[start], (n,)
+        return min((max(prefix[stop] - prefix[start], best(stop, w - 1)[0]), (stop,) + best(stop, w - 1)[1])
+                   for stop in range(start + 1, n - w + 2))
+
+    stops = best(0, workers)[1]
+    return [range(a, b) for a, b in zip((0,) + stops[:-1], stops)]
+
+
+def parse_partition(text, num_stages, workers):
+    """'2,2' (stages per worker, in order) -> [range(0, 2), range(2, 4)]; anything else is refused."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise DNIError(f"--partition {text!r}: expected stages per worker as positive integers, e.g. 2,2")
+    if len(counts) != workers or sum(counts) != num_stages:
+        raise DNIError(f"--partition {text!r} gives {len(counts)} workers {sum(counts)} stages, but there are "
+                       f"{workers} workers and {num_stages} stages")
+    stops = [sum(counts[:i + 1]) for i in range(workers)]
+    return [range(a, b) for a, b in zip([0] + stops[:-1], stops)]
+
+
+def describe_partition(parts, costs=None):
+    """'worker 0: stages 1-2 (0.7M MACs) | worker 1: stages 3-4 (...)', stages counted from 1."""
+    out = []
+    for r, part in enumerate(parts):
+        stages = f"stage {part.start + 1}" if len(part) == 1 else f"stages {part.start + 1}-{part.stop}"
+        load = f" ({sum(costs[i] for i in part) / 1e6:.2f}M MACs)" if costs else ""
+        out.append(f"worker {r}: {stages}{load}")
+    return " | ".join(out)
+
+
+# ---------------------------------------------------------------- talking to other workers
+
+def _reason(error):
+    """The first sentence of a torch.distributed error, without gloo's source location."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # "[.../pair.cc:561] Connection closed..."
+    return text.split(". ")[0].rstrip(".")
+
+
+class Peers:
+    """Point-to-point messages to the neighbouring workers, with a deadline on every wait.
+
+    Every failure (a peer that died: its connection closes; one that stalls: the deadline
+    passes) becomes a one-line DNIError naming the peer, the message and the step."""
+
+    def __init__(self, rank, timeout_s, device):
+        self.rank, self.timeout_s, self.device = rank, timeout_s, torch.device(device)
+        self.timeout = timedelta(seconds=timeout_s)
+
+    def lost(self, peer, what, step, error):
+        return DNIError(f"worker {self.rank}: lost worker {peer} ({what}, step {step}): {_reason(error)}; "
+                        f"it crashed, was stopped or stalled past --worker_timeout {self.timeout_s:g}s; "
+                        f"see its log")
+
+    def send(self, tensor, peer, what, step):
+        """Start sending; returns (tensor, work), to be kept until `done`, so the buffer lives on."""
+        tensor = tensor.contiguous()
+        try:
+            return tensor, dist.isend(tensor, peer)
+        except RuntimeError as e:  # DistBackendError is a RuntimeError
+            raise self.lost(peer, what, step, e) from None
+
+    def recv(self, shape, peer, what, step):
+        """Post a receive; returns (buffer, work)."""
+        buffer = torch.empty(shape, device=self.device)
+        try:
+            return buffer, dist.irecv(buffer, peer)
+        except RuntimeError as e:
+            raise self.lost(peer, what, step, e) from None
+
+    def wait(self, work, peer, what, step):
+        try:
+            work.wait(self.timeout)
+        except RuntimeError as e:
+            raise self.lost(peer, what, step, e) from None
+
+
+@contextlib.contextmanager
+def collective(rank, what, timeout_s):
+    """A collective call (gather, broadcast): failures become one line too."""
+    try:
+        yield
+    except RuntimeError as e:
+        raise DNIError(f"worker {rank}: {what} failed: {_reason(e)}; another worker crashed, was stopped "
+                       f"or stalled past --worker_timeout {timeout_s:g}s; see its log") from None
+
+
+@contextlib.contextmanager
+def statistics_frozen(module):
+    """Run `module` in train mode without moving its BatchNorm running statistics (they moved
+    when it first saw the batch)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+# ---------------------------------------------------------------- one worker
+
+class PipelineWorker:
+    """The stages `part` of `net` (and their synthesizers), trained in this process.
+
+    `net` is the whole DNINet, built from the same seed on every worker; only the stages in
+    `part` are trained here. `optimizers` is a dni.train.Optimizers of the whole net.
+    `train_epoch` runs DNI (method 'dni') or locked model-parallel backprop ('backprop').
+    """
+
+    def __init__(self, *, net, optimizers, parts, rank, method, in_shape, batch_size, max_in_flight=2,
+                 timeout_s=60.0, device="cpu"):
+        self.net, self.optimizers, self.parts, self.part = net, optimizers, parts, parts[rank]
+        self.rank, self.world, self.method = rank, len(parts), method
+        self.max_in_flight, self.batch_size = max_in_flight, batch_size
+        self.peers = Peers(rank, timeout_s, device)
+        shapes = [tuple(in_shape)] + stage_shapes(net.stages, in_shape)  # shapes[i]: input of stage i
+        self.in_shape = (batch_size, *shapes[self.part.start])  # (B, ...) received from worker r-1
+        self.out_shape = (batch_size, *shapes[self.part.stop])  # (B, ...) sent to worker r+1
+        self.first, self.last = rank == 0, rank == self.world - 1
+        self.num_stages = len(net.stages)
+        # Optimizers.schedules lists the stages' schedules, then the synthesizers'.
+        self.synths = [i for i in self.part if i < len(optimizers.synthesizers)]
+        self.schedules = {("stages", i): optimizers.schedules[i] for i in self.part}
+        self.schedules.update({("synthesizers", i): optimizers.schedules[self.num_stages + i] for i in self.synths})
+        self.step = 0  # batches trained so far, over all epochs
+        self.boundary_updates = 0  # steps of this worker's last synthesizer so far
+
+    def owns(self, key):
+        """Whether a state_dict key of the net (stages.3.0.weight, synthesizers.2.net.0.bias) is trained here."""
+        kind, index = key.split(".")[:2]
+        return kind in ("stages", "synthesizers") and int(index) in self.part
+
+    def local_state(self):
+        """This worker's share of the net and of the optimizers, on the CPU, for rank 0 to assemble."""
+        return {"net": {k: v.cpu() for k, v in self.net.state_dict().items() if self.owns(k)},
+                "stages": {i: _to_cpu(self.optimizers.stages[i].state_dict()) for i in self.part},
+                "synthesizers": {i: _to_cpu(self.optimizers.synthesizers[i].state_dict()) for i in self.synths},
+                "schedules": {key: s.state_dict() for key, s in self.schedules.items()}}
+
+    def load_states(self, states):
+        """Rank 0: load every worker's `local_state`, so the net and optimizers here are the whole run."""
+        merged = self.net.state_dict()
+        for r, state in enumerate(states):
+            if r == self.rank:
+                continue
+            merged.update(state["net"])
+            for i, sd in state["stages"].items():
+                self.optimizers.stages[i].load_state_dict(sd)
+            for i, sd in state["synthesizers"].items():
+                self.optimizers.synthesizers[i].load_state_dict(sd)
+            for (kind, i), sd in state["schedules"].items():
+                offset = self.num_stages if kind == "synthesizers" else 0
+                self.optimizers.schedules[offset + i].load_state_dict(sd)
+        self.net.load_state_dict(merged)
+
+    def train_epoch(self, source, steps):
+        """Train on `steps` batches of `source` (an iterator of (x, y); x is used by worker 0 only).
+
+        Returns what this worker measured: {"seconds", "loss", "correct" (last worker),
+        "sg_loss", "sg_cos" ({synthesizer index: per step})}, as Python numbers."""
+        log = {"seconds": 0.0, "loss": [None] * steps, "correct": [None] * steps, "sg_loss": {}, "sg_cos": {}}
+        start = time.perf_counter()
+        if self.method == "dni":
+            self._train_dni(source, steps, log)
+        else:
+            self._train_locked(source, steps, log)
+        if self.peers.device.type == "cuda":
+            torch.cuda.synchronize()
+        log["seconds"] = time.perf_counter() - start
+        for key in ("loss", "correct"):
+            log[key] = torch.stack(log[key]).tolist() if self.last else None
+        for key in ("sg_loss", "sg_cos"):
+            log[key] = {i: torch.stack(v).tolist() for i, v in log[key].items()}
+        return log
+
+    def _step_schedules(self):
+        with warnings.catch_warnings():  # a boundary synthesizer first steps k batches late, by design
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            for schedule in self.schedules.values():
+                schedule.step()
+        self.step += 1
+
+    def _record(self, log, synth, t, result):
+        sg_loss, cos = result
+        log["sg_loss"].setdefault(synth, [None] * len(log["loss"]))[t] = sg_loss
+        log["sg_cos"].setdefault(synth, [None] * len(log["loss"]))[t] = cos
+
+    def _flush(self, outbox, keep):
+        """Forget sends that are done; wait for the oldest while more than `keep` are under way."""
+        while outbox and (len(outbox) > keep or outbox[0][2].is_completed()):
+            tensor, peer, work, what, step = outbox.popleft()
+            self.peers.wait(work, peer, what, step)
+
+    def _send(self, outbox, tensor, peer, what):
+        tensor, work = self.peers.send(tensor, peer, what, self.step + 1)
+        outbox.append((tensor, peer, work, what, self.step + 1))
+
+    def _train_dni(self, source, steps, log):
+        net, opt, k = self.net, self.optimizers, self.max_in_flight
+        s, e, last_stage = self.part.start, self.part.stop, self.num_stages - 1
+        up, down = self.rank - 1, self.rank + 1
+        inbox = deque()  # (buffer, work): h_{s-1} of the coming batches, received ahead
+        waiting = deque()  # (t, step, g_hat, trigger, context, updates, grad, work): awaiting the true gradient
+        outbox = deque()  # (tensor, peer, work, what, step): sends under way
+        if not self.first:
+            for t in range(min(k, steps)):
+                inbox.append(self.peers.recv(self.in_shape, up, "activation", self.step + t + 1))
+        for t, (x, y) in zip(range(steps), source):
+            step = self.step + 1
+            if self.first:
+                h = x
+            else:
+                h, work = inbox.popleft()
+                self.peers.wait(work, up, "activation", step)
+                if t + k < steps:
+                    inbox.append(self.peers.recv(self.in_shape, up, "activation", step + k))
+            context, g_prev = net.context(y), None
+            for i in range(s, e):
+                if i < last_stage:
+                    h, g_hat, input_grad = stage_update(net.stages[i], opt.stages[i], net.synthesizers[i], h,
+                                                        context, needs_input_grad=i > 0)
+                else:
+                    logits, loss, input_grad = loss_update(net.stages[i], opt.stages[i], h, y,
+                                                           needs_input_grad=i > 0)
+                    log["loss"][t], log["correct"][t] = loss, (logits.argmax(1) == y).sum()
+                if i > s:  # a boundary inside this worker: the true gradient is here at once
+                    self._record(log, i - 1, t, synthesizer_update(opt.synthesizers[i - 1], g_prev, input_grad))
+                elif i > 0:  # the previous worker's synthesizer learns from this
+                    self._send(outbox, input_grad, up, "gradient")
+                g_prev = g_hat if i < last_stage else None
+            if not self.last:
+                self._send(outbox, h, down, "activation")
+                waiting.append((t, step, g_prev, h, context, self.boundary_updates,
+                                *self.peers.recv(self.out_shape, down, "gradient", step)))
+            # Train the boundary synthesizer on every true gradient that is here, and on the
+            # oldest one (waiting for it) while k batches are in flight: the pipeline's bound.
+            while waiting and (len(waiting) >= k or waiting[0][-1].is_completed()):
+                self._learn_boundary(waiting.popleft(), log)
+            self._flush(outbox, keep=2 * k)
+            self._step_schedules()
+        while waiting:  # the end of the epoch: every synthesizer learns from every batch
+            self._learn_boundary(waiting.popleft(), log)
+        self._flush(outbox, keep=0)
+
+    def _learn_boundary(self, entry, log):
+        """Train this worker's last synthesizer on the true gradient of batch t from worker r+1."""
+        t, step, g_hat, trigger, context, updates, grad, work = entry
+        self.peers.wait(work, self.rank + 1, "gradient", step)
+        i = self.part.stop - 1
+        synthesizer = self.net.synthesizers[i]
+        if updates != self.boundary_updates:  # stepped since it made g_hat(t): ask it again
+            with statistics_frozen(synthesizer):
+                g_hat = synthesizer(trigger, context)
+        self._record(log, i, t, synthesizer_update(self.optimizers.synthesizers[i], g_hat, grad))
+        self.boundary_updates += 1
+
+    def _train_locked(self, source, steps, log):
+        """Model-parallel backprop: nothing overlaps, every worker waits for the gradient."""
+        net, opt = self.net, self.optimizers
+        up, down = self.rank - 1, self.rank + 1
+        outbox = deque()
+        for t, (x, y) in zip(range(steps), source):
+            step = self.step + 1
+            if self.first:
+                a = x
+            else:
+                a, work = self.peers.recv(self.in_shape, up, "activation", step)
+                self.peers.wait(work, up, "activation", step)
+                a.requires_grad_()  # the received buffer is a leaf: its .grad goes back to worker r-1
+            for i in self.part:
+                opt.stages[i].zero_grad(set_to_none=True)
+            h = a
+            for i in self.part:
+                h = net.stages[i](h)
+            if self.last:
+                loss = F.cross_entropy(h, y)
+                loss.backward()
+                log["loss"][t], log["correct"][t] = loss.detach(), (h.detach().argmax(1) == y).sum()
+            else:
+                self._send(outbox, h.detach(), down, "activation")
+                grad, work = self.peers.recv(self.out_shape, down, "gradient", step)
+                self.peers.wait(work, down, "gradient", step)  # the lock: batch t+1 waits for this
+                h.backward(grad)
+            if not self.first:
+                self._send(outbox, a.grad, up, "gradient")
+            for i in self.part:
+                opt.stages[i].step()
+            self._flush(outbox, keep=2)
+            self._step_schedules()
+        self._flush(outbox, keep=0)
+
+
+def _to_cpu(obj):
+    if torch.is_tensor(obj):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+# ---------------------------------------------------------------- the run
+
+def config_digest(settings):
+    """A short hash of a settings dict, the same on every host."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_same_settings(config, rank, world, timeout_s):
+    """All-gather every worker's settings; refuse to start, on every worker, if any differ."""
+    mine = config.to_dict()
+    gathered = [None] * world
+    with collective(rank, "comparing settings", timeout_s):
+        dist.all_gather_object(gathered, (config_digest(mine), mine))
+    for other, (digest, settings) in enumerate(gathered):
+        if digest != gathered[0][0]:
+            fields = sorted(k for k in set(settings) | set(gathered[0][1])
+                            if settings.get(k) != gathered[0][1].get(k))
+            raise DNIError(f"worker {rank}: workers were started with different settings (worker {other} differs "
+                           f"from worker 0 in {', '.join('--' + f for f in fields)}); "
+                           f"launch every worker with the same flags")
+
+
+def agree(rank, timeout_s, what, fn):
+    """Rank 0 runs fn(); its DNIError, if any, stops every worker with the same line."""
+    message, result = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except DNIError as e:
+            message = str(e)
+    box = [message]
+    with collective(rank, what, timeout_s):
+        dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise DNIError(box[0] if rank == 0 else f"worker {rank}: stopped because worker 0 did: {box[0]}")
+    return result
+
+
+def init_workers(device, timeout_s):
+    """Join the process group torchrun set up (env://): gloo on CPU, NCCL on CUDA.
+
+    Returns (rank, world size, device of this worker)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise DNIError("--pipeline True runs one worker per process: launch it with "
+                       "`torchrun --nproc_per_node K main.py ... --pipeline True`")
+    rank = int(os.environ["RANK"])
+    if device.type == "cuda":
+        local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if torch.cuda.device_count() < local_world:
+            raise DNIError(f"worker {rank}: {local_world} workers on this host but {torch.cuda.device_count()} "
+                           "GPU(s); NCCL needs one GPU per worker: use --device cpu or fewer workers per host")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    except (RuntimeError, ValueError) as e:
+        raise DNIError(f"worker {rank}: cannot join the other workers: {_reason(e)}") from None
+    return rank, dist.get_world_size(), device
+
+
+def _stop_on_sigterm(rank):
+    """torchrun stops the other workers with SIGTERM when one fails: say so in one line."""
+    def handler(signum, frame):
+        raise DNIError(f"worker {rank}: stopped by the launcher (SIGTERM), as another worker failed; "
+                       "its log says why")
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run_pipeline(config):
+    """Train as `config` says, this process being one of the workers torchrun started.
+
+    Rank 0 writes the run folder and returns the summary dict; the other workers return None."""
+    if config.method not in ("dni", "backprop"):
+        raise DNIError(f"--pipeline True trains --method dni or backprop, not {config.method}")
+    if config.resume:
+        raise DNIError("--resume is not available with --pipeline True (its checkpoints hold no resume state); "
+                       "start the run again with --overwrite True")
+    device = pick_device(config.device)
+    rank, world, device = init_workers(device, config.worker_timeout)
+    _stop_on_sigterm(rank)
+    try:
+        summary = _train(config, rank, world, device)
+    except BaseException:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the error is said: a later SIGTERM just ends us
+        raise
+    dist.destroy_process_group()  # only after success: after a failure it could wait on a peer that is gone
+    return summary
+
+
+def _train(config, rank, world, device):
+    timeout_s = config.worker_timeout
+    check_same_settings(config, rank, world, timeout_s)
+    set_seed(config.seed)  # the same seed everywhere: the same initial net on every worker
+    data = load_data(config.dataset, config.data_dir, device)
+    net = build_net(config, data.in_shape, data.num_classes).to(device)
+    costs = stage_costs(net, data.in_shape)
+    parts = (parse_partition(config.partition, len(net.stages), world) if config.partition
+             else balanced_partition(costs, world))
+    steps_per_epoch = num_batches(len(data.train_x), config.batch_size)
+    if steps_per_epoch == 0:
+        raise DNIError(f"--batch_size {config.batch_size} is larger than the training set ({len(data.train_x)})")
+    optimizers = Optimizers(net, config, config.num_epochs * steps_per_epoch)
+    worker = PipelineWorker(net=net, optimizers=optimizers, parts=parts, rank=rank, method=config.method,
+                            in_shape=data.in_shape, batch_size=config.batch_size,
+                            max_in_flight=config.max_in_flight, timeout_s=timeout_s, device=device)
+    order = torch.Generator().manual_seed(config.seed)
+    backend = dist.get_backend()
+
+    def start_run_dir():
+        run_dir = prepare_run_dir(config)
+        record_environment(run_dir, config, device)
+        return run_dir
+
+    run_dir = agree(rank, timeout_s, "preparing the run folder", start_run_dir)
+    if rank == 0:
+        print(f"{config.name}: {sum(p.numel() for p in net.stages.parameters()):,} stage parameters, "
+              f"{len(net.stages)} stages on {world} workers ({describe_partition(parts, costs)}), "
+              f"{config.num_epochs} epochs on {device} ({backend}) -> {run_dir}", flush=True)
+
+    seconds, test_acc, num_synths = 0.0, None, len(net.stages) - 1
+    with (open(run_dir / "metrics.jsonl", "a") if rank == 0 else contextlib.nullcontext()) as metrics:
+        for epoch in range(1, config.num_epochs + 1):
+            net.train()
+            # Only worker 0 needs the images: the others draw the same permutation over the labels.
+            source = batches(data.train_x if rank == 0 else data.train_y, data.train_y, config.batch_size, order)
+            if rank == 0:
+                source = tqdm(source, total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=None,
+                              mininterval=1.0)
+            first_step = worker.step
+            log = worker.train_epoch(source, steps_per_epoch)
+            logs = [None] * world if rank == 0 else None
+            with collective(rank, f"gathering statistics of epoch {epoch}", timeout_s):
+                dist.gather_object(log, logs, dst=0)
+                states = [None] * world if rank == 0 else None
+                dist.gather_object(worker.local_state(), states, dst=0)
+
+            def finish_epoch():
+                nonlocal seconds, test_acc
+                worker.load_states(states)
+                seconds += max(entry["seconds"] for entry in logs)  # training only: no evaluation
+                last = logs[-1]
+                sg_loss = {i: v for entry in logs for i, v in entry["sg_loss"].items()}
+                sg_cos = {i: v for entry in logs for i, v in entry["sg_cos"].items()}
+                total_loss = total_sg = 0.0
+                for t in range(steps_per_epoch):
+                    stats = {"kind": "step", "epoch": epoch, "step": first_step + t + 1, "loss": last["loss"][t]}
+                    if num_synths and config.method == "dni":
+                        stats["sg_loss"] = [sg_loss[i][t] for i in range(num_synths)]
+                        stats["sg_cos"] = [sg_cos[i][t] for i in range(num_synths)]
+                    check_finite(stats, stats["step"])
+                    metrics.write(json.dumps(stats) + "\n")
+                    total_loss += stats["loss"]
+                    total_sg += sum(stats.get("sg_loss", [0.0])) / len(stats.get("sg_loss", [0.0]))
+                test_acc = evaluate(net, data.test_x, data.test_y)
+                line = {"kind": "epoch", "epoch": epoch, "step": worker.step,
+                        "train_loss": total_loss / steps_per_epoch, "sg_loss": total_sg / steps_per_epoch,
+                        "test_acc": test_acc, "seconds": seconds}
+                metrics.write(json.dumps(line) + "\n")
+                metrics.flush()
+                print(f"epoch {epoch} step {worker.step} loss {line['train_loss']:.4f} "
+                      f"sg_loss {line['sg_loss']:.1e} test_acc {test_acc:.4f} {seconds:.1f}s", flush=True)
+                save_checkpoint(run_dir / "checkpoint.pt", net, optimizers, config, epoch, worker.step)
+
+            agree(rank, timeout_s, f"finishing epoch {epoch}", finish_epoch)
+
+    if rank != 0:
+        return None
+    summary = {"test_acc": test_acc, "epochs": config.num_epochs, "steps": worker.step,
+               "seconds": round(seconds, 2), "method": config.method, "model_type": config.model_type,
+               "conditioned": config.conditioned, "dataset": config.dataset, "seed": config.seed,
+               "device": str(device),
+               "pipeline": {"workers": world, "backend": backend, "max_in_flight": config.max_in_flight,
+                            "partition": [[p.start, p.stop] for p in parts],
+                            "stage_macs": costs}}
+    write_json(run_dir / "summary.json", summary)
+    if config.plot:
+        from dni.plots import plot_run
+        plot_run(run_dir)
+    return summary
