@@ -51,24 +51,36 @@ class DenseSynthesizer(nn.Module):
 class ConvSynthesizer(nn.Module):
     """M(h, c) for feature maps (B, C, H, W): `hidden_layers` x (5x5 same conv -> BatchNorm -> ReLU)
     of `width` channels, then a zero-initialised 5x5 conv back to C. Under cDNI the one-hot
-    context joins the trigger as extra planes, broadcast over height and width."""
+    context joins the trigger as extra planes, broadcast over height and width (the paper).
 
-    def __init__(self, *, channels, context_features=0, hidden_layers=1, width=64, kernel_size=5):
+    Convolutions cannot tell one position from another, but a CNN that ends in a dense
+    classifier has position-specific gradients (dL/dh = W^T (p - y) reshaped to C x H x W).
+    So a zero-initialised map is added to the output: a learnt (C, H, W) bias, and under cDNI
+    a linear map of the label to (C, H, W), which can hold -W^T y exactly.
+    """
+
+    def __init__(self, *, shape, context_features=0, hidden_layers=1, width=64, kernel_size=5):
         super().__init__()
-        pad = kernel_size // 2
+        channels, pad = shape[0], kernel_size // 2
         layers, n_in = [], channels + context_features
         for _ in range(hidden_layers):
             layers += [nn.Conv2d(n_in, width, kernel_size, padding=pad), nn.BatchNorm2d(width), nn.ReLU()]
             n_in = width
         layers.append(_zero(nn.Conv2d(n_in, channels, kernel_size, padding=pad)))
         self.net = nn.Sequential(*layers)
+        self.shape = tuple(shape)
+        self.position = nn.Parameter(torch.zeros(self.shape))  # (C, H, W)
+        self.context_map = _zero(nn.Linear(context_features, channels * shape[1] * shape[2])) \
+            if context_features else None
 
     def forward(self, trigger, context=None):
+        B, _, H, W = trigger.shape
+        out = self.position
         if context is not None:
-            B, _, H, W = trigger.shape
             planes = context[:, :, None, None].expand(B, context.shape[1], H, W)
             trigger = torch.cat([trigger, planes], dim=1)  # (B, C + classes, H, W)
-        return self.net(trigger)
+            out = out + self.context_map(context).view(B, *self.shape)
+        return self.net(trigger) + out
 
 
 def make_synthesizer(shape, *, context_features=0, hidden_layers=1, width=1024, conv_width=64):
@@ -77,6 +89,6 @@ def make_synthesizer(shape, *, context_features=0, hidden_layers=1, width=1024, 
         return DenseSynthesizer(features=shape[0], context_features=context_features,
                                 hidden_layers=hidden_layers, width=width)
     if len(shape) == 3:
-        return ConvSynthesizer(channels=shape[0], context_features=context_features,
+        return ConvSynthesizer(shape=shape, context_features=context_features,
                                hidden_layers=hidden_layers, width=conv_width)
     raise ValueError(f"no synthesizer for trigger shape {tuple(shape)}")

@@ -158,7 +158,7 @@ def test_synthesizer_loss_is_mean_squared_error():
 
 @pytest.mark.parametrize("synthesizer, trigger", [
     (DenseSynthesizer(features=6, context_features=10, hidden_layers=1, width=32), torch.randn(64, 6)),
-    (ConvSynthesizer(channels=3, context_features=10, hidden_layers=1, width=8), torch.randn(64, 3, 5, 5)),
+    (ConvSynthesizer(shape=(3, 5, 5), context_features=10, hidden_layers=1, width=8), torch.randn(64, 3, 5, 5)),
 ])
 def test_conditioned_synthesizer_learns_a_fixed_target(synthesizer, trigger):
     torch.manual_seed(0)
