@@ -32,7 +32,7 @@ class Config:
                          default="cosine", choices=SCHEDULES)
     depth: Optional[int] = _opt("hidden stages (default: mlp 3, cnn 2)", default=None, positive=True)
     hidden: int = _opt("units per mlp hidden stage", default=256, positive=True)
-    channels: int = _opt("filters per cnn stage (the paper: 128)", default=32, positive=True)
+    channels: int = _opt("filters per cnn stage (the paper: 128)", default=16, positive=True)
     synth_layers: int = _opt("hidden layers in each synthesizer (0 = linear, the paper's best for cDNI)",
                              default=0, choices=(0, 1, 2))
     synth_width: int = _opt("units per dense synthesizer hidden layer", default=1024, positive=True)
