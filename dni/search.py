@@ -2,7 +2,7 @@
 depth (0, 1 or 2 hidden layers), synthesizer learning rate and stage learning rate, for DNI
 and cDNI on the MNIST FCN, a few epochs per run; backprop at each stage learning rate beside.
 
-    python -m dni.search                     # the grid: 2 x 3 x 3 x 3 runs + 3 backprop, 2 epochs, seed 0
+    python -m dni.search                     # the grid: 2 x 3 x 4 x 3 = 72 runs + 3 backprop, 2 epochs, seed 0
     python -m dni.search --jobs 2            # two runs at once
     python -m dni.search --quick             # 2 runs of 1 epoch: checks the plumbing
     python -m dni.search --table_only        # rank the finished runs again
@@ -26,7 +26,7 @@ from dni.config import DEVICES, Config
 from dni.table1 import mean_std, pending, train_all
 
 SYNTH_LAYERS = (0, 1, 2)
-SG_LRS = (1e-5, 1e-4, 1e-3)
+SG_LRS = (1e-4, 1e-3, 3e-3, 1e-2)
 LRS = (3e-4, 1e-3, 3e-3)
 METHODS = {"dni": dict(method="dni", conditioned=False), "cdni": dict(method="dni", conditioned=True),
            "backprop": dict(method="backprop")}

@@ -16,19 +16,25 @@ Each run is an ordinary `dni.train.run` folder, <results>/table1/<dataset>/<mode
 (table1_quick/ and table1_paper/ for those budgets). A finished one (summary.json) is reused
 if it was trained with the settings asked for now, so an interrupted table resumes; one trained
 with other settings (say the defaults in dni/config.py moved) stops the table with a message,
-unless --retrain_stale. Unset hyperparameters (lr, sg_lr, synthesizer depth...) are dni.config's
-defaults at run time. Writes <results>/table1.json, .md, _curves.png and _sg.png
-(Fashion-MNIST: fashion_table1.*), rewriting the tables after every run.
+unless --retrain_stale. Ctrl-C or `kill PID` stops the table after its running runs saved a
+checkpoint (exit 130/143); the same command then continues them (dni.train --resume). Unset
+hyperparameters (lr, sg_lr, synthesizer depth...) are dni.config's defaults at run time. Writes
+<results>/table1.json, .md, _curves.png and _sg.png (Fashion-MNIST: fashion_table1.*),
+rewriting the tables after every run; `--table_only` redraws them from the run folders.
 """
-import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import multiprocessing
+import os
 import platform
+import signal
 import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import torch
@@ -51,9 +57,11 @@ METHOD_LABEL = {"nobprop": "No Bprop", "backprop": "Bprop", "dni": "DNI", "cdni"
 DATASETS = {"mnist": ("MNIST", ""), "fashion_mnist": ("Fashion-MNIST", "fashion_")}  # -> (title, file prefix)
 SEEDS = (0, 1, 2)
 
-# Epochs of the CPU grid, the same for every method: sized so that the full MNIST grid (72 runs)
-# fits in about two hours on a 2-core CPU, one thread per run, two runs at once.
-CPU_EPOCHS = {"mlp": 3, "cnn": 2}
+# Epochs of the CPU grid, the same for every model and method (702 iterations of batch 256, about
+# 0.14% of the paper's budget): sized so that the full MNIST grid (72 runs) fits in about two
+# hours on a shared 2-core CPU, one thread per run, two runs at once (--jobs 2). Measured there:
+# the FCN part took 20 min; the CNN part needs about 500 CPU-seconds per epoch and seed.
+CPU_EPOCHS = {"mlp": 3, "cnn": 3}
 # The paper's budget (section 3.1): Adam, lr 3e-5 divided by 10 at 60% and 80% of 500k
 # iterations of batch 256; 128 filters per conv layer.
 PAPER_ITERATIONS = 500_000
@@ -66,6 +74,12 @@ QUICK = dict(models=["mlp"], layers=[3], methods=["backprop", "dni", "cdni"], se
 PAPER = {}
 # Settings that say where a run lives or how it is drawn, not what it computes.
 NOT_MATHS = {"device", "use_gpu", "out", "plot", "overwrite", "data_dir", "resume"}
+PIPELINE_ONLY = {"partition", "max_in_flight", "worker_timeout"}  # act only when pipeline is True
+SYNTH_ONLY = {"sg_lr", "synth_layers", "synth_width", "synth_channels"}  # act only when method is dni
+# Settings the table reports, per model: of every run, and of the synthesizers of DNI runs.
+STAGE_KEYS = {"mlp": ("lr", "schedule", "batch_size", "num_epochs", "hidden"),
+              "cnn": ("lr", "schedule", "batch_size", "num_epochs", "channels")}
+SYNTH_KEYS = {"mlp": ("sg_lr", "synth_layers", "synth_width"), "cnn": ("sg_lr", "synth_layers", "synth_channels")}
 
 
 # ---------------------------------------------------------------- the grid
@@ -132,18 +146,34 @@ def stale_settings(run_dir, config):
     """The settings a finished run was trained with that differ from `config`'s: {name: (was, now)}."""
     saved = json.loads((run_dir / "config.json").read_text())
     wanted = config.to_dict()
-    return {k: (saved[k], wanted[k]) for k in sorted(saved.keys() & wanted.keys() - NOT_MATHS)
+    ignored = NOT_MATHS | (PIPELINE_ONLY if not (saved.get("pipeline") or wanted.get("pipeline")) else set()) \
+        | (SYNTH_ONLY if "dni" not in (saved.get("method"), wanted.get("method")) else set())
+    return {k: (saved[k], wanted[k]) for k in sorted(saved.keys() & wanted.keys() - ignored)
             if saved[k] != wanted[k]}
 
 
+class Stopped(Exception):
+    """SIGINT/SIGTERM stopped a run of the table after it saved its checkpoint: (message, exit code)."""
+
+
 def train_one(config, threads):
-    """One run, in a worker process or in this one; returns (name, summary or None, error or None)."""
-    from dni.train import run  # imported here so that spawned workers load it themselves
+    """One run, in a worker process or in this one; returns (name, summary or None, error or None).
+    A run to resume whose checkpoint cannot be continued is trained afresh."""
+    from dni.train import Interrupted, run  # imported here so that spawned workers load it themselves
     torch.set_num_threads(threads)
+    name = Path(config.out).name
     try:
-        return Path(config.out).name, run(config), None
+        if config.resume:
+            try:
+                return name, run(config), None
+            except DNIError as e:
+                print(f"{name}: not resumed ({e}); training it afresh", flush=True)
+                config = dataclasses.replace(config, resume="")
+        return name, run(config), None
     except DNIError as e:  # a diverged run is a result to report, not a reason to stop the grid
-        return Path(config.out).name, None, str(e)
+        return name, None, str(e)
+    except Interrupted as stop:  # its own class does not survive the trip back from a worker
+        raise Stopped(str(stop), stop.exit_code) from None
 
 
 def pending(configs, retrain_stale=False):
@@ -160,6 +190,9 @@ def pending(configs, retrain_stale=False):
             if not retrain_stale:
                 stale.append(f"{run_dir} (" + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items()) + ")")
                 continue
+        elif (run_dir / "checkpoint.pt").exists() and (run_dir / "config.json").exists() \
+                and not stale_settings(run_dir, config):  # interrupted: continue it from its checkpoint
+            config = dataclasses.replace(config, resume=str(run_dir))
         todo.append(config)
     if stale:
         raise DNIError(f"{len(stale)} finished run(s) were trained with other settings, e.g. {stale[0]}; "
@@ -167,26 +200,68 @@ def pending(configs, retrain_stale=False):
     return todo
 
 
+class StopRequest:
+    """While runs live in worker processes, SIGINT and SIGTERM to this process only note the
+    signal (raising from a handler could leave a lock of the pool held) and pass SIGTERM on to
+    the workers (Ctrl-C reaches them by itself); their runs checkpoint between two steps and end."""
+
+    def __init__(self, pool):
+        self.pool, self.signum, self._previous = pool, None, {}
+
+    def _handle(self, signum, frame):
+        self.signum = self.signum or signum
+        if signum == signal.SIGTERM:
+            for process in list(getattr(self.pool, "_processes", {}).values()):
+                try:
+                    os.kill(process.pid, signal.SIGTERM)
+                except OSError:  # already gone
+                    pass
+
+    def check(self):
+        if self.signum:
+            raise Stopped(f"stopped by {signal.Signals(self.signum).name}", 128 + self.signum)
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
 def train_all(configs, *, jobs=1, threads=1, log=print, after_each=None):
     """Train `configs`, `jobs` at once (one process each); calls after_each(failures) after every
-    run; returns {run name: error} of the runs that stopped with a DNIError (e.g. diverged)."""
+    run; returns {run name: error} of the runs that stopped with a DNIError (e.g. diverged).
+    SIGINT/SIGTERM end it with Stopped once the running runs have saved their checkpoints."""
     failures = {}
     if jobs == 1:
+        pool, stop = None, contextlib.nullcontext()
         results = (train_one(config, threads) for config in configs)
     else:
         pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+        stop = StopRequest(pool)
         results = (f.result() for f in as_completed([pool.submit(train_one, c, threads) for c in configs]))
-    for n, (name, summary, error) in enumerate(results, 1):
-        if error:
-            failures[name] = error
-            log(f"[{n}/{len(configs)}] {name} failed: {error}")
-        else:
-            log(f"[{n}/{len(configs)}] {name}: test error {100 * (1 - summary['test_acc']):.2f}% "
-                f"in {summary['seconds']:.0f} s of training")
-        if after_each:
-            after_each(failures)
-    if jobs > 1:
-        pool.shutdown()
+    try:
+        with stop:
+            for n, (name, summary, error) in enumerate(results, 1):
+                if error:
+                    failures[name] = error
+                    log(f"[{n}/{len(configs)}] {name} failed: {error}")
+                else:
+                    log(f"[{n}/{len(configs)}] {name}: test error {100 * (1 - summary['test_acc']):.2f}% "
+                        f"in {summary['seconds']:.0f} s of training")
+                if after_each:
+                    after_each(failures)
+                if pool is not None:
+                    stop.check()
+    except BrokenProcessPool:  # a worker killed between two runs
+        if pool is not None:
+            stop.check()
+        raise
+    finally:  # stopped or failed: no queued run may start
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     return failures
 
 
@@ -202,6 +277,14 @@ def train_grid(args, log=print):
 
 # ---------------------------------------------------------------- the table
 
+def _table_command(line):
+    """A run's command.txt line as typed: 'python -m dni.table1 ...' (workers see the file path)."""
+    for script in ("dni/table1.py", "-m dni.table1"):
+        if script in line:
+            return "python -m dni.table1" + line.split(script, 1)[1]
+    return line
+
+
 def mean_std(values):
     """(mean, sample std) of a list; std is None for fewer than two values."""
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
@@ -211,7 +294,7 @@ def collect(args, failures=None):
     """The table dict from the finished run folders of the grid (missing runs leave cells partial)."""
     failures = failures or {}
     cells, methods = table_scope(args)
-    rows, envs, hyper, seconds, done, total = [], set(), set(), 0.0, 0, 0
+    rows, envs, hyper, commands, seconds, done, total = [], set(), set(), set(), 0.0, 0, 0
     for model, layers in cells:
         row = dict(model=model, layers=layers, depth=layers - 1, label=f"{MODEL_LABEL[model]} {layers}",
                    cells={}, paper={m: PAPER.get((args.dataset, model, layers, m)) for m in methods})
@@ -235,9 +318,11 @@ def collect(args, failures=None):
                 seconds += summary["seconds"]
                 done += 1
                 envs.add((env.get("device"), env.get("gpu") or env.get("cpu"), env.get("threads"), env.get("torch")))
-                keys = ("lr", "sg_lr", "schedule", "batch_size", "num_epochs", "synth_layers", "synth_width",
-                        "synth_channels", "hidden", "channels")
-                hyper.add(tuple((k, config.get(k)) for k in keys if model == "cnn" or k not in ("channels", "synth_channels")))
+                hyper.add((False,) + tuple((k, config.get(k)) for k in STAGE_KEYS[model]))
+                if config["method"] == "dni":
+                    hyper.add((True,) + tuple((k, config.get(k)) for k in SYNTH_KEYS[model]))
+                if (run_dir / "command.txt").exists():
+                    commands.add(_table_command((run_dir / "command.txt").read_text().splitlines()[0]))
             if cell["test_error"]:
                 cell["mean"], cell["std"] = mean_std(cell["test_error"])
             row["cells"][method] = cell
@@ -245,10 +330,11 @@ def collect(args, failures=None):
     meta = dict(dataset=args.dataset, budget=budget(args) or "cpu", seeds=list(args.seeds), methods=methods,
                 runs_done=done, runs_total=total, partial=done < total,
                 train_seconds_total=round(seconds, 1),
-                hyperparameters=[dict(h) for h in sorted(hyper, key=str)],
+                hyperparameters=[dict(h[1:]) for h in sorted(hyper, key=str) if not h[0]],
+                synthesizer_hyperparameters=[dict(h[1:]) for h in sorted(hyper, key=str) if h[0]],
                 hardware=[dict(device=d, processor=p, threads=t, torch=v) for d, p, t, v in sorted(envs, key=str)],
                 machine=platform.machine(), torch=torch.__version__, python=platform.python_version(),
-                command="python -m dni.table1 " + " ".join(sys.argv[1:]),
+                command="python -m dni.table1 " + " ".join(sys.argv[1:]), trained_by=sorted(commands),
                 layers_note="layers = weight layers incl. the classifier: FCN n = mlp --depth n-1 "
                             "(n-1 hidden + classifier); CNN n = cnn --depth n-1 (n-1 conv + classifier)",
                 paper_note="the paper's Table 1 values could not be confirmed here; none is quoted")
@@ -260,6 +346,12 @@ def _cell_text(cell, seeds):
         return "failed" if cell["failed"] else "—"
     text = f"{cell['mean']:.2f}" + (f" ± {cell['std']:.2f}" if cell["std"] is not None else "")
     return text + (f" ({len(cell['test_error'])}/{len(seeds)} seeds)" if len(cell["test_error"]) < len(seeds) else "")
+
+
+def _settings(sets):
+    """'lr 0.001, ...' for one set of settings; several sets (runs made with other defaults) are flagged."""
+    text = " | ".join(", ".join(f"{k} {v}" for k, v in s.items()) for s in sets) or "no finished run yet"
+    return f"MIXED, {len(sets)} sets: {text}" if len(sets) > 1 else text
 
 
 def markdown(table):
@@ -276,7 +368,8 @@ def markdown(table):
         lines.append(f"| {MODEL_LABEL[row['model']]} | {row['layers']} | "
                      + " | ".join(_cell_text(row["cells"][m], meta["seeds"]) for m in methods)
                      + f" | {paper or 'not confirmed'} |")
-    lines += ["", "Train seconds per run (mean over seeds; evaluation excluded):", "",
+    lines += ["", "Train seconds per run (mean over seeds; the training loop's wall time, evaluation excluded; "
+              "on a shared machine it includes waiting for the CPU):", "",
               "| network | layers | " + " | ".join(METHOD_LABEL[m] for m in methods) + " |",
               "|---|---|" + "---|" * len(methods)]
     for row in table["rows"]:
@@ -295,12 +388,13 @@ def markdown(table):
         "- Paper: its Table 1 values could not be confirmed where this table was made, so none is quoted.",
         "- Settings (" + ("the paper's budget" if meta["budget"] == "paper" else
                            f"{meta['budget']} budget, far below the paper's 500k iterations") + "): "
-        + ("; ".join(", ".join(f"{k} {v}" for k, v in h.items()) for h in meta["hyperparameters"])
-           or "no finished run yet") + ".",
+        + _settings(meta["hyperparameters"]) + "; DNI and cDNI runs: " + _settings(meta["synthesizer_hyperparameters"])
+        + ". Unset settings are dni/config.py's defaults when the run was made.",
         "- Hardware: " + ("; ".join(f"{h['device']} ({h['processor']}, {h['threads']} thread(s)), torch {h['torch']}"
                                     for h in meta["hardware"]) or "no finished run yet")
         + f"; {meta['train_seconds_total'] / 60:.1f} min of training in all.",
-        f"- Made by `{meta['command'].strip()}`; figures: "
+        "- Runs trained by " + (", ".join(f"`{c.strip()}`" for c in meta["trained_by"]) or "none yet")
+        + f"; table made by `{meta['command'].strip()}`; figures: "
         f"{table['base']}_curves.png (test error against iterations), {table['base']}_sg.png "
         "(synthetic-gradient loss and cosine to the target, per layer).",
         ""]
@@ -389,7 +483,8 @@ def plot_sg(args, table, path):
                     ax.plot(x[:len(mean)], mean, style, color=f"C{k}", lw=1.2,
                             label=f"layer {k + 1} {METHOD_LABEL[method]}")
         axes[0][j].set(title=f"{row['label']}: synthesizer loss", yscale="log", xlabel="iteration")
-        axes[1][j].set(title=f"{row['label']}: cos(ĝ, target)", xlabel="iteration", ylim=(-0.2, 1.0))
+        axes[1][j].set(title=f"{row['label']}: cos(ĝ, target)", xlabel="iteration")
+        axes[1][j].set_ylim(top=1.0)
     axes[0][0].set_ylabel("L2 to bootstrapped target")
     axes[1][0].set_ylabel("cosine similarity")
     axes[0][-1].legend(fontsize=7)
@@ -460,9 +555,16 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    """Exit 2 on bad input; 130/143 after SIGINT/SIGTERM, with every running run checkpointed:
+    the same command continues the table."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    return main_guard(make_table, args)
+    try:
+        return main_guard(make_table, args)
+    except Stopped as stop:
+        message, code = stop.args
+        print(f"{message}; rerun the same command to continue the table", file=sys.stderr, flush=True)
+        sys.exit(code)
 
 
 if __name__ == "__main__":
