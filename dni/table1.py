@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from dni.cli import OneLineParser, main_guard
-from dni.config import DEVICES, Config
+from dni.config import DEVICES, METHODS as CONFIG_METHODS, Config
 from dni.data import num_batches
 from dni.errors import DNIError
 from dni.models import MODELS
@@ -111,6 +111,8 @@ def paper_epochs(batch_size):
 
 def run_config(args, model, layers, method, seed):
     """The Config of one run: dni.config's defaults but for what the table sets."""
+    if METHODS[method]["method"] not in CONFIG_METHODS:  # else dni.train would run it as backprop
+        raise DNIError(f"this dni.config has no method {METHODS[method]['method']!r}; update dni/config.py and dni/train.py")
     settings = dict(model_type=model, depth=layers - 1, dataset=args.dataset, seed=seed, plot=False,
                     overwrite=True, out=str(run_root(args) / run_name(model, layers, method, seed)),
                     **METHODS[method])
