@@ -274,7 +274,7 @@ class StopFlag:
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
 
 
 def rng_states(device):
@@ -304,7 +304,8 @@ def load_checkpoint(run_dir):
         raise DNIError(f"{path} is checkpoint version {version}, this code reads version {CHECKPOINT_VERSION}; "
                        "resume it with the commit that wrote it (env.json, git_commit) or start a new run")
     if "resume" not in checkpoint:
-        raise DNIError(f"{path} holds no resume state (a --pipeline run writes none); start a new run")
+        raise DNIError(f"{path} holds no resume state (a --pipeline run writes none); "
+                       "start the run again with --overwrite True")
     unknown = sorted(set(checkpoint["config"]) - {f.name for f in dataclasses.fields(Config)})
     if unknown:
         raise DNIError(f"{path} has settings this version does not know ({', '.join(unknown)}); "

@@ -30,7 +30,9 @@ from dni.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
-TINY = ["--hidden", "32", "--depth", "2", "--synth_width", "64", "--batch_size", "512", "--num_epochs", "2",
+# Every setting the numbers below depend on is pinned, so a change of defaults does not move them.
+TINY = ["--hidden", "32", "--depth", "2", "--synth_layers", "1", "--synth_width", "64", "--batch_size", "512",
+        "--num_epochs", "2", "--lr", "1e-3", "--sg_lr", "1e-4", "--schedule", "cosine", "--seed", "0",
         "--plot", "False", "--data_dir", str(DATA)]
 STEPS = 2 * (60000 // 512)  # 234: 117 a epoch
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -283,11 +285,6 @@ def test_resume_of_a_finished_run_changes_nothing(fast, straight, tmp_path, caps
     assert inproc("main.py", "--resume", str(run_dir)) == 0
     assert "nothing to resume" in capsys.readouterr().out
     assert snapshot(run_dir) == before
-
-
-def test_resume_through_the_script_refuses_another_model(straight, tmp_path):
-    result = cli("cnn.py", "--resume", str(straight))
-    assert_one_line_exit_2(result.returncode, result.stderr, "--model_type mlp, not cnn")
 
 
 # ---------------------------------------------------------------- divergence
