@@ -55,6 +55,16 @@ class Config:
                               default=2, positive=True)
     worker_timeout: float = _opt("pipeline: seconds to wait for another worker before stopping with an error",
                                  default=60.0, positive=True)
+    # Unlocking experiments (dni.unlock; paper section 3.3, Fig. 7).
+    update_prob: float = _opt("each stage updates in a step only with this probability (0 < P <= 1); under "
+                              "backprop only if every stage above it updates too", default=1.0, positive=True)
+    unlock: str = _opt("update: DNI (update unlock); complete: stages also train on synthetic inputs "
+                       "I_i(x), needing neither forward nor backward pass of their neighbours",
+                       default="update", choices=("update", "complete"))
+    input_model_layers: int = _opt("--unlock complete: hidden layers of each synthetic-input model",
+                                   default=1, choices=(0, 1, 2))
+    input_model_width: int = _opt("--unlock complete: units per synthetic-input model hidden layer",
+                                  default=512, positive=True)
 
     def __post_init__(self):
         spec = MODELS[self.model_type]
@@ -68,6 +78,16 @@ class Config:
             raise DNIError("--conditioned True needs --method dni (backprop has no synthesizers)")
         if self.partition and not self.pipeline:
             raise DNIError("--partition needs --pipeline True (it says which worker trains which stages)")
+        if not 0 < self.update_prob <= 1:
+            raise DNIError(f"--update_prob must be in (0, 1], got {self.update_prob}")
+        if self.unlock == "complete" and self.method != "dni":
+            raise DNIError("--unlock complete needs --method dni (it trains on synthetic inputs and gradients)")
+        if (self.update_prob < 1 or self.unlock == "complete") and self.method not in ("dni", "backprop"):
+            raise DNIError(f"--update_prob and --unlock complete work with --method dni or backprop, not {self.method}")
+        if self.update_prob < 1 and self.unlock == "complete":
+            raise DNIError("--update_prob < 1 together with --unlock complete is not implemented; pick one")
+        if self.pipeline and (self.update_prob < 1 or self.unlock == "complete"):
+            raise DNIError("--update_prob and --unlock complete are not available with --pipeline True")
 
     @property
     def name(self):
@@ -75,6 +95,8 @@ class Config:
         method = "cdni" if self.conditioned else self.method
         prefix = "" if self.dataset == "mnist" else f"{self.dataset}_"
         suffix = "_pipeline" if self.pipeline else ""
+        suffix += "_complete" if self.unlock == "complete" else ""
+        suffix += f"_p{self.update_prob:g}" if self.update_prob < 1 else ""
         return f"{prefix}{self.model_type}_{method}{suffix}"
 
     def to_dict(self):

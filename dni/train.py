@@ -36,6 +36,7 @@ from dni.errors import DNIError
 from dni.interface import DNINet, backprop_step, dni_step
 from dni.models import MODELS, stage_shapes
 from dni.synthesizers import make_synthesizer
+from dni.unlock import UnlockStep, add_input_models, uses_unlock
 
 
 def set_seed(seed):
@@ -64,8 +65,12 @@ def build_net(config, in_shape, num_classes):
             make_synthesizer(shape, context_features=context, hidden_layers=config.synth_layers,
                              width=config.synth_width, conv_width=config.synth_channels)
             for shape in stage_shapes(stages, in_shape)[:-1])
-    return DNINet(stages=stages, synthesizers=synthesizers, conditioned=config.conditioned,
-                  num_classes=num_classes)
+    net = DNINet(stages=stages, synthesizers=synthesizers, conditioned=config.conditioned,
+                 num_classes=num_classes)
+    if config.unlock == "complete":  # synthetic-input models I_i (dni.unlock)
+        add_input_models(net, in_shape=in_shape, stage_shapes=stage_shapes(stages, in_shape),
+                         hidden_layers=config.input_model_layers, width=config.input_model_width)
+    return net
 
 
 def lr_factor(schedule, total_steps):
@@ -85,7 +90,10 @@ class Optimizers:
         self.stages = [torch.optim.Adam(s.parameters(), lr=config.lr) for s in net.stages]
         self.synthesizers = [torch.optim.Adam(m.parameters(), lr=config.sg_lr)
                              for m in (net.synthesizers or [])]
-        self.schedules = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in self.stages + self.synthesizers]
+        self.inputs = [torch.optim.Adam(m.parameters(), lr=config.lr)  # synthetic-input models (dni.unlock)
+                       for m in getattr(net, "input_models", [])]
+        self.schedules = [torch.optim.lr_scheduler.LambdaLR(o, factor)
+                          for o in self.stages + self.synthesizers + self.inputs]
 
     def step_schedules(self):
         for schedule in self.schedules:
@@ -94,12 +102,13 @@ class Optimizers:
     def state_dict(self):
         return {"stages": [o.state_dict() for o in self.stages],
                 "synthesizers": [o.state_dict() for o in self.synthesizers],
+                "inputs": [o.state_dict() for o in self.inputs],
                 "schedules": [s.state_dict() for s in self.schedules]}
 
     def load_state_dict(self, state):
         """Inverse of `state_dict`; a ValueError if the counts differ (another model)."""
         for kind, objects in (("stages", self.stages), ("synthesizers", self.synthesizers),
-                              ("schedules", self.schedules)):
+                              ("inputs", self.inputs), ("schedules", self.schedules)):
             if len(state.get(kind, [])) != len(objects):
                 raise ValueError(f"{len(state.get(kind, []))} {kind} optimizer states for {len(objects)} {kind}")
             for obj, obj_state in zip(objects, state.get(kind, [])):
@@ -377,6 +386,7 @@ def run(config):
     net = build_net(config, data.in_shape, data.num_classes).to(device)
     optimizers = Optimizers(net, config, config.num_epochs * steps_per_epoch)
     order = torch.Generator().manual_seed(config.seed)
+    unlock_step = UnlockStep(config, net, optimizers) if uses_unlock(config) else None
 
     # Where the run stands: next is batch `batch` (0-based) of epoch `epoch`, whose permutation is
     # drawn from `order_state`. A new run starts at the top; a resumed one where its checkpoint left.
@@ -420,7 +430,9 @@ def run(config):
             bar = tqdm(source, total=steps_per_epoch, initial=done, desc=f"epoch {epoch}", leave=False,
                        disable=None, mininterval=1.0)
             for batch, (x, y) in enumerate(bar, start=done + 1):
-                if config.method == "dni":
+                if unlock_step is not None:  # --update_prob < 1 or --unlock complete (dni.unlock)
+                    out = unlock_step(x, y, step)
+                elif config.method == "dni":
                     out = dni_step(net, optimizers.stages, optimizers.synthesizers, x, y)
                 else:
                     out = backprop_step(net, optimizers.stages, x, y)
@@ -430,6 +442,7 @@ def run(config):
                 if out.sg_loss:
                     stats["sg_loss"] = [v.item() for v in out.sg_loss]
                     stats["sg_cos"] = [v.item() for v in out.sg_cos]
+                stats.update(getattr(out, "extra", {}))  # what only dni.unlock's steps measure
                 try:
                     check_finite(stats, step)
                 except DNIError as e:  # stop here; the files on disk are those of the last good step
