@@ -68,6 +68,7 @@ from dni.interface import StepStats, loss_update, stage_update, synthesizer_upda
 
 UNLOCKS = ("update", "complete")
 DRAW_SEED_TAG = 0x5EED_D1A1  # mixed into the draws' seeds, so they never share a stream with the data order
+GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: spreads the seeds of different runs over the 32-bit seed space
 
 
 @dataclass
@@ -84,8 +85,10 @@ def uses_unlock(config):
 # ---------------------------------------------------------------- stochastic updates
 
 def draw_seed(seed, step):
-    """The seed of step `step`'s draws in a run with --seed `seed`: distinct for every (seed, step)."""
-    return ((seed % 2**31) << 32 | step % 2**32) ^ DRAW_SEED_TAG
+    """The seed of step `step`'s draws in a run with --seed `seed`. torch's CPU generator keeps only
+    the low 32 bits of a seed, so this is a 32-bit number, distinct for every step of a run and
+    for every (seed, step) with seeds < 1000 and steps < 2^20 (tested)."""
+    return ((step % 2**32 ^ DRAW_SEED_TAG) + seed * GOLDEN) % 2**32
 
 
 def draw_updates(num_stages, update_prob, generator):

@@ -3,7 +3,8 @@
     python -m dni.unlock_experiments update_prob   # Fig. 7 left: results/update_prob.json and .png
     python -m dni.unlock_experiments unlock        # Fig. 7 right: results/unlock.json and .png
     python -m dni.unlock_experiments plot          # redraw the figures from the JSON files alone
-    python -m dni.unlock_experiments update_prob --epochs 20 --probs 1 0.2 0.05 --seeds 0 --name update_prob_long
+    python -m dni.unlock_experiments update_prob --epochs 20 --probs 0.2 0.1 0.05 --seeds 0 --name update_prob_long
+    python -m dni.unlock_experiments unlock --epochs 12 --methods cdni --name unlock_long
 
 update_prob: the 4-stage FCN (`--model_type mlp`: 3 hidden stages of 256 units + the classifier)
 trained with backprop, DNI and cDNI at each update probability P and seed, every run for the same
@@ -151,9 +152,11 @@ def update_prob_table(result):
 
 def unlock_runs(args):
     start, runs = time.perf_counter(), []
-    specs = [(f"{m}_p1_s{args.seeds[0]}", dict(**METHODS[m]), "update_prob") for m in ("backprop", "dni", "cdni")]
-    specs += [(f"{m}_complete_s{args.seeds[0]}", dict(**METHODS[m], unlock="complete"), "unlock")
-              for m in ("dni", "cdni")]
+    # The default experiment reuses the sweep's P = 1 runs (same settings); another --name keeps its own.
+    reference = "update_prob" if args.name == "unlock" else args.name
+    specs = [(f"{m}_p1_s{args.seeds[0]}", dict(**METHODS[m]), reference) for m in args.methods]
+    specs += [(f"{m}_complete_s{args.seeds[0]}", dict(**METHODS[m], unlock="complete"), args.name)
+              for m in args.methods if m != "backprop"]
     for name, kw, folder in specs:
         config = base_config(args, **kw, seed=args.seeds[0], out=str(Path(args.runs) / folder / name))
         t = time.perf_counter()
@@ -164,8 +167,8 @@ def unlock_runs(args):
               "settings": SETTINGS,
               "runs": runs, "wall_seconds": round(time.perf_counter() - start, 1), "environment": environment(),
               "command": "python -m dni.unlock_experiments unlock " + args.argv}
-    write_json(Path(args.results) / "unlock.json", result)
-    plot_unlock(Path(args.results) / "unlock.json")
+    write_json(Path(args.results) / f"{args.name}.json", result)
+    plot_unlock(Path(args.results) / f"{args.name}.json")
     print(unlock_table(result))
 
 
@@ -197,7 +200,7 @@ def _log_error_axis(ax):
     """Log-scale y axis labelled 0.5, 1, 2, 5, 10, 20, 50 (%)."""
     import matplotlib.ticker as ticker
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(ticker.FixedLocator([0.5, 1, 2, 5, 10, 20, 50, 100]))
+    ax.yaxis.set_major_locator(ticker.FixedLocator([0.5, 1, 2, 3, 5, 10, 20, 30, 50, 100]))
     ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
     ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
@@ -210,7 +213,7 @@ def _caption(result):
 def plot_update_prob(path):
     result = json.loads(Path(path).read_text())
     plt = _plt()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 5.2))
     for method, cells in result["table"].items():
         probs = [float(p) for p in cells]
         left.errorbar(probs, [100 * c["test_error_mean"] for c in cells.values()],
@@ -222,7 +225,8 @@ def plot_update_prob(path):
     left.invert_xaxis()
     b = result["budget"]
     left.set(xlabel="update probability P", ylabel="test error (%)",
-             title=f"after {b['steps']} steps, mean ± std of {len(result['seeds'])} seeds")
+             title=f"after {b['steps']} steps, " + (f"mean ± std of {len(result['seeds'])} seeds"
+                                                    if len(result["seeds"]) > 1 else f"seed {result['seeds'][0]}"))
     left.legend()
     colors = dict(zip(result["table"], plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     styles = {1.0: "-", 0.2: "--", 0.05: ":"}
@@ -235,7 +239,7 @@ def plot_update_prob(path):
                            label=f"{method} P={p:g}")
     _log_error_axis(right)
     right.set(xlabel="step", ylabel="test error (%)", title="test error during training (mean of seeds)")
-    right.legend(fontsize=7, ncol=3)
+    right.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     fig.suptitle(f"Stochastic updates, 4-stage FCN on MNIST ({_caption(result)})", fontsize=10)
     fig.tight_layout()
     fig.savefig(Path(path).with_suffix(".png"), dpi=120)
@@ -245,7 +249,7 @@ def plot_update_prob(path):
 def plot_unlock(path):
     result = json.loads(Path(path).read_text())
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(6.5, 5.2))
     for r in result["runs"]:
         label = f"{r['method']}" + (" + synthetic inputs (complete unlock)" if r["unlock"] == "complete" else "")
         ax.plot(r["curve"]["step"], [100 * (1 - a) for a in r["curve"]["test_acc"]], marker="o",
@@ -253,7 +257,7 @@ def plot_unlock(path):
     _log_error_axis(ax)
     ax.set(xlabel="step", ylabel="test error (%)",
            title=f"Complete unlock, 4-stage FCN on MNIST\n({_caption(result)})")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     fig.tight_layout()
     fig.savefig(Path(path).with_suffix(".png"), dpi=120)
     plt.close(fig)
@@ -272,10 +276,11 @@ def main(argv=None):
     parser.add_argument("--runs", default="runs", help="where run folders go (default: runs, git-ignored)")
     parser.add_argument("--results", default="results", help="where the JSON and PNG go")
     parser.add_argument("--data_dir", default="data")
-    parser.add_argument("--name", default="update_prob",
-                        help="update_prob: name of the sweep's run folder (under --runs) and its JSON/PNG (under --results)")
+    parser.add_argument("--name", help="name of the experiment's run folder (under --runs) and of its JSON and PNG "
+                                       "(under --results); default: the experiment's name")
     args = parser.parse_args(argv)
     args.argv = " ".join(argv[1:])
+    args.name = args.name or args.experiment
     if args.experiment == "update_prob":
         update_prob_sweep(args)
     elif args.experiment == "unlock":
@@ -284,9 +289,9 @@ def main(argv=None):
         for path in sorted(Path(args.results).glob("update_prob*.json")):
             plot_update_prob(path)
             print(path.with_suffix(".png"))
-        if (Path(args.results) / "unlock.json").exists():
-            plot_unlock(Path(args.results) / "unlock.json")
-            print(Path(args.results) / "unlock.png")
+        for path in sorted(Path(args.results).glob("unlock*.json")):
+            plot_unlock(path)
+            print(path.with_suffix(".png"))
 
 
 if __name__ == "__main__":
