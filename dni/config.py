@@ -5,7 +5,7 @@ from typing import Optional
 from dni.errors import DNIError
 from dni.models import MODELS
 
-METHODS = ("dni", "backprop")
+METHODS = ("dni", "backprop", "nobprop")
 SCHEDULES = ("cosine", "constant", "paper")
 DEVICES = ("auto", "cpu", "cuda")
 DATASET_CHOICES = ("mnist", "fashion_mnist", "cifar10")
@@ -19,7 +19,8 @@ def _opt(help, **kw):
 class Config:
     """One training run. None means "the model's default" (see dni.models.MODELS)."""
     model_type: str = _opt("network", default="mlp", choices=MODELS)
-    method: str = _opt("dni: every stage decoupled by a DNI; backprop: the baseline", default="dni",
+    method: str = _opt("dni: every stage decoupled by a DNI; backprop: the baseline; "
+                       "nobprop: only the last stage learns (the paper's No Bprop)", default="dni",
                        choices=METHODS)
     conditioned: bool = _opt("cDNI: synthesizers also read the one-hot label", default=False)
     dataset: str = _opt("data set", default="mnist", choices=DATASET_CHOICES)

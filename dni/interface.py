@@ -136,3 +136,14 @@ def backprop_step(net, stage_optimizers, x, y):
     for optimizer in stage_optimizers:
         optimizer.step()
     return StepStats(loss=loss.detach(), correct=(logits.detach().argmax(1) == y).sum())
+
+
+def nobprop_step(net, stage_optimizers, x, y):
+    """The paper's "No Bprop" baseline (Table 1): only the last stage learns, from the real loss;
+    the stages below keep their random initial weights (their BatchNorm statistics still move)."""
+    with torch.no_grad():
+        h = x
+        for stage in net.stages[:-1]:
+            h = stage(h)
+    logits, loss, _ = loss_update(net.stages[-1], stage_optimizers[-1], h, y, needs_input_grad=False)
+    return StepStats(loss=loss, correct=(logits.argmax(1) == y).sum())

@@ -33,7 +33,7 @@ from dni.cli import build_parser, main_guard, parse_config
 from dni.config import Config
 from dni.data import batches, load_data, num_batches
 from dni.errors import DNIError
-from dni.interface import DNINet, backprop_step, dni_step
+from dni.interface import DNINet, backprop_step, dni_step, nobprop_step
 from dni.models import MODELS, stage_shapes
 from dni.synthesizers import make_synthesizer
 from dni.unlock import UnlockStep, add_input_models, uses_unlock
@@ -434,6 +434,8 @@ def run(config):
                     out = unlock_step(x, y, step)
                 elif config.method == "dni":
                     out = dni_step(net, optimizers.stages, optimizers.synthesizers, x, y)
+                elif config.method == "nobprop":
+                    out = nobprop_step(net, optimizers.stages, x, y)
                 else:
                     out = backprop_step(net, optimizers.stages, x, y)
                 optimizers.step_schedules()
