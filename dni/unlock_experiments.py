@@ -3,8 +3,11 @@
     python -m dni.unlock_experiments update_prob   # Fig. 7 left: results/update_prob.json and .png
     python -m dni.unlock_experiments unlock        # Fig. 7 right: results/unlock.json and .png
     python -m dni.unlock_experiments plot          # redraw the figures from the JSON files alone
+
+longer budgets, in folders and files of their own:
+
     python -m dni.unlock_experiments update_prob --epochs 20 --probs 0.2 0.1 0.05 --seeds 0 --name update_prob_long
-    python -m dni.unlock_experiments unlock --epochs 12 --methods cdni --name unlock_long
+    python -m dni.unlock_experiments unlock --epochs 12 --name unlock_long
 
 update_prob: the 4-stage FCN (`--model_type mlp`: 3 hidden stages of 256 units + the classifier)
 trained with backprop, DNI and cDNI at each update probability P and seed, every run for the same
