@@ -1,0 +1,150 @@
+"""Copy and Repeat Copy (Graves et al. 2014) as endless streams, with a length curriculum.
+
+The recurrent DNI experiments of the paper (section 3.2, "Copy and Repeat Copy")
+feed an LSTM episodes back to back: its state runs on from one episode into the
+next, and backpropagation through time is truncated every T steps, wherever the
+window boundaries fall. The length N of the episodes grows by one each time the
+model solves the current length: its average error drops below 0.15 bits per
+step (a scored output step; the paper says per character).
+
+An episode is a sequence of steps with one input vector each and, on the steps
+where the model must answer, a target class (a symbol, or `stop`); unscored steps
+carry the target IGNORE.
+
+- Copy: read N random symbols, then a delimiter; output the N symbols, then stop.
+  2N + 2 steps, N + 1 of them scored.
+- Repeat Copy: read N symbols, a delimiter, then a repeat count R (one step, a
+  scalar channel R / max_repeats, R drawn from 1..max_repeats per batch of episodes);
+  output the N symbols R times over, then stop. NR + N + 3 steps, NR + 1 scored.
+"""
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100  # target of a step the model is not asked to answer (F.cross_entropy's ignore_index)
+
+
+class Copy:
+    """Copy episodes over an alphabet of `symbols` one-hot symbols, a batch at a time.
+
+    Input features: symbols + 1 (the delimiter). Output classes: symbols + 1 (stop).
+    """
+
+    def __init__(self, *, symbols=8):
+        self.symbols = symbols
+        self.input_features = symbols + 1
+        self.classes = symbols + 1
+
+    def _read(self, length, steps, batch_size, generator):
+        """The reading phase shared by both tasks: N one-hot symbols, then the delimiter."""
+        seq = torch.randint(self.symbols, (length, batch_size), generator=generator)   # (N, B)
+        x = torch.zeros(steps, batch_size, self.input_features)                        # (L, B, F)
+        x[:length] = F.one_hot(seq, self.input_features).float()
+        x[length, :, self.symbols] = 1.0
+        y = torch.full((steps, batch_size), IGNORE, dtype=torch.long)                 # (L, B)
+        y[-1] = self.symbols                                                           # stop
+        return seq, x, y
+
+    def episodes(self, length, batch_size, generator):
+        """B episodes of N = `length` symbols: inputs (2N+2, B, F) and targets (2N+2, B)."""
+        seq, x, y = self._read(length, 2 * length + 2, batch_size, generator)
+        y[length + 1:2 * length + 1] = seq
+        return x, y
+
+
+class RepeatCopy(Copy):
+    """Repeat Copy episodes: Copy's symbols and delimiter, then a repeat-count channel.
+
+    Input features: symbols + 2. Output classes: symbols + 1 (stop).
+    """
+
+    def __init__(self, *, symbols=8, max_repeats=3):
+        super().__init__(symbols=symbols)
+        self.max_repeats = max_repeats
+        self.input_features = symbols + 2
+
+    def episodes(self, length, batch_size, generator):
+        """B episodes of N = `length` symbols repeated R times, R shared by the batch:
+        inputs (NR+N+3, B, F) and targets (NR+N+3, B)."""
+        repeats = int(torch.randint(1, self.max_repeats + 1, (1,), generator=generator))
+        seq, x, y = self._read(length, length * repeats + length + 3, batch_size, generator)
+        x[length + 1, :, self.symbols + 1] = repeats / self.max_repeats
+        y[length + 2:length + 2 + length * repeats] = seq.repeat(repeats, 1)
+        return x, y
+
+
+TASKS = {"copy": Copy, "repeat_copy": RepeatCopy}
+
+
+def make_task(name, *, symbols=8, max_repeats=3):
+    """The task called `name` in TASKS."""
+    if name == "repeat_copy":
+        return RepeatCopy(symbols=symbols, max_repeats=max_repeats)
+    return TASKS[name](symbols=symbols)
+
+
+class EpisodeStream:
+    """`batch_size` streams of back-to-back episodes, read `steps` steps at a time.
+
+    The streams run in step: their episodes have the same length and begin at the
+    same step (their symbols differ), so the model resets all states at once.
+    Each read returns the next inputs (T, B, F), targets (T, B), episode starts
+    (T,), True at an episode's first step, and the length N of the episode each
+    step belongs to (T,), so that the curriculum only scores the current length.
+    Episodes are made when needed, with the length asked for at that read.
+    """
+
+    def __init__(self, *, task, batch_size, generator):
+        self.task, self.batch_size, self.generator = task, batch_size, generator
+        self.buffer = (torch.zeros(0, batch_size, task.input_features),
+                       torch.zeros(0, batch_size, dtype=torch.long),
+                       torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long))
+
+    def read(self, steps, length):
+        """The next `steps` steps of every stream; new episodes have N = `length`."""
+        parts = [self.buffer]
+        have = len(self.buffer[2])
+        while have < steps:
+            x, y = self.task.episodes(length, self.batch_size, self.generator)
+            starts = torch.zeros(len(y), dtype=torch.bool)
+            starts[0] = True
+            parts.append((x, y, starts, torch.full((len(y),), length)))
+            have += len(y)
+        if len(parts) > 1:
+            self.buffer = tuple(torch.cat(p) for p in zip(*parts))
+        window = tuple(t[:steps] for t in self.buffer)
+        self.buffer = tuple(t[steps:] for t in self.buffer)
+        return window
+
+
+class Curriculum:
+    """The episode length N: starts at 1 and grows by one when N is solved (paper, section 3.2).
+
+    `record` takes the error (bits summed over scored steps, and their count) of
+    steps at the current length. Once at least `min_scored` such steps are in, their
+    average decides: below `threshold` bits per step, N is solved and N + 1 begins;
+    otherwise the count starts again.
+    """
+
+    def __init__(self, *, threshold=0.15, min_scored=2000):
+        self.threshold, self.min_scored = threshold, min_scored
+        self.length = 1
+        self.bits, self.scored = 0.0, 0
+        self.last_average = float("nan")
+
+    @property
+    def solved(self):
+        """The longest length solved so far (0 if none)."""
+        return self.length - 1
+
+    def record(self, bits, scored):
+        """Add `scored` steps of total error `bits`; returns True when the length grew."""
+        self.bits += bits
+        self.scored += scored
+        if self.scored < self.min_scored:
+            return False
+        self.last_average = self.bits / self.scored
+        self.bits, self.scored = 0.0, 0
+        if self.last_average < self.threshold:
+            self.length += 1
+            return True
+        return False

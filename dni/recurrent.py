@@ -1,0 +1,276 @@
+"""Recurrent DNI: synthetic gradients at the boundaries of truncated BPTT windows (paper, section 3.2).
+
+An LSTM core reads B streams of back-to-back episodes (dni.copy_tasks; its state
+is reset where an episode begins) and is trained on windows of T steps, wherever
+their boundaries fall in the episodes. Within a window, ordinary BPTT. Truncated BPTT stops there: nothing
+from the future reaches the window. With DNI, a synthesizer M reads the state
+s = [h, c] at the window's end and predicts the gradient of all future loss
+w.r.t. it; that synthetic gradient, scaled by `sg_factor` (0.1 in the paper), is
+backpropagated into the window with the window's own loss. The gradient that
+reaches the window's start state is the bootstrapped target for M at that state,
+which is where the previous window ended (paper, Figure 3 and section 3.2).
+
+Scale convention (that of dni.synthesizers): M predicts per-example gradients,
+i.e. gradients of the batch-summed loss. The parameters follow the mean over the
+batch of each stream's loss summed over the window's steps, so the objective
+backpropagated is (sum of losses + sg_factor * <s_end, g_hat_end>) / B and the
+target is B times the gradient w.r.t. the start state. Because the target
+includes the scaled synthetic gradient, M learns a gradient of the future loss
+in which each further window counts sg_factor times less (the paper's scheme).
+
+The Aux variant of the paper (also predicting future synthetic gradients) is not
+implemented.
+"""
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dni.copy_tasks import IGNORE, TASKS, Curriculum, EpisodeStream, make_task
+from dni.errors import DNIError
+from dni.synthesizers import DenseSynthesizer, synthesizer_loss
+from dni.train import command_line, environment, pick_device, set_seed, write_json
+
+DEVICES = ("cpu", "cuda", "auto")
+
+
+@dataclass
+class RecurrentConfig:
+    """Every default of `python rnn.py`, defined once."""
+    task: str = field(default="copy", metadata=dict(help="task", choices=TASKS))
+    truncation: int = field(default=3, metadata=dict(help="T: steps per BPTT window", positive=True))
+    dni: bool = field(default=True, metadata=dict(help="synthetic gradients at window ends; False: truncated BPTT"))
+    sg_factor: float = field(default=0.1, metadata=dict(help="scale of the synthetic gradient", positive=True))
+    hidden: int = field(default=64, metadata=dict(help="LSTM units", positive=True))
+    symbols: int = field(default=8, metadata=dict(help="alphabet size", positive=True))
+    max_repeats: int = field(default=3, metadata=dict(help="repeat_copy: R drawn from 1..max_repeats", positive=True))
+    batch_size: int = field(default=32, metadata=dict(help="parallel streams", positive=True))
+    lr: float = field(default=1e-3, metadata=dict(help="Adam learning rate of the core", positive=True))
+    sg_lr: float = field(default=1e-3, metadata=dict(help="Adam learning rate of the synthesizer", positive=True))
+    clip: float = field(default=1.0, metadata=dict(help="max gradient norm of the core, 0: no clipping"))
+    steps: int = field(default=20000, metadata=dict(help="training windows (= parameter updates)", positive=True))
+    threshold: float = field(default=0.15, metadata=dict(help="solved below this many bits per step", positive=True))
+    min_scored: int = field(default=2000, metadata=dict(help="scored steps per curriculum decision", positive=True))
+    seed: int = field(default=0, metadata=dict(help="seed of the weights and of the data"))
+    device: str = field(default="cpu", metadata=dict(help="device", choices=DEVICES))
+    threads: int = field(default=1, metadata=dict(help="torch CPU threads", positive=True))
+    log_every: int = field(default=500, metadata=dict(help="windows between log lines", positive=True))
+    out: str = field(default="results/rnn", metadata=dict(help="parent folder of the run folder"))
+    name: str = field(default="", metadata=dict(help="run folder name (default: task_T<T>_<bptt|dni>_s<seed>)"))
+
+    def __post_init__(self):
+        if self.clip < 0:
+            raise DNIError(f"--clip must be >= 0, got {self.clip}")
+        if not self.name:
+            self.name = f"{self.task}_T{self.truncation}_{'dni' if self.dni else 'bptt'}_s{self.seed}"
+        if "/" in self.name or self.name in (".", ".."):
+            raise DNIError(f"--name must be a plain folder name, got {self.name!r}")
+
+
+class RecurrentCore(nn.Module):
+    """An LSTM and a linear readout. The state is one tensor s = [h, c] of shape (B, 2 * hidden);
+    it is reset to zero at the first step of each episode (so the gradient stops there too).
+    The forget gate's bias starts at `forget_bias` (1: remember by default, Jozefowicz et al. 2015)."""
+
+    def __init__(self, *, input_features, hidden, classes, forget_bias=1.0):
+        super().__init__()
+        self.hidden = hidden
+        self.lstm = nn.LSTM(input_features, hidden)
+        self.readout = nn.Linear(hidden, classes)
+        with torch.no_grad():  # gates are stacked (input, forget, cell, output)
+            self.lstm.bias_ih_l0[hidden:2 * hidden].fill_(forget_bias)
+            self.lstm.bias_hh_l0[hidden:2 * hidden].zero_()
+
+    def initial_state(self, batch_size, device=None):
+        """The zero state s_0, (B, 2 * hidden)."""
+        return torch.zeros(batch_size, 2 * self.hidden, device=device)
+
+    def forward(self, x, state, starts):
+        """x (T, B, F), state (B, 2H), starts (T,) bool on the CPU, True where episodes begin
+        -> logits (T, B, classes), state after the T steps (B, 2H)."""
+        T = x.shape[0]
+        bounds = [0] + [t for t in starts.nonzero().flatten().tolist() if t > 0] + [T]
+        h, c = (part[None].contiguous() for part in state.chunk(2, dim=1))   # (1, B, H) each
+        outputs = []
+        for a, b in zip(bounds[:-1], bounds[1:]):                           # runs of steps without a reset
+            if starts[a]:
+                h, c = torch.zeros_like(h), torch.zeros_like(c)
+            out, (h, c) = self.lstm(x[a:b], (h, c))                         # (b - a, B, H)
+            outputs.append(out)
+        return self.readout(torch.cat(outputs)), torch.cat([h[0], c[0]], dim=1)
+
+
+class RecurrentDNI(nn.Module):
+    """The core and, when `dni`, the synthesizer of its state: linear, as in the paper (section 3.2),
+    zero-initialised so that its first output is 0. (A hidden layer would bring
+    DenseSynthesizer's BatchNorm, whose batch here is B states all at the same step of their episodes.)"""
+
+    def __init__(self, *, input_features, hidden, classes, dni=True):
+        super().__init__()
+        self.core = RecurrentCore(input_features=input_features, hidden=hidden, classes=classes)
+        self.synthesizer = DenseSynthesizer(features=2 * hidden, hidden_layers=0) if dni else None
+
+
+@dataclass
+class Window:
+    """What one window's backward leaves behind.
+
+    ce: per-step cross-entropy in nats (T, B), 0 on unscored steps; end_state: the
+    state at the window's end (B, 2H), detached, where the next window starts.
+    With DNI: synthetic (B, 2H), M's output at the window's end (unscaled);
+    target (B, 2H), the bootstrapped target at the window's start; sg_loss.
+    """
+    ce: torch.Tensor
+    end_state: torch.Tensor
+    synthetic: torch.Tensor = None
+    target: torch.Tensor = None
+    sg_loss: torch.Tensor = None
+
+
+def window_backward(model, x, y, starts, state, *, sg_factor=0.1):
+    """Gradients of one truncation window, accumulated into .grad (the caller zeroes and steps).
+
+    x (T, B, F) inputs, y (T, B) targets (IGNORE where unscored), starts (T,)
+    episode starts (on the CPU), state (B, 2H) at the window's start. In this order:
+      1. forward T steps of the core from the state, detached: nothing flows back
+         past the window's start (truncated BPTT);
+      2. with DNI, the synthesizer reads the start and end states (detached
+         triggers) in one pass: g_end is the synthetic gradient for this window's
+         end, g_start its prediction at the start, where the previous window ended;
+      3. backward (window loss + sg_factor * <s_end, g_end>) / B: the core's
+         gradients and the gradient w.r.t. the start state;
+      4. with DNI, the synthesizer learns: synthesizer_loss(g_start, target), where
+         target = B * d objective / d s_start (per example, as M predicts).
+    Without DNI this is truncated BPTT (steps 1 and 3, no synthetic term).
+    """
+    B = x.shape[1]
+    dni = model.synthesizer is not None
+    start = state.detach().requires_grad_(dni)
+    logits, end = model.core(x, start, starts)                                        # (T, B, C), (B, 2H)
+    ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE,
+                         reduction="none").view_as(y)                            # (T, B)
+    objective = ce.sum()
+    if not dni:
+        (objective / B).backward()
+        return Window(ce=ce.detach(), end_state=end.detach())
+    g_start, g_end = model.synthesizer(torch.cat([start, end]).detach()).split(B)  # (B, 2H) each
+    objective = objective + sg_factor * (end * g_end.detach()).sum()
+    (objective / B).backward()
+    # (B, 2H); no gradient reaches the start state when the window begins with new episodes
+    target = torch.zeros_like(start) if start.grad is None else start.grad * B
+    sg_loss = synthesizer_loss(g_start, target)
+    sg_loss.backward()
+    return Window(ce=ce.detach(), end_state=end.detach(), synthetic=g_end.detach(), target=target,
+                  sg_loss=sg_loss.detach())
+
+
+def build(config, device):
+    """The task, the model on `device` and its optimizer, as `config` says."""
+    task = make_task(config.task, symbols=config.symbols, max_repeats=config.max_repeats)
+    model = RecurrentDNI(input_features=task.input_features, hidden=config.hidden, classes=task.classes,
+                         dni=config.dni).to(device)
+    groups = [dict(params=model.core.parameters(), lr=config.lr)]
+    if model.synthesizer is not None:
+        groups.append(dict(params=model.synthesizer.parameters(), lr=config.sg_lr))
+    optimizer = torch.optim.Adam(groups, foreach=True)
+    return task, model, optimizer
+
+
+def train(config, *, log=print, metrics=None):
+    """Train on the stream for config.steps windows under the curriculum; returns the summary dict.
+
+    `metrics`, if given, receives one dict per event: kind "log" every log_every
+    windows (error averaged since the last one) and kind "length" when N grows.
+    """
+    torch.set_num_threads(config.threads)
+    device = pick_device(config.device)
+    set_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)  # the data's own stream
+    task, model, optimizer = build(config, device)
+    stream = EpisodeStream(task=task, batch_size=config.batch_size, generator=generator)
+    curriculum = Curriculum(threshold=config.threshold, min_scored=config.min_scored)
+    core_params = list(model.core.parameters())
+    state = model.core.initial_state(config.batch_size, device)
+    bits, scored, sg_loss = 0.0, 0, 0.0  # since the last log line
+    t0 = time.perf_counter()
+    for step in tqdm(range(1, config.steps + 1), disable=not sys.stderr.isatty(), leave=False):
+        x, y, starts, lengths = stream.read(config.truncation, curriculum.length)   # (T, B, F), (T, B), 2 x (T,)
+        optimizer.zero_grad(set_to_none=True)
+        window = window_backward(model, x.to(device), y.to(device), starts, state, sg_factor=config.sg_factor)
+        if config.clip > 0:
+            nn.utils.clip_grad_norm_(core_params, config.clip)
+        optimizer.step()
+        state = window.end_state
+
+        step_bits = window.ce.cpu() / math.log(2)                                   # (T, B)
+        current = (lengths == curriculum.length)[:, None] & (y != IGNORE)            # (T, B) scored at length N
+        bits += float(step_bits.sum())
+        scored += int((y != IGNORE).sum())
+        sg_loss += 0.0 if window.sg_loss is None else float(window.sg_loss)
+        if curriculum.record(float(step_bits[current].sum()), int(current.sum())) and metrics is not None:
+            metrics(dict(kind="length", step=step, length=curriculum.length, solved=curriculum.solved))
+        if step % config.log_every == 0:
+            row = dict(kind="log", step=step, length=curriculum.length, solved=curriculum.solved,
+                       bits=bits / max(scored, 1), sg_loss=sg_loss / config.log_every,
+                       time=round(time.perf_counter() - t0, 2))
+            if metrics is not None:
+                metrics(row)
+            log(f"step {step} length {row['length']} solved {row['solved']} bits {row['bits']:.4f} "
+                f"sg_loss {row['sg_loss']:.2e} {row['time']:.1f}s")
+            bits, scored, sg_loss = 0.0, 0, 0.0
+    wall = time.perf_counter() - t0
+    return dict(solved=curriculum.solved, length=curriculum.length, steps=config.steps,
+                last_bits=curriculum.last_average, wall_s=round(wall, 2),
+                windows_per_s=round(config.steps / wall, 1), device=str(device))
+
+
+def plot_run(folder):
+    """Draw bits.png and length.png of a run folder from its metrics.jsonl (no retraining)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
+    logged = [r for r in rows if r["kind"] == "log"]
+    title = folder.name
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in logged], [r["bits"] for r in logged])
+    ax.set(xlabel="window (parameter update)", ylabel="error (bits per scored step)", yscale="log", title=title)
+    fig.tight_layout()
+    fig.savefig(folder / "bits.png", dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.step([0] + [r["step"] for r in rows], [0] + [r["solved"] for r in rows], where="post")
+    ax.set(xlabel="window (parameter update)", ylabel="longest length solved", title=title)
+    fig.tight_layout()
+    fig.savefig(folder / "length.png", dpi=100)
+    plt.close(fig)
+
+
+def run(config, *, log=print):
+    """Train as `config` says, in the run folder <out>/<name>/: config.json, command.txt, env.json,
+    metrics.jsonl, summary.json, bits.png, length.png. Returns the summary dict."""
+    device = pick_device(config.device)  # refuse a missing device before making the folder
+    folder = Path(config.out) / config.name
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "config.json", dataclasses.asdict(config))
+    (folder / "command.txt").write_text(command_line() + "\n")
+    write_json(folder / "env.json", environment(device))
+    with open(folder / "metrics.jsonl", "w") as f:
+        summary = train(config, log=log, metrics=lambda row: f.write(json.dumps(row) + "\n"))
+    plot_run(folder)
+    summary.update(config=dataclasses.asdict(config), env=environment(device))
+    write_json(folder / "summary.json", summary)  # written last: its presence marks a finished run
+    method = "DNI" if config.dni else "BPTT"
+    log(f"{config.task} T={config.truncation} {method}: longest length solved {summary['solved']} "
+        f"({summary['wall_s']:.0f}s) -> {folder}")
+    return summary

@@ -1,0 +1,178 @@
+"""The recurrent DNI results table (paper, section 3.2, Table 2): longest length solved,
+truncated BPTT vs DNI, at T = 2, 3, 4, 5, 8 on Copy and Repeat Copy, over seeds.
+
+    python -m dni.recurrent_table                # the full table, CPU, 1 thread
+    python -m dni.recurrent_table --quick        # a tiny slice (the test's)
+    python -m dni.recurrent_table --device auto  # on a GPU if there is one
+
+Each run is a dni.recurrent run folder under <out>/rnn/; a run whose summary.json
+holds the same config is reused, so an interrupted table resumes where it stopped.
+Writes <out>/rnn_table.json, <out>/rnn_table.md and <out>/rnn_table.png.
+"""
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dni.cli import main_guard, parse_config
+from dni.recurrent import DEVICES, RecurrentConfig, run
+from dni.train import command_line, write_json
+
+TRUNCATIONS = (2, 3, 4, 5, 8)
+TASK_NAMES = {"copy": "Copy", "repeat_copy": "Repeat Copy"}
+METHODS = {"bptt": False, "dni": True}  # method -> RecurrentConfig.dni
+
+# The paper's Table 2 (Copy / Repeat Copy: largest sequence length solved) could not be
+# retrieved in this environment, so no number of it is quoted: None means "not confirmed".
+PAPER_NOTE = "n/c: not confirmed; the paper's Table 2 could not be retrieved where this table was made."
+PAPER = {task: {method: {T: None for T in TRUNCATIONS} for method in METHODS} for task in TASK_NAMES}
+
+
+@dataclass
+class TableConfig:
+    """Every default of `python -m dni.recurrent_table`."""
+    quick: bool = field(default=False, metadata=dict(help="a tiny slice: Copy, T=3, one seed, a few windows"))
+    seeds: int = field(default=2, metadata=dict(help="seeds per cell", positive=True))
+    steps: int = field(default=20000, metadata=dict(help="training windows per run", positive=True))
+    device: str = field(default="cpu", metadata=dict(help="device of every run", choices=DEVICES))
+    threads: int = field(default=1, metadata=dict(help="torch CPU threads", positive=True))
+    out: str = field(default="results", metadata=dict(help="writes <out>/rnn_table.* and <out>/rnn/<run>/"))
+
+
+def cells(config):
+    """(task, T, method) of every cell of the table, and the per-run config overrides."""
+    if config.quick:
+        return [("copy", 3, m) for m in METHODS], dict(steps=60, hidden=16, min_scored=50, seed_count=1)
+    return ([(task, T, m) for task in TASK_NAMES for T in TRUNCATIONS for m in METHODS],
+            dict(steps=config.steps, seed_count=config.seeds))
+
+
+def run_or_reuse(run_config, log):
+    """The summary of `run_config`'s run folder if it already holds this config, else a fresh run."""
+    summary_path = Path(run_config.out) / run_config.name / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("config") == dataclasses.asdict(run_config):
+            log(f"reuse {summary_path.parent}: solved {summary['solved']}")
+            return summary
+    return run(run_config, log=log)
+
+
+def _mean_std(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _format(values):
+    mean, std = _mean_std(values)
+    return f"{mean:.1f} ± {std:.1f} ({', '.join(str(v) for v in values)})"
+
+
+def write_markdown(table, path):
+    """rnn_table.md: one row per task and T; ours as mean ± std (per seed), the paper's beside."""
+    meta = table["meta"]
+    lines = [
+        "# Recurrent DNI: longest sequence length solved (paper section 3.2, Table 2)",
+        "",
+        f"Longest length N solved (error < {meta['threshold']} bits per scored step) in {meta['steps']} "
+        f"training windows per run; mean ± std over {meta['seeds']} seed(s), per-seed values in brackets. "
+        f"LSTM {meta['hidden']} units, {meta['symbols']} symbols (Repeat Copy: R in 1..{meta['max_repeats']}), "
+        f"batch {meta['batch_size']}, Adam lr {meta['lr']} (synthesizer {meta['sg_lr']}), "
+        f"linear synthesizer, synthetic gradient x {meta['sg_factor']}.",
+        "",
+        "| task | T | BPTT | DNI | paper BPTT | paper DNI |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in table["rows"]:
+        paper = [("n/c" if row["paper"][m] is None else str(row["paper"][m])) for m in METHODS]
+        lines.append(f"| {TASK_NAMES[row['task']]} | {row['T']} | {_format(row['bptt'])} | "
+                     f"{_format(row['dni'])} | {paper[0]} | {paper[1]} |")
+    lines += [
+        "",
+        meta["paper_note"],
+        f"Compute: {meta['run_wall_s'] / 60:.1f} min of training in all ({meta['runs']} runs) on "
+        f"{meta['gpu'] or meta['cpu'] or meta['device']} ({meta['device']}, {meta['threads']} thread(s), "
+        f"torch {meta['torch']}, commit {(meta['git_commit'] or 'unknown')[:7]}); "
+        f"this invocation took {meta['invocation_wall_s'] / 60:.1f} min.",
+        f"Command: `{meta['command']}`",
+        "",
+    ]
+    Path(path).write_text("\n".join(lines))
+
+
+def plot_table(table, path):
+    """rnn_table.png: longest length solved against T, per task, BPTT vs DNI, one dot per seed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({row["task"] for row in table["rows"]}, key=list(TASK_NAMES).index)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = [r for r in table["rows"] if r["task"] == task]
+        for method, color in zip(METHODS, ("tab:gray", "tab:blue")):
+            Ts = [r["T"] for r in rows]
+            ax.plot(Ts, [_mean_std(r[method])[0] for r in rows], "-o", color=color, label=method.upper())
+            for r in rows:
+                ax.scatter([r["T"]] * len(r[method]), r[method], color=color, alpha=0.3, s=12)
+        ax.set(title=TASK_NAMES[task], xlabel="truncation T", ylabel="longest length solved")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def make_table(config, *, log=print):
+    """Run (or reuse) every cell's runs and write the table files; returns the table dict."""
+    t0 = time.perf_counter()
+    out = Path(config.out)
+    grid, overrides = cells(config)
+    seed_count = overrides.pop("seed_count")
+    rows, summaries = [], []
+    for task, T, method in grid:
+        solved = []
+        for seed in range(seed_count):
+            run_config = RecurrentConfig(task=task, truncation=T, dni=METHODS[method], seed=seed,
+                                         device=config.device, threads=config.threads,
+                                         out=str(out / "rnn"), **overrides)
+            summary = run_or_reuse(run_config, log)
+            summaries.append(summary)
+            solved.append(summary["solved"])
+        row = next((r for r in rows if r["task"] == task and r["T"] == T), None)
+        if row is None:
+            row = dict(task=task, T=T, paper={m: PAPER[task][m][T] for m in METHODS})
+            rows.append(row)
+        row[method] = solved
+    first = summaries[0]["config"]
+    env = summaries[0]["env"]
+    meta = dict(steps=first["steps"], seeds=seed_count, hidden=first["hidden"], batch_size=first["batch_size"],
+                lr=first["lr"], sg_lr=first["sg_lr"], sg_factor=first["sg_factor"], symbols=first["symbols"],
+                max_repeats=first["max_repeats"], threshold=first["threshold"],
+                runs=len(summaries), run_wall_s=round(sum(s["wall_s"] for s in summaries), 1),
+                invocation_wall_s=round(time.perf_counter() - t0, 1), device=env["device"], gpu=env["gpu"],
+                cpu=env["cpu"], threads=config.threads, torch=env["torch"], git_commit=env["git_commit"],
+                command=command_line(), paper_note=PAPER_NOTE)
+    table = dict(meta=meta, rows=rows)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "rnn_table.json", table)
+    write_markdown(table, out / "rnn_table.md")
+    plot_table(table, out / "rnn_table.png")
+    log(f"wrote {out / 'rnn_table.md'} ({meta['invocation_wall_s'] / 60:.1f} min)")
+    return table
+
+
+def main(argv=None):
+    """CLI entry point; a bare `--quick` means `--quick True`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv):
+        if arg == "--quick" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            argv.insert(i + 1, "True")
+    config = parse_config(TableConfig, argv, prog="python -m dni.recurrent_table",
+                          description="Longest length solved, BPTT vs DNI, on Copy / Repeat Copy.")
+    return main_guard(make_table, config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Tests of recurrent DNI (paper, section 3.2): the window step against hand-built BPTT,
+the bootstrapped target, the zero first synthetic gradient, a short Copy run, the CLI
+and the table's quick slice."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dni.cli import main_guard, parse_config
+from dni.copy_tasks import IGNORE, Copy, Curriculum, EpisodeStream, RepeatCopy
+from dni.recurrent import RecurrentConfig, RecurrentDNI, run, window_backward
+from dni.recurrent_table import TableConfig, main as table_main
+from dni.synthesizers import synthesizer_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+B, H, FEATURES, CLASSES = 3, 5, 4, 6
+
+
+def manual_unroll(core, x, starts, state):
+    """The LSTM written out by hand from its weights: logits (T, B, C), final state (B, 2H)."""
+    lstm = core.lstm
+    w_ih, w_hh, b_ih, b_hh = lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0
+    h, c = state[:, :core.hidden], state[:, core.hidden:]
+    logits = []
+    for t in range(x.shape[0]):
+        if starts[t]:
+            h, c = torch.zeros_like(h), torch.zeros_like(c)
+        i, f, g, o = (x[t] @ w_ih.T + b_ih + h @ w_hh.T + b_hh).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        logits.append(core.readout(h))
+    return torch.stack(logits), torch.cat([h, c], dim=1)
+
+
+def episode_loss(logits, y):
+    """Batch-summed cross-entropy over scored steps (the objective before the 1/B)."""
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def random_sequence(steps, generator):
+    x = torch.randn(steps, B, FEATURES, generator=generator, dtype=torch.float64)
+    y = torch.randint(CLASSES, (steps, B), generator=generator)
+    y[torch.rand(steps, B, generator=generator) < 0.3] = IGNORE
+    starts = torch.zeros(steps, dtype=torch.bool)
+    starts[min(5, steps - 1)] = True  # new episodes begin mid-sequence
+    state = torch.randn(B, 2 * H, generator=generator, dtype=torch.float64)
+    return x, y, starts, state
+
+
+def make_model(dni=True):
+    torch.manual_seed(0)
+    return RecurrentDNI(input_features=FEATURES, hidden=H, classes=CLASSES, dni=dni).double()
+
+
+def core_grads(model):
+    return [p.grad.clone() for p in model.core.parameters()]
+
+
+def bptt_grads(model, x, y, starts, state):
+    """Full BPTT over the whole sequence, hand-built: gradient of the batch-mean loss."""
+    logits, _ = manual_unroll(model.core, x, starts, state)
+    return torch.autograd.grad(episode_loss(logits, y) / B, list(model.core.parameters()))
+
+
+def test_one_window_with_zero_synthesizer_is_bptt():
+    generator = torch.Generator().manual_seed(1)
+    x, y, starts, state = random_sequence(9, generator)
+    model = make_model()
+    window_backward(model, x, y, starts, state, sg_factor=0.1)  # T = 9 covers the sequence
+    for ours, theirs in zip(core_grads(model), bptt_grads(model, x, y, starts, state)):
+        torch.testing.assert_close(ours, theirs)
+
+
+class TrueFutureGradient(torch.nn.Module):
+    """A stand-in synthesizer that answers the true gradient of the future loss at the window's end."""
+
+    def __init__(self, future):
+        super().__init__()
+        self.future = future                               # (B, 2H)
+        self.anchor = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def forward(self, trigger):                            # trigger: [s_start; s_end], (2B, 2H)
+        return torch.cat([torch.zeros_like(self.future), self.future]) + self.anchor
+
+
+def test_windows_with_true_synthetic_gradients_are_bptt():
+    """Three windows of T = 3, each sent the exact future gradient at its end (factor 1): backprop's grads."""
+    generator = torch.Generator().manual_seed(2)
+    x, y, starts, state = random_sequence(9, generator)
+    model = make_model()
+    T = 3
+    states = [state]
+    with torch.no_grad():
+        for k in range(3):
+            states.append(manual_unroll(model.core, x[k * T:(k + 1) * T], starts[k * T:(k + 1) * T], states[-1])[1])
+    for k in range(3):
+        future = torch.zeros_like(state)                  # nothing after the last window
+        if k < 2:                                         # per example: gradient of the batch-summed future loss
+            boundary = states[k + 1].clone().requires_grad_()
+            logits, _ = manual_unroll(model.core, x[(k + 1) * T:], starts[(k + 1) * T:], boundary)
+            future = torch.autograd.grad(episode_loss(logits, y[(k + 1) * T:]), boundary)[0]
+        model.synthesizer = TrueFutureGradient(future)
+        window = window_backward(model, x[k * T:(k + 1) * T], y[k * T:(k + 1) * T], starts[k * T:(k + 1) * T],
+                                 states[k], sg_factor=1.0)
+        torch.testing.assert_close(window.end_state, states[k + 1])
+    for ours, theirs in zip(core_grads(model), bptt_grads(model, x, y, starts, state)):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_target_is_gradient_at_next_window_start():
+    """The synthesizer's target for window 1's end = d/ds of window 2's objective at its start state."""
+    generator = torch.Generator().manual_seed(3)
+    x, y, starts, state = random_sequence(8, generator)
+    model = make_model()
+    with torch.no_grad():
+        for p in model.synthesizer.parameters():
+            p.normal_(0, 0.3, generator=generator)
+    first = window_backward(model, x[:4], y[:4], starts[:4], state, sg_factor=0.1)
+    synthesizer = {n: p.detach().clone() for n, p in model.synthesizer.named_parameters()}
+    model.zero_grad()
+    second = window_backward(model, x[4:], y[4:], starts[4:], first.end_state, sg_factor=0.1)
+
+    s = first.end_state.clone().requires_grad_()          # the state where window 1 ended and window 2 starts
+    logits, end = manual_unroll(model.core, x[4:], starts[4:], s)
+    g_end = torch.func.functional_call(model.synthesizer, synthesizer, (end.detach(),))
+    objective = episode_loss(logits, y[4:]) + 0.1 * (end * g_end.detach()).sum()
+    expected = torch.autograd.grad(objective, s)[0]
+    torch.testing.assert_close(second.target, expected)
+    assert second.target.abs().sum() > 0
+
+    # ... and the synthesizer learns to predict it at that state.
+    prediction = torch.func.functional_call(model.synthesizer, synthesizer, (first.end_state,))
+    torch.testing.assert_close(second.sg_loss, synthesizer_loss(prediction, expected))
+    torch.testing.assert_close(second.synthetic, g_end)
+
+
+def test_first_synthetic_gradient_is_exactly_zero():
+    model = RecurrentDNI(input_features=FEATURES, hidden=H, classes=CLASSES)
+    last = model.synthesizer.net[-1]
+    assert torch.count_nonzero(last.weight) == 0 and torch.count_nonzero(last.bias) == 0
+    x, y, starts, state = (t.float() if t.is_floating_point() else t
+                           for t in random_sequence(3, torch.Generator().manual_seed(4)))
+    window = window_backward(model, x, y, starts, state)
+    assert torch.count_nonzero(window.synthetic) == 0
+
+
+def test_tasks_and_stream():
+    generator = torch.Generator().manual_seed(5)
+    x, y = Copy(symbols=4).episodes(3, 2, generator)
+    assert x.shape == (8, 2, 5) and ((y != IGNORE).sum(0) == 4).all() and (y[-1] == 4).all()
+    assert torch.equal(x[:3].argmax(2), y[4:7])
+    x, y = RepeatCopy(symbols=4, max_repeats=2).episodes(3, 2, generator)
+    repeats = round(float(x[4, 0, 5]) * 2)
+    assert len(y) == 3 * repeats + 6 and ((y != IGNORE).sum(0) == 3 * repeats + 1).all()
+    assert torch.equal(y[5:5 + 3 * repeats], x[:3].argmax(2).repeat(repeats, 1))
+    stream = EpisodeStream(task=Copy(symbols=4), batch_size=2, generator=generator)
+    reads = [stream.read(4, 2) for _ in range(3)]                  # episodes of 6 steps, windows of 4
+    starts = torch.cat([r[2] for r in reads])
+    assert reads[0][0].shape == (4, 2, 5) and starts.nonzero().flatten().tolist() == [0, 6]
+    assert (torch.cat([r[3] for r in reads]) == 2).all()
+    curriculum = Curriculum(threshold=0.15, min_scored=10)
+    assert not curriculum.record(1.0, 5)                  # too few scored steps to decide
+    assert not curriculum.record(9.0, 15)                 # 0.5 bits per step: not solved
+    assert curriculum.record(1.0, 10) and curriculum.length == 2 and curriculum.solved == 1
+
+
+def test_short_copy_run_solves_a_few_lengths(tmp_path):
+    config = RecurrentConfig(task="copy", truncation=4, dni=True, steps=2500, out=str(tmp_path), log_every=500)
+    summary = run(config, log=lambda line: None)
+    assert summary["solved"] >= 2
+    folder = tmp_path / config.name
+    for name in ("config.json", "metrics.jsonl", "summary.json", "bits.png", "length.png"):
+        assert (folder / name).exists()
+
+
+def test_bad_flag_exits_2_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "rnn.py"), "--out", str(tmp_path), "--truncation", "0"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+
+
+@pytest.mark.parametrize("flags", [["--task", "addition"], ["--dni", "maybe"], ["--steps", "ten"],
+                                   ["--clip", "-1"], ["--device", "tpu"], ["--name", "a/b"]])
+def test_bad_flags_exit_2_with_one_line(flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(RecurrentConfig, flags, prog="rnn.py")
+    assert exit_info.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_missing_cuda_exits_2_with_one_line(tmp_path, capsys):
+    config = parse_config(RecurrentConfig, ["--device", "cuda", "--out", str(tmp_path)], prog="rnn.py")
+    with pytest.raises(SystemExit) as exit_info:
+        main_guard(run, config)
+    assert exit_info.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_quick_table_writes_table_files(tmp_path):
+    table = table_main(["--quick", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "rnn_table.json").read_text())
+    assert data == json.loads(json.dumps(table))
+    assert {"task", "T", "bptt", "dni", "paper"} <= set(data["rows"][0])
+    markdown = (tmp_path / "rnn_table.md").read_text().splitlines()
+    assert "| task | T | BPTT | DNI | paper BPTT | paper DNI |" in markdown
+    assert sum(line.startswith("| Copy |") for line in markdown) == len(data["rows"])
+    assert (tmp_path / "rnn_table.png").exists()
+    assert table_main(["--quick", "True", "--out", str(tmp_path)])["rows"] == data["rows"]  # reused, not rerun
+    assert TableConfig().seeds >= 2
