@@ -48,8 +48,9 @@ Design choices, written once:
   assembled net and writes metrics.jsonl, checkpoint.pt; summary.json and plots at the end.
 - Faults: every wait on another worker has a deadline (--worker_timeout, also the process
   group's timeout); a dead peer is seen at once by its closed connection. Either way the
-  worker stops with one line, `error: worker 0: ...`, and exit code 2; files already written
-  stay as they were. Workers started with different settings refuse to start.
+  worker stops with one line, `error: worker 0: ...`, and exit code 2 (at once, by os._exit:
+  see `run_pipeline`); files already written stay as they were. Workers started with
+  different settings refuse to start.
 """
 import contextlib
 import hashlib
@@ -57,6 +58,7 @@ import json
 import os
 import re
 import signal
+import sys
 import time
 import warnings
 from collections import deque
@@ -69,12 +71,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dni.data import batches, load_data, num_batches
+from dni.data import batches, num_batches
 from dni.errors import DNIError
 from dni.interface import loss_update, stage_update, synthesizer_update
 from dni.models import stage_shapes
-from dni.train import (Optimizers, build_net, check_finite, evaluate, pick_device, prepare_run_dir,
-                       record_environment, save_checkpoint, set_seed, write_json)
+from dni.train import (Optimizers, build_net, check_finite, evaluate, load_run_data, pick_device,
+                       prepare_run_dir, record_environment, save_checkpoint, set_seed, write_json)
 
 
 # ---------------------------------------------------------------- partition
@@ -176,6 +178,7 @@ class Peers:
     def __init__(self, rank, timeout_s, device):
         self.rank, self.timeout_s, self.device = rank, timeout_s, torch.device(device)
         self.timeout = timedelta(seconds=timeout_s)
+        self.waited_s = 0.0  # time spent blocked on other workers: the pipeline's bubbles
 
     def lost(self, peer, what, step, error):
         return DNIError(f"worker {self.rank}: lost worker {peer} ({what}, step {step}): {_reason(error)}; "
@@ -199,10 +202,13 @@ class Peers:
             raise self.lost(peer, what, step, e) from None
 
     def wait(self, work, peer, what, step):
+        start = time.perf_counter()
         try:
             work.wait(self.timeout)
         except RuntimeError as e:
             raise self.lost(peer, what, step, e) from None
+        finally:
+            self.waited_s += time.perf_counter() - start
 
 
 @contextlib.contextmanager
@@ -292,10 +298,11 @@ class PipelineWorker:
     def train_epoch(self, source, steps):
         """Train on `steps` batches of `source` (an iterator of (x, y); x is used by worker 0 only).
 
-        Returns what this worker measured: {"seconds", "loss", "correct" (last worker),
-        "sg_loss", "sg_cos" ({synthesizer index: per step})}, as Python numbers."""
+        Returns what this worker measured: {"seconds", "waited_s" (blocked on other workers),
+        "loss", "correct" (last worker), "sg_loss", "sg_cos" ({synthesizer index: per step})},
+        as Python numbers."""
         log = {"seconds": 0.0, "loss": [None] * steps, "correct": [None] * steps, "sg_loss": {}, "sg_cos": {}}
-        start = time.perf_counter()
+        start, waited = time.perf_counter(), self.peers.waited_s
         if self.method == "dni":
             self._train_dni(source, steps, log)
         else:
@@ -303,6 +310,7 @@ class PipelineWorker:
         if self.peers.device.type == "cuda":
             torch.cuda.synchronize()
         log["seconds"] = time.perf_counter() - start
+        log["waited_s"] = self.peers.waited_s - waited
         for key in ("loss", "correct"):
             log[key] = torch.stack(log[key]).tolist() if self.last else None
         for key in ("sg_loss", "sg_cos"):
@@ -509,7 +517,8 @@ def _stop_on_sigterm(rank):
 def run_pipeline(config):
     """Train as `config` says, this process being one of the workers torchrun started.
 
-    Rank 0 writes the run folder and returns the summary dict; the other workers return None."""
+    Rank 0 writes the run folder and returns the summary dict; the other workers return None.
+    Once the workers are joined, a DNIError ends this process: one line on stderr, exit code 2."""
     if config.method not in ("dni", "backprop"):
         raise DNIError(f"--pipeline True trains --method dni or backprop, not {config.method}")
     if config.resume:
@@ -520,10 +529,18 @@ def run_pipeline(config):
     _stop_on_sigterm(rank)
     try:
         summary = _train(config, rank, world, device)
+    except DNIError as e:
+        # One line, then out at once (files are closed by now): destroying the process group
+        # could wait on a peer that is gone, and leaving it to the interpreter's exit can abort
+        # in the communication threads ("terminate called without an active exception").
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
     except BaseException:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the error is said: a later SIGTERM just ends us
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a bug's traceback follows: a later SIGTERM just ends us
         raise
-    dist.destroy_process_group()  # only after success: after a failure it could wait on a peer that is gone
+    dist.destroy_process_group()
     return summary
 
 
@@ -531,7 +548,7 @@ def _train(config, rank, world, device):
     timeout_s = config.worker_timeout
     check_same_settings(config, rank, world, timeout_s)
     set_seed(config.seed)  # the same seed everywhere: the same initial net on every worker
-    data = load_data(config.dataset, config.data_dir, device)
+    data = load_run_data(config, device)
     net = build_net(config, data.in_shape, data.num_classes).to(device)
     costs = stage_costs(net, data.in_shape)
     parts = (parse_partition(config.partition, len(net.stages), world) if config.partition
