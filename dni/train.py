@@ -115,6 +115,17 @@ class Optimizers:
                 obj.load_state_dict(obj_state)
 
 
+def make_train_step(config, net, optimizers):
+    """The update one batch gets, as `step(x, y, step_index) -> StepStats`, by method."""
+    if uses_unlock(config):  # --update_prob < 1 or --unlock complete (dni.unlock)
+        return UnlockStep(config, net, optimizers)
+    if config.method == "dni":
+        return lambda x, y, _: dni_step(net, optimizers.stages, optimizers.synthesizers, x, y)
+    if config.method == "nobprop":
+        return lambda x, y, _: nobprop_step(net, optimizers.stages, x, y)
+    return lambda x, y, _: backprop_step(net, optimizers.stages, x, y)
+
+
 @torch.no_grad()
 def evaluate(net, x, y, batch_size=1000):
     """Test accuracy (fraction) of the plain forward pass, in eval mode."""
@@ -386,7 +397,7 @@ def run(config):
     net = build_net(config, data.in_shape, data.num_classes).to(device)
     optimizers = Optimizers(net, config, config.num_epochs * steps_per_epoch)
     order = torch.Generator().manual_seed(config.seed)
-    unlock_step = UnlockStep(config, net, optimizers) if uses_unlock(config) else None
+    train_step = make_train_step(config, net, optimizers)
 
     # Where the run stands: next is batch `batch` (0-based) of epoch `epoch`, whose permutation is
     # drawn from `order_state`. A new run starts at the top; a resumed one where its checkpoint left.
@@ -430,14 +441,7 @@ def run(config):
             bar = tqdm(source, total=steps_per_epoch, initial=done, desc=f"epoch {epoch}", leave=False,
                        disable=None, mininterval=1.0)
             for batch, (x, y) in enumerate(bar, start=done + 1):
-                if unlock_step is not None:  # --update_prob < 1 or --unlock complete (dni.unlock)
-                    out = unlock_step(x, y, step)
-                elif config.method == "dni":
-                    out = dni_step(net, optimizers.stages, optimizers.synthesizers, x, y)
-                elif config.method == "nobprop":
-                    out = nobprop_step(net, optimizers.stages, x, y)
-                else:
-                    out = backprop_step(net, optimizers.stages, x, y)
+                out = train_step(x, y, step)
                 optimizers.step_schedules()
                 step += 1
                 stats = {"kind": "step", "epoch": epoch, "step": step, "loss": out.loss.item()}
