@@ -11,6 +11,7 @@ Writes <out>/rnn_table.json, <out>/rnn_table.md and <out>/rnn_table.png.
 """
 import dataclasses
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from dni.cli import main_guard, parse_config
 from dni.recurrent import DEVICES, RecurrentConfig, run
-from dni.train import command_line, write_json
+from dni.train import write_json
 
 TRUNCATIONS = (2, 3, 4, 5, 8)
 TASK_NAMES = {"copy": "Copy", "repeat_copy": "Repeat Copy"}
@@ -36,7 +37,7 @@ class TableConfig:
     """Every default of `python -m dni.recurrent_table`."""
     quick: bool = field(default=False, metadata=dict(help="a tiny slice: Copy, T=3, one seed, a few windows"))
     seeds: int = field(default=2, metadata=dict(help="seeds per cell", positive=True))
-    steps: int = field(default=20000, metadata=dict(help="training windows per run", positive=True))
+    steps: int = field(default=30000, metadata=dict(help="training windows per run", positive=True))
     device: str = field(default="cpu", metadata=dict(help="device of every run", choices=DEVICES))
     threads: int = field(default=1, metadata=dict(help="torch CPU threads", positive=True))
     out: str = field(default="results", metadata=dict(help="writes <out>/rnn_table.* and <out>/rnn/<run>/"))
@@ -70,8 +71,17 @@ def _format(values):
     return f"{mean:.1f} ± {std:.1f} ({', '.join(str(v) for v in values)})"
 
 
+def _format_next(pairs):
+    """'N=4: 1.55, 1.49' (the length each seed was learning when training stopped, and its error)."""
+    by_length = {}
+    for length, bits in pairs:
+        by_length.setdefault(length, []).append(f"{bits:.2f}")
+    return "; ".join(f"N={length}: {', '.join(bits)}" for length, bits in sorted(by_length.items()))
+
+
 def write_markdown(table, path):
-    """rnn_table.md: one row per task and T; ours as mean ± std (per seed), the paper's beside."""
+    """rnn_table.md: one row per task and T; ours as mean ± std (per seed), the paper's beside,
+    then the error each run had reached on the length it was still learning."""
     meta = table["meta"]
     lines = [
         "# Recurrent DNI: longest sequence length solved (paper section 3.2, Table 2)",
@@ -89,6 +99,17 @@ def write_markdown(table, path):
         paper = [("n/c" if row["paper"][m] is None else str(row["paper"][m])) for m in METHODS]
         lines.append(f"| {TASK_NAMES[row['task']]} | {row['T']} | {_format(row['bptt'])} | "
                      f"{_format(row['dni'])} | {paper[0]} | {paper[1]} |")
+    lines += [
+        "",
+        "Where training stopped: the length N each run was still learning and its error there "
+        "(bits per scored step, last curriculum decision; solved below the threshold).",
+        "",
+        "| task | T | BPTT | DNI |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in table["rows"]:
+        lines.append(f"| {TASK_NAMES[row['task']]} | {row['T']} | {_format_next(row['bptt_next'])} | "
+                     f"{_format_next(row['dni_next'])} |")
     lines += [
         "",
         meta["paper_note"],
@@ -124,15 +145,16 @@ def plot_table(table, path):
     plt.close(fig)
 
 
-def make_table(config, *, log=print):
-    """Run (or reuse) every cell's runs and write the table files; returns the table dict."""
+def make_table(config, argv=(), *, log=print):
+    """Run (or reuse) every cell's runs and write the table files; returns the table dict.
+    `argv` (the flags given) is recorded as the table's command."""
     t0 = time.perf_counter()
     out = Path(config.out)
     grid, overrides = cells(config)
     seed_count = overrides.pop("seed_count")
     rows, summaries = [], []
     for task, T, method in grid:
-        solved = []
+        solved, learning = [], []
         for seed in range(seed_count):
             run_config = RecurrentConfig(task=task, truncation=T, dni=METHODS[method], seed=seed,
                                          device=config.device, threads=config.threads,
@@ -140,11 +162,12 @@ def make_table(config, *, log=print):
             summary = run_or_reuse(run_config, log)
             summaries.append(summary)
             solved.append(summary["solved"])
+            learning.append([summary["length"], summary["last_bits"]])
         row = next((r for r in rows if r["task"] == task and r["T"] == T), None)
         if row is None:
             row = dict(task=task, T=T, paper={m: PAPER[task][m][T] for m in METHODS})
             rows.append(row)
-        row[method] = solved
+        row[method], row[f"{method}_next"] = solved, learning
     first = summaries[0]["config"]
     env = summaries[0]["env"]
     meta = dict(steps=first["steps"], seeds=seed_count, hidden=first["hidden"], batch_size=first["batch_size"],
@@ -153,7 +176,7 @@ def make_table(config, *, log=print):
                 runs=len(summaries), run_wall_s=round(sum(s["wall_s"] for s in summaries), 1),
                 invocation_wall_s=round(time.perf_counter() - t0, 1), device=env["device"], gpu=env["gpu"],
                 cpu=env["cpu"], threads=config.threads, torch=env["torch"], git_commit=env["git_commit"],
-                command=command_line(), paper_note=PAPER_NOTE)
+                command=shlex.join(["python", "-m", "dni.recurrent_table", *argv]), paper_note=PAPER_NOTE)
     table = dict(meta=meta, rows=rows)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "rnn_table.json", table)
@@ -171,7 +194,7 @@ def main(argv=None):
             argv.insert(i + 1, "True")
     config = parse_config(TableConfig, argv, prog="python -m dni.recurrent_table",
                           description="Longest length solved, BPTT vs DNI, on Copy / Repeat Copy.")
-    return main_guard(make_table, config)
+    return main_guard(make_table, config, argv)
 
 
 if __name__ == "__main__":
