@@ -40,7 +40,8 @@ from dni.data import batches, load_data
 from dni.errors import DNIError
 from dni.interface import DNINet, backprop_step, dni_step
 from dni.synthesizers import make_synthesizer
-from dni.train import Optimizers, build_net, write_json
+from dni.runs import write_json
+from dni.train import Optimizers, build_net
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,9 +54,10 @@ def _block(n_in, n_out):
 
 def wide_net(*, method, conditioned):
     """Two stages cut at a 256-wide activation, 1024-wide inner layers, a linear synthesizer:
-    784-1024-256 | 256-1024-640-10, about the same time per step on each side."""
+    784-1024-256 | 256-1024-576-10. Balanced by backward work too: worker 0 needs no gradient for
+    the images, worker 1 computes one for its input, so its half has fewer multiply-adds."""
     stages = nn.ModuleList([nn.Sequential(nn.Flatten(), *_block(784, 1024), *_block(1024, 256)),
-                            nn.Sequential(*_block(256, 1024), *_block(1024, 640), nn.Linear(640, 10))])
+                            nn.Sequential(*_block(256, 1024), *_block(1024, 576), nn.Linear(576, 10))])
     synthesizers = None
     if method == "dni":
         synthesizers = nn.ModuleList([make_synthesizer((256,), context_features=10 if conditioned else 0,
@@ -69,7 +71,7 @@ def repo_mlp_net(*, method, conditioned):
 
 
 _DEFAULT = Config()
-MODELS = {"wide": (wide_net, "2 stages 784-1024-256 | 256-1024-640-10, linear synthesizer"),
+MODELS = {"wide": (wide_net, "2 stages 784-1024-256 | 256-1024-576-10, linear synthesizer"),
           "mlp": (repo_mlp_net, f"main.py's default mlp: {_DEFAULT.depth + 1} stages of {_DEFAULT.hidden}, "
                                 f"synthesizers with {_DEFAULT.synth_layers} hidden layers")}
 

@@ -75,8 +75,8 @@ from dni.data import batches, num_batches
 from dni.errors import DNIError
 from dni.interface import loss_update, stage_update, synthesizer_update
 from dni.models import stage_shapes
-from dni.train import (Optimizers, build_net, check_finite, evaluate, load_run_data, pick_device,
-                       prepare_run_dir, record_environment, save_checkpoint, set_seed, write_json)
+from dni.runs import prepare_run_dir, record_environment, save_checkpoint, write_json
+from dni.train import Optimizers, build_net, check_finite, evaluate, load_run_data, pick_device, set_seed
 
 
 # ---------------------------------------------------------------- partition

@@ -37,7 +37,8 @@ from tqdm import tqdm
 from dni.copy_tasks import IGNORE, TASKS, Curriculum, EpisodeStream, make_task
 from dni.errors import DNIError
 from dni.synthesizers import DenseSynthesizer, synthesizer_loss
-from dni.train import command_line, environment, pick_device, set_seed, write_json
+from dni.runs import command_line, environment, write_json
+from dni.train import pick_device, set_seed
 
 DEVICES = ("cpu", "cuda", "auto")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from dni.cli import main_guard, parse_config
 from dni.recurrent import DEVICES, RecurrentConfig, run
-from dni.train import write_json
+from dni.runs import write_json
 
 TRUNCATIONS = (2, 3, 4, 5, 8)
 TASK_NAMES = {"copy": "Copy", "repeat_copy": "Repeat Copy"}

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from dni.cli import OneLineParser, main_guard
-from dni.config import DEVICES, Config
-from dni.table1 import mean_std, pending, train_all
+from dni.config import Config
+from dni.runs import write_text
+from dni.table1 import add_grid_options, check_counts, mean_std, pending, train_all
 
 SYNTH_LAYERS = (0, 1, 2)
 SG_LRS = (1e-4, 1e-3, 3e-3, 1e-2)
@@ -128,9 +129,7 @@ def write(args, table):
     base = Path(args.results) / args.stem
     base.parent.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(table, indent=2) + "\n"), (".md", markdown(table))):
-        tmp = base.with_name(base.name + suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(base.with_name(base.name + suffix))
+        write_text(base.with_name(base.name + suffix), text)
 
 
 def search(args, log=print):
@@ -159,23 +158,14 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, help=f"epochs per run (default: {EPOCHS})")
     parser.add_argument("--seeds", type=int, nargs="+", help=f"default: {' '.join(map(str, SEEDS))}")
     parser.add_argument("--quick", action="store_true", help="2 runs of 1 epoch, written as search_quick.*")
-    parser.add_argument("--device", choices=DEVICES, help="default: dni.config's")
-    parser.add_argument("--data_dir", help="default: dni.config's")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default: 1)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once (default: 1)")
-    parser.add_argument("--results", default="results", help="writes <results>/search.* and <results>/search/")
-    parser.add_argument("--table_only", action="store_true", help="train nothing: rank the finished runs")
-    parser.add_argument("--retrain_stale", action="store_true",
-                        help="retrain finished runs whose settings differ from those asked for now")
+    add_grid_options(parser, "search")
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else dict(synth_layers=list(SYNTH_LAYERS), sg_lrs=list(SG_LRS), lrs=list(LRS),
                                              methods=list(METHODS), epochs=EPOCHS, seeds=list(SEEDS))
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in ("epochs", "threads", "jobs"):
-        if getattr(args, name) < 1:
-            parser.error(f"argument --{name}: must be > 0, got {getattr(args, name)}")
+    check_counts(parser, args)
     for name in ("sg_lrs", "lrs"):
         if any(not v > 0 for v in getattr(args, name)):
             parser.error(f"argument --{name}: learning rates must be > 0")

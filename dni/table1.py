@@ -44,6 +44,7 @@ from dni.config import DEVICES, METHODS as CONFIG_METHODS, Config
 from dni.data import num_batches
 from dni.errors import DNIError
 from dni.models import MODELS
+from dni.runs import write_text
 
 LAYERS = {"mlp": (3, 4, 5, 6), "cnn": (3, 4)}  # the paper's rows; layers = depth + 1
 MODEL_LABEL = {"mlp": "FCN", "cnn": "CNN"}
@@ -408,9 +409,7 @@ def write_tables(args, table):
     base.parent.mkdir(parents=True, exist_ok=True)
     table["base"] = base.name
     for suffix, text in ((".json", json.dumps(table, indent=2) + "\n"), (".md", markdown(table))):
-        tmp = base.with_name(base.name + suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(base.with_name(base.name + suffix))
+        write_text(base.with_name(base.name + suffix), text)
 
 
 # ---------------------------------------------------------------- figures
@@ -514,6 +513,26 @@ def make_table(args, log=print):
 
 # ---------------------------------------------------------------- command line
 
+def add_grid_options(parser, stem):
+    """The options every grid of runs shares (this table, dni.search): where and how runs train."""
+    parser.add_argument("--device", choices=DEVICES, help="device of every run (default: dni.config's)")
+    parser.add_argument("--data_dir", help="where data sets live (default: dni.config's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default: 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, one process each (default: 1)")
+    parser.add_argument("--results", default="results",
+                        help=f"writes <results>/{stem}.* and <results>/{stem}/ (default: results)")
+    parser.add_argument("--table_only", action="store_true", help="train nothing: tabulate the finished runs")
+    parser.add_argument("--retrain_stale", action="store_true",
+                        help="retrain finished runs whose settings differ from those asked for now")
+
+
+def check_counts(parser, args, names=("epochs", "threads", "jobs")):
+    """One-line error (exit 2) for a count below 1; an unset count (None) means the default."""
+    for name in names:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"argument --{name}: must be > 0, got {getattr(args, name)}")
+
+
 def parse_args(argv=None):
     parser = OneLineParser(prog="python -m dni.table1", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="mnist", choices=list(DATASETS))
@@ -528,14 +547,7 @@ def parse_args(argv=None):
                         help=f"the paper's budget: {PAPER_ITERATIONS} iterations, "
                              + ", ".join(f"{k} {v}" for k, v in PAPER_SETTINGS.items()) + " (for a GPU)")
     parser.add_argument("--quick", action="store_true", help="a 1-2 minute slice: FCN 3, Bprop/DNI/cDNI, 1 seed, 1 epoch")
-    parser.add_argument("--device", choices=DEVICES, help="device of every run (default: dni.config's)")
-    parser.add_argument("--data_dir", help="where data sets live (default: dni.config's)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default: 1)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once, one process each (default: 1)")
-    parser.add_argument("--results", default="results", help="writes <results>/table1.* and <results>/table1/ (default: results)")
-    parser.add_argument("--table_only", action="store_true", help="train nothing: tabulate the finished runs")
-    parser.add_argument("--retrain_stale", action="store_true",
-                        help="retrain finished runs whose settings differ from those asked for now")
+    add_grid_options(parser, "table1")
     args = parser.parse_args(argv)
     if args.quick and args.paper:
         parser.error("--quick and --paper are two different budgets; pick one")
@@ -546,9 +558,7 @@ def parse_args(argv=None):
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in ("epochs", "threads", "jobs"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"argument --{name}: must be > 0, got {getattr(args, name)}")
+    check_counts(parser, args)
     if any(n < 2 for n in args.layers or ()):
         parser.error("argument --layers: a network has at least 2 layers (one hidden + the classifier)")
     if len(set(args.seeds)) < len(args.seeds):

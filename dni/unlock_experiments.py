@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from dni.config import Config
+from dni.runs import write_json
 
 METHODS = {"backprop": dict(method="backprop"), "dni": dict(method="dni"),
            "cdni": dict(method="dni", conditioned=True)}
@@ -81,13 +82,6 @@ SETTINGS = dict(model_type="mlp", depth=3, hidden=256, lr=1e-3, sg_lr=3e-3, sche
 def base_config(args, **kw):
     return Config(**SETTINGS, num_epochs=args.epochs, batch_size=args.batch_size, data_dir=args.data_dir,
                   plot=False, **kw)
-
-
-def write_json(path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def run_entry(name, config, summary, wall):

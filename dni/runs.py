@@ -1,0 +1,210 @@
+"""A run's folder: what `dni.train.run` writes, and the checkpoint it resumes from.
+
+Files are written atomically (a temp file, then os.replace), so a crash never leaves half a
+file. A run already there is never overwritten silently (`prepare_run_dir`). A checkpoint
+holds state_dicts, the config and the position in training; `load_checkpoint`,
+`resume_config` and `check_resumable` refuse one that cannot be continued faithfully.
+"""
+import dataclasses
+import json
+import os
+import platform
+import random
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from dni.config import Config
+from dni.errors import DNIError
+
+
+def _git(*args):
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def git_commit():
+    return _git("rev-parse", "HEAD")
+
+
+def _holds_run(run_dir):
+    """'finished', 'unfinished' (a checkpoint to --resume, no summary) or None."""
+    if (run_dir / "summary.json").exists():
+        return "finished"
+    return "unfinished" if (run_dir / "checkpoint.pt").exists() else None
+
+
+def prepare_run_dir(config):
+    """The run folder of a new run. A run already there, finished or resumable, is never
+    overwritten silently: with --out it is refused unless --overwrite; with the default
+    name a fresh one (name-2, name-3...) is picked."""
+    explicit = bool(config.out)
+    run_dir = Path(config.out or Path("results") / config.name)
+    held = _holds_run(run_dir)
+    if held and not config.overwrite:
+        if explicit and held == "finished":
+            raise DNIError(f"{run_dir} already holds a finished run; pass --overwrite True or another --out")
+        if explicit:
+            raise DNIError(f"{run_dir} holds an unfinished run; continue it with --resume {run_dir}, "
+                           "or pass --overwrite True or another --out")
+        base, n = run_dir, 2
+        while _holds_run(run_dir):
+            run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
+        print(f"{base} holds a {held} run; writing to {run_dir}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DNIError(f"cannot create run folder {run_dir}: {e.strerror}") from None
+    for name in ("metrics.jsonl", "summary.json", "checkpoint.pt"):  # --overwrite: nothing stale may remain
+        (run_dir / name).unlink(missing_ok=True)
+    return run_dir
+
+
+def write_json(path, obj):
+    """Write JSON atomically: a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def environment(device):
+    """What a result depends on besides its config: code version, libraries, hardware."""
+    commit = git_commit()
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None  # edits not in commit
+    return {"git_commit": commit, "git_dirty": dirty, "torch": torch.__version__, "python": platform.python_version(),
+            "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+
+
+def command_line():
+    return shlex.join([sys.executable] + sys.argv)
+
+
+def record_environment(run_dir, config, device):
+    """config.json, command.txt and env.json of a new run."""
+    write_json(run_dir / "config.json", config.to_dict())
+    (run_dir / "command.txt").write_text(command_line() + "\n")
+    write_json(run_dir / "env.json", environment(device))
+
+
+def record_resume(run_dir, device, step):
+    """A resumed run appends its command to command.txt and its environment to env.json's "resumes"."""
+    with open(run_dir / "command.txt", "a") as f:
+        f.write(command_line() + "\n")
+    path = run_dir / "env.json"
+    env = json.loads(path.read_text()) if path.exists() else {}
+    env.setdefault("resumes", []).append({"step": step, **environment(device)})
+    write_json(path, env)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+CHECKPOINT_VERSION = 1  # bump when the checkpoint's layout changes: an old one is then refused, not misread
+# Settings a resumed run may change: where things live and what is drawn, never the maths.
+RESUME_MAY_CHANGE = ("data_dir", "device", "use_gpu", "plot", "overwrite", "out", "resume")
+
+
+def one_line(error, limit=200):
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def rng_states(device):
+    """Every global random generator's state (the data order has its own generator)."""
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_states(states, device):
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and states["cuda"] is not None:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def load_checkpoint(run_dir):
+    """The checkpoint of run folder `run_dir`, checked to be one `--resume` can continue."""
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.is_file():
+        raise DNIError(f"{run_dir} holds no checkpoint.pt to resume from; give the folder of an interrupted run")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, unpicklable...
+        raise DNIError(f"cannot read {path} ({one_line(e, 120)}); it is damaged or not a checkpoint") from None
+    version = checkpoint.get("version") if isinstance(checkpoint, dict) else None
+    if version != CHECKPOINT_VERSION:
+        raise DNIError(f"{path} is checkpoint version {version}, this code reads version {CHECKPOINT_VERSION}; "
+                       "resume it with the commit that wrote it (env.json, git_commit) or start a new run")
+    if "resume" not in checkpoint:
+        raise DNIError(f"{path} holds no resume state (a --pipeline run writes none); "
+                       "start the run again with --overwrite True")
+    unknown = sorted(set(checkpoint["config"]) - {f.name for f in dataclasses.fields(Config)})
+    if unknown:
+        raise DNIError(f"{path} has settings this version does not know ({', '.join(unknown)}); "
+                       "resume it with the commit that wrote it (env.json, git_commit)")
+    return checkpoint
+
+
+def resume_config(run_dir, given):
+    """The config that continues `run_dir`: its checkpoint's, with the flags `given` now on top
+    (`run` then refuses any that would change the maths)."""
+    saved = load_checkpoint(run_dir)["config"]
+    config = Config(**{**saved, "out": str(run_dir), **given, "resume": str(run_dir)})
+    if getattr(config, "pipeline", False):
+        raise DNIError("--resume continues sequential runs only, not --pipeline ones")
+    return config
+
+
+def check_resumable(config, checkpoint, run_dir):
+    """Refuse to continue a run with settings other than its own (another model, depth, seed...)."""
+    if Path(config.out or run_dir).resolve() != Path(run_dir).resolve():
+        raise DNIError(f"--resume continues {run_dir} in place; drop --out {config.out}")
+    for name, value in checkpoint["config"].items():
+        if name not in RESUME_MAY_CHANGE and getattr(config, name) != value:
+            raise DNIError(f"{run_dir}/checkpoint.pt is from a run with --{name} {value}, not {getattr(config, name)}; "
+                           f"drop --{name} to continue that run, or start a new one")
+
+
+def restore(net, optimizers, checkpoint, run_dir):
+    """Load a checkpoint's state_dicts into a freshly built net and its optimizers."""
+    try:
+        net.load_state_dict(checkpoint["net"])
+        optimizers.load_state_dict(checkpoint["optimizers"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise DNIError(f"{run_dir}/checkpoint.pt does not fit the network its settings build "
+                       f"({one_line(e, 120)}); it was written by another version of the code") from None
+
+
+def kept_metrics(path, lines):
+    """The first `lines` lines of metrics.jsonl: those written up to the checkpoint. Later ones
+    (steps done after it, before the run was killed) go: the resumed run writes them again."""
+    kept = (path.read_text() if path.exists() else "").splitlines(keepends=True)[:lines]
+    if len(kept) < lines or (kept and not kept[-1].endswith("\n")):
+        raise DNIError(f"{path} has {len(kept)} lines, but the checkpoint was written after {lines}; "
+                       "it was cut or edited, so the run cannot be continued faithfully; start a new run")
+    return "".join(kept)
+
+
+def write_text(path, text):
+    """Write a text file atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, net, optimizers, config, epoch, step, **extra):
+    """A dict of state_dicts plus config and position (`epoch` epochs and `step` steps done),
+    written atomically: a temp file, then os.replace, so a kill mid-write keeps the previous one.
+
+    `extra` is stored as is; `run` adds `resume`: the position within the epoch, the data-order
+    generator's state at the epoch's start, the RNG states and what the metrics hold so far."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"version": CHECKPOINT_VERSION, "net": net.state_dict(), "optimizers": optimizers.state_dict(),
+                "config": config.to_dict(), "epoch": epoch, "step": step, **extra}, tmp)
+    os.replace(tmp, path)
