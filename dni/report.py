@@ -1,16 +1,16 @@
-"""The README's results table, made from the run folders' summary.json files.
+"""The README's generated sections: the results table, made from the run folders'
+summary.json files, and the speed tables of results/bench.md (written by `python -m dni.bench`).
 
     python -m dni.report                 # print the table of results/*/summary.json
-    python -m dni.report --readme README.md   # also rewrite it between the README's markers
+    python -m dni.report --readme README.md   # also rewrite both between the README's markers
 
-No figure in the README is typed by hand: this prints each one from a run folder.
+No figure in the README is typed by hand: each comes from a run folder or a benchmark file.
 """
 import argparse
 import json
 import platform
 from pathlib import Path
 
-START, END = "<!-- results:start -->", "<!-- results:end -->"
 METHOD_ORDER = {"backprop": 0, "dni": 1, "cdni": 2}
 
 
@@ -48,11 +48,18 @@ def results_table(summaries):
     return "\n".join(rows)
 
 
-def rewrite_readme(readme, table):
-    text = Path(readme).read_text()
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    Path(readme).write_text(f"{head}{START}\n{table}\n{END}{tail}")
+def bench_tables(path):
+    """bench.md without its title: the speed tables, their hardware line and the goals."""
+    return Path(path).read_text().split("\n", 1)[1].strip().replace("\n## ", "\n#### ")
+
+
+def rewrite_readme(readme, section, text):
+    """Put `text` between the README's <!-- section:start --> and <!-- section:end --> markers."""
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
+    whole = Path(readme).read_text()
+    head, rest = whole.split(start, 1)
+    _, tail = rest.split(end, 1)
+    Path(readme).write_text(f"{head}{start}\n{text}\n{end}{tail}")
 
 
 def main(argv=None):
@@ -63,7 +70,10 @@ def main(argv=None):
     table = results_table(load_summaries(args.results))
     print(table)
     if args.readme:
-        rewrite_readme(args.readme, table)
+        rewrite_readme(args.readme, "results", table)
+        bench = Path(args.results) / "bench.md"
+        if bench.exists():
+            rewrite_readme(args.readme, "bench", bench_tables(bench))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,42 @@
+"""The README's generated sections: every figure comes from a file, and nothing around the markers moves."""
+import json
+
+from dni.report import main
+
+README = """# title
+text before
+<!-- results:start -->
+stale results
+<!-- results:end -->
+between
+<!-- bench:start -->
+stale bench
+<!-- bench:end -->
+text after
+"""
+
+
+def summary(run, method, acc, conditioned=False):
+    return run, {"test_acc": acc, "epochs": 10, "seconds": 42.0, "method": method, "model_type": "mlp",
+                 "conditioned": conditioned, "dataset": "mnist"}
+
+
+def test_readme_sections_are_rewritten_from_the_result_files(tmp_path):
+    results = tmp_path / "results"
+    for run, s in (summary("mlp_backprop", "backprop", 0.985), summary("mlp_cdni", "dni", 0.9829, True)):
+        (results / run).mkdir(parents=True)
+        (results / run / "summary.json").write_text(json.dumps(s))
+    (results / "bench.md").write_text("# dni.bench: title\n\nhardware line\n\n## goals\n\n| goal | 1.87x | yes |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+
+    main(["--results", str(results), "--readme", str(readme)])
+    text = readme.read_text()
+
+    assert "stale" not in text
+    assert "| mnist | mlp | cdni | 10 | 98.29% | -0.21 pt | 42 s | results/mlp_cdni |" in text
+    assert "hardware line\n\n#### goals\n\n| goal | 1.87x | yes |\n<!-- bench:end -->" in text
+    assert "dni.bench: title" not in text
+    for kept in ("# title\ntext before\n<!-- results:start -->\n", "<!-- results:end -->\nbetween\n",
+                 "<!-- bench:end -->\ntext after\n"):
+        assert kept in text
