@@ -60,7 +60,6 @@ import re
 import signal
 import sys
 import time
-import warnings
 from collections import deque
 from datetime import timedelta
 from functools import lru_cache
@@ -76,7 +75,8 @@ from dni.errors import DNIError
 from dni.interface import loss_update, stage_update, synthesizer_update
 from dni.models import stage_shapes
 from dni.runs import prepare_run_dir, record_environment, save_checkpoint, write_json
-from dni.train import Optimizers, build_net, check_finite, evaluate, load_run_data, pick_device, set_seed
+from dni.train import (Optimizers, build_net, check_finite, evaluate, load_run_data, pick_device, set_seed,
+                       step_schedules)
 
 
 # ---------------------------------------------------------------- partition
@@ -318,10 +318,7 @@ class PipelineWorker:
         return log
 
     def _step_schedules(self):
-        with warnings.catch_warnings():  # a boundary synthesizer first steps k batches late, by design
-            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
-            for schedule in self.schedules.values():
-                schedule.step()
+        step_schedules(self.schedules.values())
         self.step += 1
 
     def _record(self, log, synth, t, result):

@@ -15,10 +15,12 @@ import itertools
 import json
 import math
 import random
+import re
 import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -86,6 +88,16 @@ def adam(module, lr):
     return torch.optim.Adam(module.parameters(), lr=lr, fused=True)
 
 
+def step_schedules(schedules):
+    """Step every schedule once. An optimizer that has not stepped yet is expected here (No Bprop's
+    frozen stages never do; a pipeline's boundary synthesizer first steps k batches late), so
+    PyTorch's warning about that order is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+        for schedule in schedules:
+            schedule.step()
+
+
 class Optimizers:
     """One Adam (and its schedule) per stage and per synthesizer, so each can live on its own worker."""
 
@@ -98,8 +110,7 @@ class Optimizers:
                           for o in self.stages + self.synthesizers + self.inputs]
 
     def step_schedules(self):
-        for schedule in self.schedules:
-            schedule.step()
+        step_schedules(self.schedules)
 
     def state_dict(self):
         return {"stages": [o.state_dict() for o in self.stages],

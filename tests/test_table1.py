@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,14 @@ def test_nobprop_step_trains_the_classifier_alone():
         for p, q in zip(stage.parameters(), old):
             assert torch.equal(p, q) and p.grad is None
     assert any(not torch.equal(p, q) for p, q in zip(net.stages[-1].parameters(), before[-1]))
+
+
+def test_nobprop_schedules_step_without_warnings():
+    """The frozen stages' optimizers never step; stepping their schedules must not warn at every run."""
+    config = Config(model_type="mlp", depth=2, hidden=16, method="nobprop")
+    net = build_net(config, (1, 8, 8), 10)
+    optimizers = Optimizers(net, config, total_steps=10)
+    nobprop_step(net, optimizers.stages, torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizers.step_schedules()
