@@ -1,8 +1,9 @@
 """The README's generated sections: the results table, made from the run folders'
-summary.json files, and the speed tables of results/bench.md (written by `python -m dni.bench`).
+summary.json files, and the markdown that the experiment scripts write to results/:
+bench.md (`python -m dni.bench`), table1.md and fashion_table1.md (`python -m dni.table1`).
 
     python -m dni.report                 # print the table of results/*/summary.json
-    python -m dni.report --readme README.md   # also rewrite both between the README's markers
+    python -m dni.report --readme README.md   # also rewrite every section between the README's markers
 
 No figure in the README is typed by hand: each comes from a run folder or a benchmark file.
 """
@@ -48,8 +49,11 @@ def results_table(summaries):
     return "\n".join(rows)
 
 
-def bench_tables(path):
-    """bench.md without its title: the speed tables, their hardware line and the goals."""
+SECTIONS = ("bench", "table1", "fashion_table1")  # results/<name>.md -> <!-- <name>:start --> ... end
+
+
+def section_text(path):
+    """A results markdown file without its title, its headings one level under the README's."""
     return Path(path).read_text().split("\n", 1)[1].strip().replace("\n## ", "\n#### ")
 
 
@@ -71,9 +75,10 @@ def main(argv=None):
     print(table)
     if args.readme:
         rewrite_readme(args.readme, "results", table)
-        bench = Path(args.results) / "bench.md"
-        if bench.exists():
-            rewrite_readme(args.readme, "bench", bench_tables(bench))
+        for name in SECTIONS:
+            path = Path(args.results) / f"{name}.md"
+            if path.exists():
+                rewrite_readme(args.readme, name, section_text(path))
 
 
 if __name__ == "__main__":
