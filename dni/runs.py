@@ -66,11 +66,15 @@ def prepare_run_dir(config):
     return run_dir
 
 
-def write_json(path, obj):
-    """Write JSON atomically: a crash never leaves half a file."""
+def write_text(path, text):
+    """Write a text file atomically (a temp file, then os.replace): a crash never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def environment(device):
@@ -189,13 +193,6 @@ def kept_metrics(path, lines):
         raise DNIError(f"{path} has {len(kept)} lines, but the checkpoint was written after {lines}; "
                        "it was cut or edited, so the run cannot be continued faithfully; start a new run")
     return "".join(kept)
-
-
-def write_text(path, text):
-    """Write a text file atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(path, net, optimizers, config, epoch, step, **extra):
