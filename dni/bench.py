@@ -40,7 +40,7 @@ from dni.data import batches, load_data
 from dni.errors import DNIError
 from dni.interface import DNINet, backprop_step, dni_step
 from dni.synthesizers import make_synthesizer
-from dni.runs import write_json
+from dni.runs import write_json, write_text
 from dni.train import Optimizers, build_net
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -340,7 +340,7 @@ def main(argv=None):
     Path(args.out).mkdir(parents=True, exist_ok=True)
     write_json(Path(args.out) / "bench.json", result)
     table = markdown(result, models, args)
-    (Path(args.out) / "bench.md").write_text(table)
+    write_text(Path(args.out) / "bench.md", table)
     print(table)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from dni.cli import main_guard, parse_config
 from dni.recurrent import DEVICES, RecurrentConfig, run
-from dni.runs import write_json
+from dni.runs import write_json, write_text
 
 TRUNCATIONS = (2, 3, 4, 5, 8)
 TASK_NAMES = {"copy": "Copy", "repeat_copy": "Repeat Copy"}
@@ -120,7 +120,7 @@ def write_markdown(table, path):
         f"Command: `{meta['command']}`",
         "",
     ]
-    Path(path).write_text("\n".join(lines))
+    write_text(Path(path), "\n".join(lines))
 
 
 def plot_table(table, path):

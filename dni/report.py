@@ -12,6 +12,8 @@ import json
 import platform
 from pathlib import Path
 
+from dni.runs import write_text
+
 METHOD_ORDER = {"backprop": 0, "dni": 1, "cdni": 2}
 
 
@@ -63,7 +65,7 @@ def rewrite_readme(readme, section, text):
     whole = Path(readme).read_text()
     head, rest = whole.split(start, 1)
     _, tail = rest.split(end, 1)
-    Path(readme).write_text(f"{head}{start}\n{text}\n{end}{tail}")
+    write_text(Path(readme), f"{head}{start}\n{text}\n{end}{tail}")
 
 
 def main(argv=None):
