@@ -70,10 +70,11 @@ def repo_mlp_net(*, method, conditioned):
     return build_net(Config(method=method, conditioned=conditioned), (1, 28, 28), 10)
 
 
-_DEFAULT = Config()
+_DEFAULT, _DEFAULT_C = Config(), Config(conditioned=True)
 MODELS = {"wide": (wide_net, "2 stages 784-1024-256 | 256-1024-576-10, linear synthesizer"),
           "mlp": (repo_mlp_net, f"main.py's default mlp: {_DEFAULT.depth + 1} stages of {_DEFAULT.hidden}, "
-                                f"synthesizers with {_DEFAULT.synth_layers} hidden layers")}
+                                f"synthesizers with {_DEFAULT.synth_layers} hidden layers (cDNI: "
+                                f"{_DEFAULT_C.synth_layers})")}
 
 
 def make_net(model, method, conditioned):

@@ -40,15 +40,24 @@ def cnn_stages(*, in_shape, classes=10, depth=2, channels=32, **_):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How to build a model and the defaults that differ between models."""
+    """How to build a model and the defaults that differ between models.
+
+    `synth_layers` and `sg_lr` are the synthesizers' defaults as (DNI, cDNI), indexed by
+    `conditioned`. They come from `python -m dni.search` (README). Plain DNI on the FCN needs a
+    hidden layer: a linear synthesizer of h_i predicts zero wherever the linear classifier on
+    top sits at its optimum, while a nonlinear one can estimate the label from h_i better than
+    that classifier. With the label given (cDNI), linear is best, as the paper found.
+    """
     build: Callable
     depth: int
     num_epochs: int
+    synth_layers: tuple
+    sg_lr: tuple
 
 
 MODELS = {
-    "mlp": ModelSpec(build=mlp_stages, depth=3, num_epochs=10),
-    "cnn": ModelSpec(build=cnn_stages, depth=2, num_epochs=4),
+    "mlp": ModelSpec(build=mlp_stages, depth=3, num_epochs=10, synth_layers=(1, 0), sg_lr=(5e-3, 3e-3)),
+    "cnn": ModelSpec(build=cnn_stages, depth=2, num_epochs=4, synth_layers=(0, 0), sg_lr=(3e-3, 3e-3)),
 }
 
 

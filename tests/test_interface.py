@@ -188,3 +188,40 @@ def test_dni_training_teaches_synthesizers():
     for i in range(len(net.synthesizers)):
         assert sum(s.sg_cos[i] for s in stats[-10:]) / 10 > 0.3  # 0 at step 0
     assert stats[-1].loss < 0.9 * stats[0].loss
+
+
+def test_linear_synthesizer_predicts_zero_at_the_classifiers_optimum():
+    """Why plain DNI on the FCN has a hidden layer in its synthesizers by default (dni.models):
+    regressing the top stage's true gradients W^T (p - y) on [h, 1] gives exactly zero once the
+    linear classifier on h is at its optimum (that regression's normal equations are the
+    classifier's gradient). A synthesizer with a hidden layer still fits part of them."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(512, 6, generator=g, dtype=torch.float64)
+    y = (h[:, 0] + 2 * h[:, 1] * h[:, 2] > 0).long()  # partly beyond a linear classifier's reach
+    classifier = nn.Linear(6, 2).double()
+    optimizer = torch.optim.LBFGS(classifier.parameters(), max_iter=1000, tolerance_grad=1e-12,
+                                  tolerance_change=0, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(classifier(h), y)
+        loss.backward()
+        return loss
+    optimizer.step(closure)
+    trigger = h.clone().requires_grad_()
+    (target,) = torch.autograd.grad(F.cross_entropy(classifier(trigger), y, reduction="sum"), trigger)  # (512, 6)
+    assert target.abs().mean() > 0.05  # the classifier has not fitted the labels: gradients remain
+
+    design = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], dim=1)
+    linear_fit = torch.linalg.lstsq(design, target).solution  # the best linear synthesizer
+    assert linear_fit.abs().max() < 1e-6
+
+    torch.manual_seed(0)
+    synthesizer = DenseSynthesizer(features=6, hidden_layers=1, width=64).double()
+    optimizer = torch.optim.Adam(synthesizer.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss = synthesizer_loss(synthesizer(h), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss < 0.5 * target.pow(2).mean()
