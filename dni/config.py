@@ -28,14 +28,14 @@ class Config:
     num_epochs: Optional[int] = _opt("epochs (default: mlp 10, cnn 4)", default=None, positive=True)
     batch_size: int = _opt("batch size", default=256, positive=True)
     lr: float = _opt("Adam learning rate of the stages", default=1e-3, positive=True)
-    sg_lr: Optional[float] = _opt("Adam learning rate of the synthesizers (default: 3e-3, mlp DNI 5e-3)",
+    sg_lr: Optional[float] = _opt("Adam learning rate of the synthesizers (default: cDNI 1e-3; DNI mlp 5e-3, cnn 3e-3)",
                                   default=None, positive=True)
     schedule: str = _opt("learning-rate schedule; paper: /10 at 60%% and 80%% of the steps",
                          default="cosine", choices=SCHEDULES)
     depth: Optional[int] = _opt("hidden stages (default: mlp 3, cnn 2)", default=None, positive=True)
     hidden: int = _opt("units per mlp hidden stage", default=256, positive=True)
     channels: int = _opt("filters per cnn stage (the paper: 128)", default=16, positive=True)
-    synth_layers: Optional[int] = _opt("hidden layers in each synthesizer, 0 = linear (default: 0, mlp DNI 1)",
+    synth_layers: Optional[int] = _opt("hidden layers in each synthesizer, 0 = linear (default: 1; cnn DNI 0)",
                                        default=None, choices=(0, 1, 2))
     synth_width: int = _opt("units per dense synthesizer hidden layer", default=1024, positive=True)
     synth_channels: int = _opt("filters per conv synthesizer hidden layer", default=32, positive=True)
