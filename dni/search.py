@@ -81,14 +81,15 @@ def collect(args, failures=None):
         mean, std = mean_std(errors) if errors else (None, None)
         rows.append(dict(method=method, synth_layers=synth_layers, sg_lr=sg_lr, lr=lr, test_error=errors,
                          mean=mean, std=std, seconds=seconds, failed=failed))
-    defaults = Config()
     best = {}
     for method in args.methods:
         done = [r for r in rows if r["method"] == method and r["mean"] is not None]
         if done:
             best[method] = min(done, key=lambda r: r["mean"])
+    defaults = Config()
+    defaults_now = {m: {k: getattr(Config(**METHODS[m]), k) for k in TUNED} for m in args.methods if m != "backprop"}
     meta = dict(epochs=args.epochs, seeds=list(args.seeds), runs_done=sum(len(r["test_error"]) for r in rows),
-                runs_total=len(rows) * len(args.seeds), defaults_now={k: getattr(defaults, k) for k in TUNED},
+                runs_total=len(rows) * len(args.seeds), defaults_now=defaults_now,
                 network=dict(model_type="mlp", depth=defaults.depth, hidden=defaults.hidden,
                              synth_width=defaults.synth_width, schedule=defaults.schedule,
                              batch_size=defaults.batch_size),
@@ -118,7 +119,8 @@ def markdown(table):
     lines += ["", "Best per method: " + "; ".join(
         f"{m}: synth_layers {b['synth_layers']}, sg_lr {b['sg_lr']}, lr {b['lr']} ({_fmt(b)}%)"
         for m, b in table["best"].items()) if table["best"] else "Best per method: no finished run yet.",
-        "Defaults in dni/config.py now: " + ", ".join(f"{k} {v}" for k, v in meta["defaults_now"].items()) + ".",
+        "Defaults in dni/models.py now: " + "; ".join(
+            f"{m}: " + ", ".join(f"{k} {v}" for k, v in d.items()) for m, d in meta["defaults_now"].items()) + ".",
         "Network: " + ", ".join(f"{k} {v}" for k, v in meta["network"].items()) + f"; torch {meta['torch']}.",
         "Caveat: " + meta["selection_note"] + ", so the winners' test errors are optimistic.",
         f"Made by `{meta['command'].strip()}`.", ""]
