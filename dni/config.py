@@ -25,9 +25,10 @@ class Config:
     conditioned: bool = _opt("cDNI: synthesizers also read the one-hot label", default=False)
     dataset: str = _opt("data set", default="mnist", choices=DATASET_CHOICES)
     data_dir: str = _opt("where data sets live", default="data")
-    num_epochs: Optional[int] = _opt("epochs (default: mlp 10, cnn 4)", default=None, positive=True)
+    num_epochs: Optional[int] = _opt("epochs (default: 10)", default=None, positive=True)
     batch_size: int = _opt("batch size", default=256, positive=True)
-    lr: float = _opt("Adam learning rate of the stages", default=1e-3, positive=True)
+    lr: Optional[float] = _opt("Adam learning rate of the stages, every method (default: mlp 1e-3, cnn 3e-3)",
+                               default=None, positive=True)
     sg_lr: Optional[float] = _opt("Adam learning rate of the synthesizers (default: cDNI 1e-3; DNI mlp 5e-3, cnn 3e-3)",
                                   default=None, positive=True)
     schedule: str = _opt("learning-rate schedule; paper: /10 at 60%% and 80%% of the steps",
@@ -74,6 +75,8 @@ class Config:
             self.depth = spec.depth
         if self.num_epochs is None:
             self.num_epochs = spec.num_epochs
+        if self.lr is None:
+            self.lr = spec.lr
         if self.synth_layers is None:
             self.synth_layers = spec.synth_layers[self.conditioned]
         if self.sg_lr is None:
