@@ -43,8 +43,7 @@ class ModelSpec:
     """How to build a model and the defaults that differ between models.
 
     `lr` is the stages' Adam learning rate, the same for every method so that backprop and
-    DNI runs stay comparable (the CNN, with few weights per stage, learns best at 3e-3 with any
-    method). `synth_layers` and `sg_lr` are the synthesizers' defaults as (DNI, cDNI), indexed by
+    DNI runs stay comparable (the CNN gains over 1e-3 at 3e-3, backprop and cDNI alike). `synth_layers` and `sg_lr` are the synthesizers' defaults as (DNI, cDNI), indexed by
     `conditioned`. They come from `python -m dni.search` (README). Plain DNI on the FCN needs a
     hidden layer: a linear synthesizer of h_i predicts zero wherever the linear classifier on
     top sits at its optimum, while a nonlinear one can estimate the label from h_i better than

@@ -61,7 +61,7 @@ SEEDS = (0, 1, 2)
 # Epochs of the CPU grid per model, the same for every method: FCNs get main.py's 10 (2,340
 # iterations of batch 256, about 0.5% of the paper's budget), so the FCN 3 row repeats the
 # defaults' runs over seeds; CNNs get 5 of main.py's 10, their epochs being about five times
-# slower. On a quiet 2-core CPU with --jobs 2 a whole grid (72 runs) takes about 80 minutes.
+# slower. With --jobs 2 on 2 cores a whole grid (72 runs, about 112 min of training) takes an hour.
 CPU_EPOCHS = {"mlp": 10, "cnn": 5}
 # The paper's budget (section 3.1): Adam, lr 3e-5 divided by 10 at 60% and 80% of 500k
 # iterations of batch 256; 128 filters per conv layer.
