@@ -213,12 +213,12 @@ class Peers:
 
 @contextlib.contextmanager
 def collective(rank, what, timeout_s):
-    """A collective call (gather, broadcast): failures become one line too."""
+    """A collective call (gather, broadcast): failures become one line too, worded like Peers.lost."""
     try:
         yield
     except RuntimeError as e:
-        raise DNIError(f"worker {rank}: {what} failed: {_reason(e)}; another worker crashed, was stopped "
-                       f"or stalled past --worker_timeout {timeout_s:g}s; see its log") from None
+        raise DNIError(f"worker {rank}: lost a worker ({what}): {_reason(e)}; it crashed, was stopped "
+                       f"or stalled past --worker_timeout {timeout_s:g}s; see the other logs") from None
 
 
 @contextlib.contextmanager

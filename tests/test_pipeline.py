@@ -11,6 +11,7 @@ What is checked:
 """
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -146,7 +147,8 @@ def test_killed_worker_stops_the_other_with_one_line(tmp_path):
                 p.kill()
     assert code != 0
     lines = stderr_lines(err0)
-    assert len(lines) == 1 and lines[0].startswith("error: worker 0: lost worker 1"), lines
+    # The kill lands in a step (lost worker 1) or in the epoch's closing collective (lost a worker).
+    assert len(lines) == 1 and re.match(r"error: worker 0: lost (worker 1|a worker) \(", lines[0]), lines
     # What was written stays: the epochs before the kill are whole, every line parses.
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any(m["kind"] == "epoch" for m in metrics)
