@@ -38,7 +38,8 @@ class Config:
     channels: int = _opt("filters per cnn stage (the paper: 128)", default=16, positive=True)
     synth_layers: Optional[int] = _opt("hidden layers in each synthesizer, 0 = linear (default: 1; cnn DNI 0)",
                                        default=None, choices=(0, 1, 2))
-    synth_width: int = _opt("units per dense synthesizer hidden layer", default=1024, positive=True)
+    synth_width: Optional[int] = _opt("units per dense synthesizer hidden layer (default: 1024; mlp DNI 2048)",
+                                      default=None, positive=True)
     synth_channels: int = _opt("filters per conv synthesizer hidden layer", default=32, positive=True)
     device: str = _opt("where to train", default="auto", choices=DEVICES)
     use_gpu: Optional[bool] = _opt("the seed's flag: True = --device cuda, False = --device cpu",
@@ -79,6 +80,8 @@ class Config:
             self.lr = spec.lr
         if self.synth_layers is None:
             self.synth_layers = spec.synth_layers[self.conditioned]
+        if self.synth_width is None:
+            self.synth_width = spec.synth_width[self.conditioned]
         if self.sg_lr is None:
             self.sg_lr = spec.sg_lr[self.conditioned]
         if self.use_gpu is not None:

@@ -43,24 +43,30 @@ class ModelSpec:
     """How to build a model and the defaults that differ between models.
 
     `lr` is the stages' Adam learning rate, the same for every method so that backprop and
-    DNI runs stay comparable (the CNN gains over 1e-3 at 3e-3, backprop and cDNI alike). `synth_layers` and `sg_lr` are the synthesizers' defaults as (DNI, cDNI), indexed by
-    `conditioned`. They come from `python -m dni.search` (README). Plain DNI on the FCN needs a
-    hidden layer: a linear synthesizer of h_i predicts zero wherever the linear classifier on
-    top sits at its optimum, while a nonlinear one can estimate the label from h_i better than
-    that classifier. cDNI, given the label, also gains from a hidden layer at a slower sg_lr
-    (the paper found linear best for cDNI, at 200x our budget); plain DNI on the CNN does not.
+    DNI runs stay comparable (the CNN gains over 1e-3 at 3e-3, backprop and cDNI alike).
+    `synth_layers`, `synth_width` (units per dense hidden layer) and `sg_lr` are the
+    synthesizers' defaults as (DNI, cDNI), indexed by `conditioned`. They come from
+    `python -m dni.search` (README). Plain DNI on the FCN needs a hidden layer: a linear
+    synthesizer of h_i predicts zero wherever the linear classifier on top sits at its optimum,
+    while a nonlinear one can estimate the label from h_i better than that classifier, and a
+    wider one does it better (10 epochs, seed 0: 512 units 95.0%, 1024 95.9%, 2048 96.2%, 4096
+    96.2%). cDNI, given the label, also gains from a hidden layer at a slower sg_lr (the paper
+    found linear best for cDNI, at 200x our budget); plain DNI on the CNN does not.
     """
     build: Callable
     depth: int
     num_epochs: int
     lr: float
     synth_layers: tuple
+    synth_width: tuple
     sg_lr: tuple
 
 
 MODELS = {
-    "mlp": ModelSpec(build=mlp_stages, depth=3, num_epochs=10, lr=1e-3, synth_layers=(1, 1), sg_lr=(5e-3, 1e-3)),
-    "cnn": ModelSpec(build=cnn_stages, depth=2, num_epochs=10, lr=3e-3, synth_layers=(0, 1), sg_lr=(3e-3, 1e-3)),
+    "mlp": ModelSpec(build=mlp_stages, depth=3, num_epochs=10, lr=1e-3, synth_layers=(1, 1), synth_width=(2048, 1024),
+                     sg_lr=(5e-3, 1e-3)),
+    "cnn": ModelSpec(build=cnn_stages, depth=2, num_epochs=10, lr=3e-3, synth_layers=(0, 1), synth_width=(1024, 1024),
+                     sg_lr=(3e-3, 1e-3)),
 }
 
 

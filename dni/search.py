@@ -1,8 +1,8 @@
-"""The hyperparameter search behind the DNI defaults in dni/config.py (issue 3): synthesizer
-depth (0, 1 or 2 hidden layers), synthesizer learning rate and stage learning rate, for DNI
-and cDNI on the MNIST FCN, a few epochs per run; backprop at each stage learning rate beside.
+"""The hyperparameter search behind the DNI defaults in dni/models.py (issue 3): synthesizer
+depth (0, 1 or 2 hidden layers) and width, synthesizer learning rate and stage learning rate,
+for DNI and cDNI on the MNIST FCN, a few epochs per run; backprop at each stage learning rate beside.
 
-    python -m dni.search                     # the grid: 2 x 3 x 4 x 3 = 72 runs + 3 backprop, 2 epochs, seed 0
+    python -m dni.search                     # the grid: 2 x 3 x 1 x 4 x 3 = 72 runs + 3 backprop, 2 epochs, seed 0
     python -m dni.search --jobs 2            # two runs at once
     python -m dni.search --quick             # 2 runs of 1 epoch: checks the plumbing
     python -m dni.search --table_only        # rank the finished runs again
@@ -27,38 +27,41 @@ from dni.runs import write_text
 from dni.table1 import add_grid_options, check_counts, mean_std, pending, train_all
 
 SYNTH_LAYERS = (0, 1, 2)
+SYNTH_WIDTHS = (1024,)
 SG_LRS = (1e-4, 1e-3, 3e-3, 1e-2)
 LRS = (3e-4, 1e-3, 3e-3)
 METHODS = {"dni": dict(method="dni", conditioned=False), "cdni": dict(method="dni", conditioned=True),
            "backprop": dict(method="backprop")}
 EPOCHS, SEEDS = 2, (0,)
-QUICK = dict(synth_layers=[0], sg_lrs=[1e-4], lrs=[1e-3], methods=["dni", "cdni"], epochs=1, seeds=[0])
-TUNED = ("lr", "sg_lr", "synth_layers")
+QUICK = dict(synth_layers=[0], synth_widths=[64], sg_lrs=[1e-4], lrs=[1e-3], methods=["dni", "cdni"], epochs=1, seeds=[0])
+TUNED = ("lr", "sg_lr", "synth_layers", "synth_width")
 
 
-def run_name(method, synth_layers, sg_lr, lr, seed):
+def run_name(method, synth_layers, synth_width, sg_lr, lr, seed):
     if method == "backprop":
         return f"backprop_lr{lr:g}_s{seed}"
-    return f"{method}_sl{synth_layers}_sglr{sg_lr:g}_lr{lr:g}_s{seed}"
+    return f"{method}_sl{synth_layers}_w{synth_width}_sglr{sg_lr:g}_lr{lr:g}_s{seed}"
 
 
 def points(args):
-    """(method, synth_layers, sg_lr, lr) of every run; backprop once per lr (it has no synthesizer)."""
+    """(method, synth_layers, synth_width, sg_lr, lr) of every run; backprop once per lr (it has
+    no synthesizer); a linear synthesizer (no hidden layer, so no width) once per sg_lr and lr."""
     out = []
     for method in args.methods:
         if method == "backprop":
-            out += [(method, None, None, lr) for lr in args.lrs]
+            out += [(method, None, None, None, lr) for lr in args.lrs]
         else:
-            out += [(method, s, g, lr) for s, g, lr in itertools.product(args.synth_layers, args.sg_lrs, args.lrs)]
+            out += sorted({(method, s, w if s else min(args.synth_widths), g, lr) for s, w, g, lr in itertools.product(
+                args.synth_layers, args.synth_widths, args.sg_lrs, args.lrs)})
     return out
 
 
-def run_config(args, method, synth_layers, sg_lr, lr, seed):
+def run_config(args, method, synth_layers, synth_width, sg_lr, lr, seed):
+    name = run_name(method, synth_layers, synth_width, sg_lr, lr, seed)
     settings = dict(model_type="mlp", dataset="mnist", lr=lr, num_epochs=args.epochs, seed=seed, plot=False,
-                    overwrite=True, out=str(Path(args.results) / args.stem / run_name(method, synth_layers, sg_lr, lr, seed)),
-                    **METHODS[method])
+                    overwrite=True, out=str(Path(args.results) / args.stem / name), **METHODS[method])
     if method != "backprop":
-        settings.update(synth_layers=synth_layers, sg_lr=sg_lr)
+        settings.update(synth_layers=synth_layers, synth_width=synth_width, sg_lr=sg_lr)
     for name in ("device", "data_dir"):
         if getattr(args, name):
             settings[name] = getattr(args, name)
@@ -68,10 +71,10 @@ def run_config(args, method, synth_layers, sg_lr, lr, seed):
 def collect(args, failures=None):
     """Every point's test error over seeds, ranked within each method; and the current defaults."""
     failures, rows = failures or {}, []
-    for method, synth_layers, sg_lr, lr in points(args):
+    for method, synth_layers, synth_width, sg_lr, lr in points(args):
         errors, seconds, failed = [], [], []
         for seed in args.seeds:
-            run_dir = Path(run_config(args, method, synth_layers, sg_lr, lr, seed).out)
+            run_dir = Path(run_config(args, method, synth_layers, synth_width, sg_lr, lr, seed).out)
             if run_dir.name in failures:
                 failed.append(failures[run_dir.name])
             if (run_dir / "summary.json").exists():
@@ -79,7 +82,8 @@ def collect(args, failures=None):
                 errors.append(round(100 * (1 - summary["test_acc"]), 4))
                 seconds.append(summary["seconds"])
         mean, std = mean_std(errors) if errors else (None, None)
-        rows.append(dict(method=method, synth_layers=synth_layers, sg_lr=sg_lr, lr=lr, test_error=errors,
+        rows.append(dict(method=method, synth_layers=synth_layers, synth_width=synth_width, sg_lr=sg_lr, lr=lr,
+                         test_error=errors,
                          mean=mean, std=std, seconds=seconds, failed=failed))
     best = {}
     for method in args.methods:
@@ -90,8 +94,7 @@ def collect(args, failures=None):
     defaults_now = {m: {k: getattr(Config(**METHODS[m]), k) for k in TUNED} for m in args.methods if m != "backprop"}
     meta = dict(epochs=args.epochs, seeds=list(args.seeds), runs_done=sum(len(r["test_error"]) for r in rows),
                 runs_total=len(rows) * len(args.seeds), defaults_now=defaults_now,
-                network=dict(model_type="mlp", depth=defaults.depth, hidden=defaults.hidden,
-                             synth_width=defaults.synth_width, schedule=defaults.schedule,
+                network=dict(model_type="mlp", depth=defaults.depth, hidden=defaults.hidden, schedule=defaults.schedule,
                              batch_size=defaults.batch_size),
                 torch=torch.__version__, command="python -m dni.search " + " ".join(sys.argv[1:]),
                 selection_note="ranked on the test set: dni.train holds out no validation split")
@@ -110,14 +113,17 @@ def markdown(table):
              f"{meta['runs_done']} of {meta['runs_total']} runs finished"
              + (" (**partial**)" if meta["runs_done"] < meta["runs_total"] else "")
              + f"; {meta['epochs']} epoch(s) per run, seeds {meta['seeds']}; test error (%), best first per method.",
-             "", "| method | synth layers | sg_lr | lr | test error | train s |", "|---|---|---|---|---|---|"]
+             "", "| method | synth layers | synth width | sg_lr | lr | test error | train s |",
+             "|---|---|---|---|---|---|---|"]
     key = lambda r: (list(METHODS).index(r["method"]), r["mean"] is None, r["mean"] or 0)
     blank = lambda value, fmt="": "" if value is None else format(value, fmt)
     for r in sorted(table["rows"], key=key):
-        lines.append(f"| {r['method']} | {blank(r['synth_layers'])} | {blank(r['sg_lr'], 'g')} | {r['lr']:g} | "
+        width = r.get("synth_width") if r["synth_layers"] else None  # a linear synthesizer has none
+        lines.append(f"| {r['method']} | {blank(r['synth_layers'])} | {blank(width)} | {blank(r['sg_lr'], 'g')} | {r['lr']:g} | "
                      f"{_fmt(r)} | {blank(sum(r['seconds']) / len(r['seconds']) if r['seconds'] else None, '.0f')} |")
     lines += ["", "Best per method: " + "; ".join(
-        f"{m}: synth_layers {b['synth_layers']}, sg_lr {b['sg_lr']}, lr {b['lr']} ({_fmt(b)}%)"
+        f"{m}: synth_layers {b['synth_layers']}, synth_width {b['synth_width']}, sg_lr {b['sg_lr']}, lr {b['lr']} "
+        f"({_fmt(b)}%)"
         for m, b in table["best"].items()) if table["best"] else "Best per method: no finished run yet.",
         "Defaults in dni/models.py now: " + "; ".join(
             f"{m}: " + ", ".join(f"{k} {v}" for k, v in d.items()) for m, d in meta["defaults_now"].items()) + ".",
@@ -154,6 +160,8 @@ def parse_args(argv=None):
     parser = OneLineParser(prog="python -m dni.search", description=__doc__.splitlines()[0])
     parser.add_argument("--synth_layers", type=int, nargs="+", choices=SYNTH_LAYERS,
                         help=f"synthesizer hidden layers (default: {' '.join(map(str, SYNTH_LAYERS))})")
+    parser.add_argument("--synth_widths", type=int, nargs="+",
+                        help=f"units per synthesizer hidden layer (default: {' '.join(map(str, SYNTH_WIDTHS))})")
     parser.add_argument("--sg_lrs", type=float, nargs="+", help=f"synthesizer lrs (default: {' '.join(map(str, SG_LRS))})")
     parser.add_argument("--lrs", type=float, nargs="+", help=f"stage lrs (default: {' '.join(map(str, LRS))})")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: dni cdni backprop")
@@ -162,12 +170,15 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="2 runs of 1 epoch, written as search_quick.*")
     add_grid_options(parser, "search")
     args = parser.parse_args(argv)
-    defaults = QUICK if args.quick else dict(synth_layers=list(SYNTH_LAYERS), sg_lrs=list(SG_LRS), lrs=list(LRS),
-                                             methods=list(METHODS), epochs=EPOCHS, seeds=list(SEEDS))
+    defaults = QUICK if args.quick else dict(synth_layers=list(SYNTH_LAYERS), synth_widths=list(SYNTH_WIDTHS),
+                                             sg_lrs=list(SG_LRS), lrs=list(LRS), methods=list(METHODS),
+                                             epochs=EPOCHS, seeds=list(SEEDS))
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     check_counts(parser, args)
+    if any(w < 1 for w in args.synth_widths):
+        parser.error("argument --synth_widths: must be > 0")
     for name in ("sg_lrs", "lrs"):
         if any(not v > 0 for v in getattr(args, name)):
             parser.error(f"argument --{name}: learning rates must be > 0")

@@ -140,3 +140,15 @@ def test_nobprop_schedules_step_without_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         optimizers.step_schedules()
+
+
+def test_search_grid_names_widths_and_trains_a_linear_synthesizer_once():
+    from dni import search
+    args = search.parse_args(["--methods", "dni", "backprop", "--synth_layers", "0", "1", "--synth_widths", "512",
+                              "2048", "--sg_lrs", "1e-3", "--lrs", "1e-3", "--results", "out"])
+    points = search.points(args)
+    assert points == [("dni", 0, 512, 1e-3, 1e-3), ("dni", 1, 512, 1e-3, 1e-3), ("dni", 1, 2048, 1e-3, 1e-3),
+                      ("backprop", None, None, None, 1e-3)]
+    config = search.run_config(args, *points[2], seed=0)
+    assert (config.synth_layers, config.synth_width, Path(config.out).name) == \
+        (1, 2048, "dni_sl1_w2048_sglr0.001_lr0.001_s0")
