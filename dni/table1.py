@@ -58,11 +58,10 @@ METHOD_LABEL = {"nobprop": "No Bprop", "backprop": "Bprop", "dni": "DNI", "cdni"
 DATASETS = {"mnist": ("MNIST", ""), "fashion_mnist": ("Fashion-MNIST", "fashion_")}  # -> (title, file prefix)
 SEEDS = (0, 1, 2)
 
-# Epochs of the CPU grid per model, the same for every method: FCNs get main.py's 10 (2,340
-# iterations of batch 256, about 0.5% of the paper's budget), so the FCN 3 row repeats the
-# defaults' runs over seeds; CNNs get 5 of main.py's 10, their epochs being about five times
-# slower. With --jobs 2 on 2 cores a whole grid (72 runs, about 112 min of training) takes an hour.
-CPU_EPOCHS = {"mlp": 10, "cnn": 5}
+# The CPU grid trains every run for main.py's epochs of its model (dni/models.py: 10 for both,
+# 2,340 iterations of batch 256, about 0.5% of the paper's budget), the same for every method,
+# so the FCN 3 and CNN 3 rows repeat the defaults' runs over seeds. With --jobs 2 on 2 cores a
+# whole grid (72 runs, about three hours of training) takes about an hour and a half.
 # The paper's budget (section 3.1): Adam, lr 3e-5 divided by 10 at 60% and 80% of 500k
 # iterations of batch 256; 128 filters per conv layer.
 PAPER_ITERATIONS = 500_000
@@ -124,7 +123,7 @@ def run_config(args, model, layers, method, seed):
     if args.paper:
         settings.update(PAPER_SETTINGS, num_epochs=paper_epochs(PAPER_SETTINGS["batch_size"]))
     else:
-        settings["num_epochs"] = args.epochs or CPU_EPOCHS[model]
+        settings["num_epochs"] = args.epochs  # None: main.py's, from dni/models.py
     return Config(**settings)
 
 
@@ -542,7 +541,8 @@ def parse_args(argv=None):
                         help="only these layer counts (default: the paper's, FCN 3-6 and CNN 3-4)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="columns (default: all four)")
     parser.add_argument("--epochs", type=int,
-                        help=f"epochs of every run (default: {', '.join(f'{k} {v}' for k, v in CPU_EPOCHS.items())})")
+                        help="epochs of every run (default: main.py's: "
+                             + ", ".join(f"{k} {spec.num_epochs}" for k, spec in MODELS.items()) + ")")
     parser.add_argument("--paper", action="store_true",
                         help=f"the paper's budget: {PAPER_ITERATIONS} iterations, "
                              + ", ".join(f"{k} {v}" for k, v in PAPER_SETTINGS.items()) + " (for a GPU)")
