@@ -83,8 +83,7 @@ def collect(args, failures=None):
                 seconds.append(summary["seconds"])
         mean, std = mean_std(errors) if errors else (None, None)
         rows.append(dict(method=method, synth_layers=synth_layers, synth_width=synth_width, sg_lr=sg_lr, lr=lr,
-                         test_error=errors,
-                         mean=mean, std=std, seconds=seconds, failed=failed))
+                         test_error=errors, mean=mean, std=std, seconds=seconds, failed=failed))
     best = {}
     for method in args.methods:
         done = [r for r in rows if r["method"] == method and r["mean"] is not None]
