@@ -2,6 +2,7 @@
 truncated BPTT vs DNI, at T = 2, 3, 4, 5, 8 on Copy and Repeat Copy, over seeds.
 
     python -m dni.recurrent_table                # the full table, CPU, 1 thread
+    python -m dni.recurrent_table --jobs 2       # two runs at once (one process each)
     python -m dni.recurrent_table --quick        # a tiny slice (the test's)
     python -m dni.recurrent_table --device auto  # on a GPU if there is one
 
@@ -11,10 +12,12 @@ Writes <out>/rnn_table.json, <out>/rnn_table.md and <out>/rnn_table.png.
 """
 import dataclasses
 import json
+import multiprocessing
 import shlex
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,9 +40,10 @@ class TableConfig:
     """Every default of `python -m dni.recurrent_table`."""
     quick: bool = field(default=False, metadata=dict(help="a tiny slice: Copy, T=3, one seed, a few windows"))
     seeds: int = field(default=2, metadata=dict(help="seeds per cell", positive=True))
-    steps: int = field(default=30000, metadata=dict(help="training windows per run", positive=True))
+    steps: int = field(default=15000, metadata=dict(help="training windows per run", positive=True))
     device: str = field(default="cpu", metadata=dict(help="device of every run", choices=DEVICES))
-    threads: int = field(default=1, metadata=dict(help="torch CPU threads", positive=True))
+    threads: int = field(default=1, metadata=dict(help="torch CPU threads per run", positive=True))
+    jobs: int = field(default=1, metadata=dict(help="runs at once, one process each", positive=True))
     out: str = field(default="results", metadata=dict(help="writes <out>/rnn_table.* and <out>/rnn/<run>/"))
 
 
@@ -114,7 +118,8 @@ def write_markdown(table, path):
         "",
         meta["paper_note"],
         f"Compute: {meta['run_wall_s'] / 60:.1f} min of training in all ({meta['runs']} runs) on "
-        f"{meta['gpu'] or meta['cpu'] or meta['device']} ({meta['device']}, {meta['threads']} thread(s), "
+        f"{meta['gpu'] or meta['cpu'] or meta['device']} ({meta['device']}, {meta['threads']} thread(s) per run, "
+        f"{meta['jobs']} run(s) at once, "
         f"torch {meta['torch']}, commit {(meta['git_commit'] or 'unknown')[:7]}); "
         f"this invocation took {meta['invocation_wall_s'] / 60:.1f} min.",
         f"Command: `{meta['command']}`",
@@ -152,22 +157,23 @@ def make_table(config, argv=(), *, log=print):
     out = Path(config.out)
     grid, overrides = cells(config)
     seed_count = overrides.pop("seed_count")
-    rows, summaries = [], []
-    for task, T, method in grid:
-        solved, learning = [], []
-        for seed in range(seed_count):
-            run_config = RecurrentConfig(task=task, truncation=T, dni=METHODS[method], seed=seed,
-                                         device=config.device, threads=config.threads,
-                                         out=str(out / "rnn"), **overrides)
-            summary = run_or_reuse(run_config, log)
-            summaries.append(summary)
-            solved.append(summary["solved"])
-            learning.append([summary["length"], summary["last_bits"]])
+    run_configs = [RecurrentConfig(task=task, truncation=T, dni=METHODS[method], seed=seed, device=config.device,
+                                   threads=config.threads, out=str(out / "rnn"), **overrides)
+                   for task, T, method in grid for seed in range(seed_count)]
+    if config.jobs == 1:
+        summaries = [run_or_reuse(c, log) for c in run_configs]
+    else:
+        with ProcessPoolExecutor(config.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            summaries = list(pool.map(run_or_reuse, run_configs, [print] * len(run_configs)))
+    rows = []
+    for n, (task, T, method) in enumerate(grid):
+        mine = summaries[n * seed_count:(n + 1) * seed_count]
         row = next((r for r in rows if r["task"] == task and r["T"] == T), None)
         if row is None:
             row = dict(task=task, T=T, paper={m: PAPER[task][m][T] for m in METHODS})
             rows.append(row)
-        row[method], row[f"{method}_next"] = solved, learning
+        row[method] = [s["solved"] for s in mine]
+        row[f"{method}_next"] = [[s["length"], s["last_bits"]] for s in mine]
     first = summaries[0]["config"]
     env = summaries[0]["env"]
     meta = dict(steps=first["steps"], seeds=seed_count, hidden=first["hidden"], batch_size=first["batch_size"],
@@ -175,7 +181,7 @@ def make_table(config, argv=(), *, log=print):
                 max_repeats=first["max_repeats"], threshold=first["threshold"],
                 runs=len(summaries), run_wall_s=round(sum(s["wall_s"] for s in summaries), 1),
                 invocation_wall_s=round(time.perf_counter() - t0, 1), device=env["device"], gpu=env["gpu"],
-                cpu=env["cpu"], threads=config.threads, torch=env["torch"], git_commit=env["git_commit"],
+                cpu=env["cpu"], threads=config.threads, jobs=config.jobs, torch=env["torch"], git_commit=env["git_commit"],
                 command=shlex.join(["python", "-m", "dni.recurrent_table", *argv]), paper_note=PAPER_NOTE)
     table = dict(meta=meta, rows=rows)
     out.mkdir(parents=True, exist_ok=True)

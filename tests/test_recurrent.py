@@ -213,5 +213,6 @@ def test_quick_table_writes_table_files(tmp_path):
     assert "| task | T | BPTT | DNI |" in markdown  # where each run stopped
     assert sum(line.startswith("| Copy |") for line in markdown) == 2 * len(data["rows"])
     assert (tmp_path / "rnn_table.png").exists()
-    assert table_main(["--quick", "True", "--out", str(tmp_path)])["rows"] == data["rows"]  # reused, not rerun
+    # reused, not rerun, also when the runs are handed to worker processes
+    assert table_main(["--quick", "True", "--jobs", "2", "--out", str(tmp_path)])["rows"] == data["rows"]
     assert TableConfig().seeds >= 2
