@@ -55,8 +55,9 @@ class Config:
                           default=False)
     partition: str = _opt("pipeline: stages per worker, e.g. 2,2 (default: balanced by multiply-adds)",
                           default="")
-    max_in_flight: int = _opt("pipeline: batches a worker may run ahead of the true gradient it awaits",
-                              default=2, positive=True)
+    max_in_flight: int = _opt("pipeline: batches a worker may run ahead of the true gradient it awaits "
+                              "(room to absorb the jitter of a shared machine)",
+                              default=4, positive=True)
     worker_timeout: float = _opt("pipeline: seconds to wait for another worker before stopping with an error",
                                  default=60.0, positive=True)
     # Unlocking experiments (dni.unlock; paper section 3.3, Fig. 7).
