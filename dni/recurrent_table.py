@@ -39,7 +39,7 @@ PAPER = {task: {method: {T: None for T in TRUNCATIONS} for method in METHODS} fo
 class TableConfig:
     """Every default of `python -m dni.recurrent_table`."""
     quick: bool = field(default=False, metadata=dict(help="a tiny slice: Copy, T=3, one seed, a few windows"))
-    seeds: int = field(default=2, metadata=dict(help="seeds per cell", positive=True))
+    seeds: int = field(default=3, metadata=dict(help="seeds per cell", positive=True))
     steps: int = field(default=15000, metadata=dict(help="training windows per run", positive=True))
     device: str = field(default="cpu", metadata=dict(help="device of every run", choices=DEVICES))
     threads: int = field(default=1, metadata=dict(help="torch CPU threads per run", positive=True))
