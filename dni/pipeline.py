@@ -15,7 +15,7 @@ batches t:
         for its true gradient
     train M_{e-1} on every true gradient that has arrived: synthesizer_update(g_hat(t'), grad(t'))
         (gloo reports a receive complete only once it is waited on, so on CPU M_{e-1} learns
-        exactly k-1 batches late, deterministically; k = max_in_flight, default 4)
+        exactly k-1 batches late, deterministically; k = --max_in_flight)
 
 A worker goes on to batch t+1 without waiting for worker r+1: that is update unlocking.
 At most `max_in_flight` batches wait for their true gradient; after that the worker blocks
@@ -249,7 +249,7 @@ class PipelineWorker:
     `train_epoch` runs DNI (method 'dni') or locked model-parallel backprop ('backprop').
     """
 
-    def __init__(self, *, net, optimizers, parts, rank, method, in_shape, batch_size, max_in_flight=4,
+    def __init__(self, *, net, optimizers, parts, rank, method, in_shape, batch_size, max_in_flight,
                  timeout_s=60.0, device="cpu"):
         self.net, self.optimizers, self.parts, self.part = net, optimizers, parts, parts[rank]
         self.rank, self.world, self.method = rank, len(parts), method
