@@ -1,8 +1,10 @@
 """The hyperparameter search behind the DNI defaults in dni/models.py (issue 3): synthesizer
 depth (0, 1 or 2 hidden layers) and width, synthesizer learning rate and stage learning rate,
-for DNI and cDNI on the MNIST FCN, a few epochs per run; backprop at each stage learning rate beside.
+for DNI and cDNI on the MNIST FCN (or CNN), a few epochs per run; backprop at each stage learning
+rate beside.
 
     python -m dni.search                     # the grid: 2 x 3 x 1 x 4 x 3 = 72 runs + 3 backprop, 2 epochs, seed 0
+    python -m dni.search --model_type cnn    # the same for the CNN: results/search_cnn.*; width = conv channels
     python -m dni.search --jobs 2            # two runs at once
     python -m dni.search --quick             # 2 runs of 1 epoch: checks the plumbing
     python -m dni.search --table_only        # rank the finished runs again
@@ -34,7 +36,8 @@ METHODS = {"dni": dict(method="dni", conditioned=False), "cdni": dict(method="dn
            "backprop": dict(method="backprop")}
 EPOCHS, SEEDS = 2, (0,)
 QUICK = dict(synth_layers=[0], synth_widths=[64], sg_lrs=[1e-4], lrs=[1e-3], methods=["dni", "cdni"], epochs=1, seeds=[0])
-TUNED = ("lr", "sg_lr", "synth_layers", "synth_width")
+TUNED = ("lr", "sg_lr", "synth_layers")
+WIDTH = {"mlp": "synth_width", "cnn": "synth_channels"}  # what the search's "width" sets: dense units, conv filters
 
 
 def run_name(method, synth_layers, synth_width, sg_lr, lr, seed):
@@ -58,10 +61,10 @@ def points(args):
 
 def run_config(args, method, synth_layers, synth_width, sg_lr, lr, seed):
     name = run_name(method, synth_layers, synth_width, sg_lr, lr, seed)
-    settings = dict(model_type="mlp", dataset="mnist", lr=lr, num_epochs=args.epochs, seed=seed, plot=False,
+    settings = dict(model_type=args.model_type, dataset="mnist", lr=lr, num_epochs=args.epochs, seed=seed, plot=False,
                     overwrite=True, out=str(Path(args.results) / args.stem / name), **METHODS[method])
     if method != "backprop":
-        settings.update(synth_layers=synth_layers, synth_width=synth_width, sg_lr=sg_lr)
+        settings.update({"synth_layers": synth_layers, WIDTH[args.model_type]: synth_width, "sg_lr": sg_lr})
     for name in ("device", "data_dir"):
         if getattr(args, name):
             settings[name] = getattr(args, name)
@@ -89,11 +92,13 @@ def collect(args, failures=None):
         done = [r for r in rows if r["method"] == method and r["mean"] is not None]
         if done:
             best[method] = min(done, key=lambda r: r["mean"])
-    defaults = Config()
-    defaults_now = {m: {k: getattr(Config(**METHODS[m]), k) for k in TUNED} for m in args.methods if m != "backprop"}
+    defaults, tuned = Config(model_type=args.model_type), TUNED + (WIDTH[args.model_type],)
+    defaults_now = {m: {k: getattr(Config(model_type=args.model_type, **METHODS[m]), k) for k in tuned}
+                    for m in args.methods if m != "backprop"}
+    size = dict(hidden=defaults.hidden) if args.model_type == "mlp" else dict(channels=defaults.channels)
     meta = dict(epochs=args.epochs, seeds=list(args.seeds), runs_done=sum(len(r["test_error"]) for r in rows),
                 runs_total=len(rows) * len(args.seeds), defaults_now=defaults_now,
-                network=dict(model_type="mlp", depth=defaults.depth, hidden=defaults.hidden, schedule=defaults.schedule,
+                network=dict(model_type=args.model_type, depth=defaults.depth, **size, schedule=defaults.schedule,
                              batch_size=defaults.batch_size),
                 torch=torch.__version__, command="python -m dni.search " + " ".join(sys.argv[1:]),
                 selection_note="ranked on the test set: dni.train holds out no validation split")
@@ -108,11 +113,13 @@ def _fmt(row):
 
 def markdown(table):
     meta = table["meta"]
-    lines = ["# DNI / cDNI hyperparameter search (MNIST FCN)", "",
+    model = meta["network"]["model_type"]
+    width = WIDTH[model].replace("_", " ")
+    lines = [f"# DNI / cDNI hyperparameter search (MNIST {dict(mlp='FCN', cnn='CNN')[model]})", "",
              f"{meta['runs_done']} of {meta['runs_total']} runs finished"
              + (" (**partial**)" if meta["runs_done"] < meta["runs_total"] else "")
              + f"; {meta['epochs']} epoch(s) per run, seeds {meta['seeds']}; test error (%), best first per method.",
-             "", "| method | synth layers | synth width | sg_lr | lr | test error | train s |",
+             "", f"| method | synth layers | {width} | sg_lr | lr | test error | train s |",
              "|---|---|---|---|---|---|---|"]
     key = lambda r: (list(METHODS).index(r["method"]), r["mean"] is None, r["mean"] or 0)
     blank = lambda value, fmt="": "" if value is None else format(value, fmt)
@@ -121,7 +128,7 @@ def markdown(table):
         lines.append(f"| {r['method']} | {blank(r['synth_layers'])} | {blank(width)} | {blank(r['sg_lr'], 'g')} | {r['lr']:g} | "
                      f"{_fmt(r)} | {blank(sum(r['seconds']) / len(r['seconds']) if r['seconds'] else None, '.0f')} |")
     lines += ["", "Best per method: " + "; ".join(
-        f"{m}: synth_layers {b['synth_layers']}, synth_width {b['synth_width']}, sg_lr {b['sg_lr']}, lr {b['lr']} "
+        f"{m}: synth_layers {b['synth_layers']}, {WIDTH[model]} {b['synth_width']}, sg_lr {b['sg_lr']}, lr {b['lr']} "
         f"({_fmt(b)}%)"
         for m, b in table["best"].items()) if table["best"] else "Best per method: no finished run yet.",
         "Defaults in dni/models.py now: " + "; ".join(
@@ -157,10 +164,12 @@ def search(args, log=print):
 
 def parse_args(argv=None):
     parser = OneLineParser(prog="python -m dni.search", description=__doc__.splitlines()[0])
+    parser.add_argument("--model_type", choices=list(WIDTH), default="mlp", help="network (default: mlp)")
     parser.add_argument("--synth_layers", type=int, nargs="+", choices=SYNTH_LAYERS,
                         help=f"synthesizer hidden layers (default: {' '.join(map(str, SYNTH_LAYERS))})")
     parser.add_argument("--synth_widths", type=int, nargs="+",
-                        help=f"units per synthesizer hidden layer (default: {' '.join(map(str, SYNTH_WIDTHS))})")
+                        help=f"units (cnn: filters) per synthesizer hidden layer "
+                             f"(default: mlp {' '.join(map(str, SYNTH_WIDTHS))}, cnn {Config.synth_channels})")
     parser.add_argument("--sg_lrs", type=float, nargs="+", help=f"synthesizer lrs (default: {' '.join(map(str, SG_LRS))})")
     parser.add_argument("--lrs", type=float, nargs="+", help=f"stage lrs (default: {' '.join(map(str, LRS))})")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: dni cdni backprop")
@@ -169,7 +178,8 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="2 runs of 1 epoch, written as search_quick.*")
     add_grid_options(parser, "search")
     args = parser.parse_args(argv)
-    defaults = QUICK if args.quick else dict(synth_layers=list(SYNTH_LAYERS), synth_widths=list(SYNTH_WIDTHS),
+    widths = list(SYNTH_WIDTHS) if args.model_type == "mlp" else [Config.synth_channels]
+    defaults = QUICK if args.quick else dict(synth_layers=list(SYNTH_LAYERS), synth_widths=widths,
                                              sg_lrs=list(SG_LRS), lrs=list(LRS), methods=list(METHODS),
                                              epochs=EPOCHS, seeds=list(SEEDS))
     for name, value in defaults.items():
@@ -181,7 +191,7 @@ def parse_args(argv=None):
     for name in ("sg_lrs", "lrs"):
         if any(not v > 0 for v in getattr(args, name)):
             parser.error(f"argument --{name}: learning rates must be > 0")
-    args.stem = "search_quick" if args.quick else "search"
+    args.stem = "search_quick" if args.quick else "search" if args.model_type == "mlp" else f"search_{args.model_type}"
     return args
 
 

@@ -152,3 +152,13 @@ def test_search_grid_names_widths_and_trains_a_linear_synthesizer_once():
     config = search.run_config(args, *points[2], seed=0)
     assert (config.synth_layers, config.synth_width, Path(config.out).name) == \
         (1, 2048, "dni_sl1_w2048_sglr0.001_lr0.001_s0")
+
+
+def test_cnn_search_sets_conv_filters_and_writes_its_own_table():
+    from dni import search
+    assert search.parse_args(["--model_type", "cnn"]).synth_widths == [Config().synth_channels]
+    args = search.parse_args(["--model_type", "cnn", "--methods", "dni", "--synth_layers", "1", "--synth_widths", "64",
+                              "--sg_lrs", "1e-3", "--lrs", "3e-3", "--results", "out"])
+    assert args.stem == "search_cnn"
+    config = search.run_config(args, *search.points(args)[0], seed=0)
+    assert (config.model_type, config.synth_layers, config.synth_channels) == ("cnn", 1, 64)
