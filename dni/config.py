@@ -29,7 +29,7 @@ class Config:
     batch_size: int = _opt("batch size", default=256, positive=True)
     lr: Optional[float] = _opt("Adam learning rate of the stages, every method (default: mlp 1e-3, cnn 3e-3)",
                                default=None, positive=True)
-    sg_lr: Optional[float] = _opt("Adam learning rate of the synthesizers (default: cDNI 1e-3; DNI mlp 5e-3, cnn 3e-3)",
+    sg_lr: Optional[float] = _opt("Adam learning rate of the synthesizers (default: 1e-3; mlp DNI 5e-3)",
                                   default=None, positive=True)
     schedule: str = _opt("learning-rate schedule; paper: /10 at 60%% and 80%% of the steps",
                          default="cosine", choices=SCHEDULES)
