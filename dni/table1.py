@@ -158,12 +158,23 @@ class Stopped(Exception):
     """SIGINT/SIGTERM stopped a run of the table after it saved its checkpoint: (message, exit code)."""
 
 
+_stop_requested = None  # in pool workers: an Event set once the grid is asked to stop (StopRequest)
+
+
+def _share_stop_request(event):
+    global _stop_requested
+    _stop_requested = event
+
+
 def train_one(config, threads):
     """One run, in a worker process or in this one; returns (name, summary or None, error or None).
-    A run to resume whose checkpoint cannot be continued is trained afresh."""
+    A run to resume whose checkpoint cannot be continued is trained afresh. A run the pool had
+    already handed to a worker when the grid was asked to stop does not start."""
     from dni.train import Interrupted, run  # imported here so that spawned workers load it themselves
-    torch.set_num_threads(threads)
     name = Path(config.out).name
+    if _stop_requested is not None and _stop_requested.is_set():
+        raise Stopped(f"{name}: not started, the grid was asked to stop", 128 + signal.SIGTERM)
+    torch.set_num_threads(threads)
     try:
         if config.resume:
             try:
@@ -205,13 +216,15 @@ def pending(configs, retrain_stale=False):
 class StopRequest:
     """While runs live in worker processes, SIGINT and SIGTERM to this process only note the
     signal (raising from a handler could leave a lock of the pool held) and pass SIGTERM on to
-    the workers (Ctrl-C reaches them by itself); their runs checkpoint between two steps and end."""
+    the workers (Ctrl-C reaches them by itself); their runs checkpoint between two steps and end.
+    `event` tells the workers to start none of the runs already queued to them."""
 
-    def __init__(self, pool):
-        self.pool, self.signum, self._previous = pool, None, {}
+    def __init__(self, pool, event):
+        self.pool, self.event, self.signum, self._previous = pool, event, None, {}
 
     def _handle(self, signum, frame):
         self.signum = self.signum or signum
+        self.event.set()
         if signum == signal.SIGTERM:
             for process in list(getattr(self.pool, "_processes", {}).values()):
                 try:
@@ -241,8 +254,10 @@ def train_all(configs, *, jobs=1, threads=1, log=print, after_each=None):
         pool, stop = None, contextlib.nullcontext()
         results = (train_one(config, threads) for config in configs)
     else:
-        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
-        stop = StopRequest(pool)
+        context = multiprocessing.get_context("spawn")
+        event = context.Event()
+        pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_share_stop_request, initargs=(event,))
+        stop = StopRequest(pool, event)
         results = (f.result() for f in as_completed([pool.submit(train_one, c, threads) for c in configs]))
     try:
         with stop:

@@ -162,3 +162,19 @@ def test_cnn_search_sets_conv_filters_and_writes_its_own_table():
     assert args.stem == "search_cnn"
     config = search.run_config(args, *search.points(args)[0], seed=0)
     assert (config.model_type, config.synth_layers, config.synth_channels) == ("cnn", 1, 64)
+
+
+def test_once_asked_to_stop_the_grid_starts_no_queued_run(tmp_path, monkeypatch):
+    """The pool hands runs to its workers ahead of time: after SIGINT/SIGTERM none of those may start."""
+    import signal
+    import threading
+
+    from dni import table1
+    stop = table1.StopRequest(None, threading.Event())
+    with stop:
+        os.kill(os.getpid(), signal.SIGINT)  # noted by the handler, not raised
+    assert stop.event.is_set() and stop.signum == signal.SIGINT
+    monkeypatch.setattr(table1, "_stop_requested", stop.event)  # what a pool worker holds
+    with pytest.raises(table1.Stopped, match="not started"):
+        table1.train_one(Config(out=str(tmp_path / "run"), num_epochs=1, data_dir=str(tmp_path)), 1)
+    assert not (tmp_path / "run").exists()
