@@ -114,12 +114,12 @@ def _fmt(row):
 def markdown(table):
     meta = table["meta"]
     model = meta["network"]["model_type"]
-    width = WIDTH[model].replace("_", " ")
+    width_name = WIDTH[model].replace("_", " ")
     lines = [f"# DNI / cDNI hyperparameter search (MNIST {dict(mlp='FCN', cnn='CNN')[model]})", "",
              f"{meta['runs_done']} of {meta['runs_total']} runs finished"
              + (" (**partial**)" if meta["runs_done"] < meta["runs_total"] else "")
              + f"; {meta['epochs']} epoch(s) per run, seeds {meta['seeds']}; test error (%), best first per method.",
-             "", f"| method | synth layers | {width} | sg_lr | lr | test error | train s |",
+             "", f"| method | synth layers | {width_name} | sg_lr | lr | test error | train s |",
              "|---|---|---|---|---|---|---|"]
     key = lambda r: (list(METHODS).index(r["method"]), r["mean"] is None, r["mean"] or 0)
     blank = lambda value, fmt="": "" if value is None else format(value, fmt)
