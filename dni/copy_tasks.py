@@ -122,19 +122,16 @@ class Curriculum:
     `record` takes the error (bits summed over scored steps, and their count) of
     steps at the current length. Once at least `min_scored` such steps are in, their
     average decides: below `threshold` bits per step, N is solved and N + 1 begins;
-    otherwise the count starts again.
+    otherwise the count starts again. With `grow=False` the length stays at `length`
+    and the decisions only say whether it has been solved.
     """
 
-    def __init__(self, *, threshold=0.15, min_scored=2000):
-        self.threshold, self.min_scored = threshold, min_scored
-        self.length = 1
+    def __init__(self, *, threshold=0.15, min_scored=2000, length=1, grow=True):
+        self.threshold, self.min_scored, self.grow = threshold, min_scored, grow
+        self.length = length
+        self.solved = 0  # the longest length solved so far (0 if none)
         self.bits, self.scored = 0.0, 0
         self.last_average = float("nan")
-
-    @property
-    def solved(self):
-        """The longest length solved so far (0 if none)."""
-        return self.length - 1
 
     def record(self, bits, scored):
         """Add `scored` steps of total error `bits`; returns True when the length grew."""
@@ -144,7 +141,9 @@ class Curriculum:
             return False
         self.last_average = self.bits / self.scored
         self.bits, self.scored = 0.0, 0
-        if self.last_average < self.threshold:
+        if self.last_average >= self.threshold:
+            return False
+        self.solved = self.length
+        if self.grow:
             self.length += 1
-            return True
-        return False
+        return self.grow

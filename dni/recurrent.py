@@ -53,6 +53,8 @@ class RecurrentConfig:
     hidden: int = field(default=64, metadata=dict(help="LSTM units", positive=True))
     symbols: int = field(default=8, metadata=dict(help="alphabet size", positive=True))
     max_repeats: int = field(default=3, metadata=dict(help="repeat_copy: R drawn from 1..max_repeats", positive=True))
+    length: int = field(default=0, metadata=dict(help="train at this episode length N only (no curriculum); "
+                                                      "0: the curriculum, from N = 1"))
     batch_size: int = field(default=256, metadata=dict(help="parallel streams", positive=True))
     lr: float = field(default=3e-3, metadata=dict(help="Adam learning rate of the core", positive=True))
     sg_lr: float = field(default=1e-3, metadata=dict(help="Adam learning rate of the synthesizer", positive=True))
@@ -65,13 +67,17 @@ class RecurrentConfig:
     threads: int = field(default=1, metadata=dict(help="torch CPU threads", positive=True))
     log_every: int = field(default=500, metadata=dict(help="windows between log lines", positive=True))
     out: str = field(default="results/rnn", metadata=dict(help="parent folder of the run folder"))
-    name: str = field(default="", metadata=dict(help="run folder name (default: task_T<T>_<bptt|dni>_s<seed>)"))
+    name: str = field(default="", metadata=dict(help="run folder name "
+                                                     "(default: task_T<T>_<bptt|dni>[_N<length>]_s<seed>)"))
 
     def __post_init__(self):
         if self.clip < 0:
             raise DNIError(f"--clip must be >= 0, got {self.clip}")
+        if self.length < 0:
+            raise DNIError(f"--length must be >= 0, got {self.length}")
         if not self.name:
-            self.name = f"{self.task}_T{self.truncation}_{'dni' if self.dni else 'bptt'}_s{self.seed}"
+            fixed = f"_N{self.length}" if self.length else ""
+            self.name = f"{self.task}_T{self.truncation}_{'dni' if self.dni else 'bptt'}{fixed}_s{self.seed}"
         if "/" in self.name or self.name in (".", ".."):
             raise DNIError(f"--name must be a plain folder name, got {self.name!r}")
 
@@ -186,7 +192,8 @@ def build(config, device):
 
 
 def train(config, *, log=print, metrics=None):
-    """Train on the stream for config.steps windows under the curriculum; returns the summary dict.
+    """Train on the stream for config.steps windows under the curriculum (or at config.length);
+    returns the summary dict.
 
     `metrics`, if given, receives one dict per event: kind "log" every log_every
     windows (error averaged since the last one) and kind "length" when N grows.
@@ -197,7 +204,8 @@ def train(config, *, log=print, metrics=None):
     generator = torch.Generator().manual_seed(config.seed)  # the data's own stream
     task, model, optimizer = build(config, device)
     stream = EpisodeStream(task=task, batch_size=config.batch_size, generator=generator)
-    curriculum = Curriculum(threshold=config.threshold, min_scored=config.min_scored)
+    curriculum = Curriculum(threshold=config.threshold, min_scored=config.min_scored,
+                            length=config.length or 1, grow=not config.length)
     core_params = list(model.core.parameters())
     state = model.core.initial_state(config.batch_size, device)
     bits, scored, sg_loss = 0.0, 0, 0.0  # since the last log line
@@ -272,6 +280,6 @@ def run(config, *, log=print):
     summary.update(config=dataclasses.asdict(config), env=environment(device))
     write_json(folder / "summary.json", summary)  # written last: its presence marks a finished run
     method = "DNI" if config.dni else "BPTT"
-    log(f"{config.task} T={config.truncation} {method}: longest length solved {summary['solved']} "
-        f"({summary['wall_s']:.0f}s) -> {folder}")
+    log(f"{config.task} T={config.truncation} {method}: longest length solved {summary['solved']}, error at "
+        f"N={summary['length']} {summary['last_bits']:.3f} bits per step ({summary['wall_s']:.0f}s) -> {folder}")
     return summary

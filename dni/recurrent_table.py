@@ -5,10 +5,13 @@ truncated BPTT vs DNI, at T = 2, 3, 4, 5, 8 on Copy and Repeat Copy, over seeds.
     python -m dni.recurrent_table --jobs 2       # two runs at once (one process each)
     python -m dni.recurrent_table --quick        # a tiny slice (the test's)
     python -m dni.recurrent_table --device auto  # on a GPU if there is one
+    python -m dni.recurrent_table --length 5 --steps 8000 --jobs 2
+                                                 # no curriculum: every run at N = 5, the error there
 
 Each run is a dni.recurrent run folder under <out>/rnn/; a run whose summary.json
 holds the same config is reused, so an interrupted table resumes where it stopped.
-Writes <out>/rnn_table.json, <out>/rnn_table.md and <out>/rnn_table.png.
+Writes <out>/rnn_table.json, <out>/rnn_table.md and <out>/rnn_table.png
+(with --length N: <out>/rnn_table_N<N>.*).
 """
 import dataclasses
 import json
@@ -41,26 +44,36 @@ class TableConfig:
     quick: bool = field(default=False, metadata=dict(help="a tiny slice: Copy, T=3, one seed, a few windows"))
     seeds: int = field(default=3, metadata=dict(help="seeds per cell", positive=True))
     steps: int = field(default=15000, metadata=dict(help="training windows per run", positive=True))
+    length: int = field(default=0, metadata=dict(help="every run at this episode length N, no curriculum: the "
+                                                      "table then gives the error at N (files rnn_table_N<N>.*)"))
     device: str = field(default="cpu", metadata=dict(help="device of every run", choices=DEVICES))
     threads: int = field(default=1, metadata=dict(help="torch CPU threads per run", positive=True))
     jobs: int = field(default=1, metadata=dict(help="runs at once, one process each", positive=True))
     out: str = field(default="results", metadata=dict(help="writes <out>/rnn_table.* and <out>/rnn/<run>/"))
 
+    @property
+    def stem(self):
+        """The table's file name without extension."""
+        return f"rnn_table_N{self.length}" if self.length else "rnn_table"
+
 
 def cells(config):
     """(task, T, method) of every cell of the table, and the per-run config overrides."""
     if config.quick:
-        return [("copy", 3, m) for m in METHODS], dict(steps=60, hidden=16, min_scored=50, seed_count=1)
+        return ([("copy", 3, m) for m in METHODS],
+                dict(steps=60, hidden=16, min_scored=50, length=config.length, seed_count=1))
     return ([(task, T, m) for task in TASK_NAMES for T in TRUNCATIONS for m in METHODS],
-            dict(steps=config.steps, seed_count=config.seeds))
+            dict(steps=config.steps, length=config.length, seed_count=config.seeds))
 
 
 def run_or_reuse(run_config, log):
-    """The summary of `run_config`'s run folder if it already holds this config, else a fresh run."""
+    """The summary of `run_config`'s run folder if it already holds this config, else a fresh run.
+    A setting added since the run was made (absent from its config) counts as unchanged."""
     summary_path = Path(run_config.out) / run_config.name / "summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
-        if summary.get("config") == dataclasses.asdict(run_config):
+        wanted = dataclasses.asdict(run_config)
+        if {**wanted, **summary.get("config", {})} == wanted:
             log(f"reuse {summary_path.parent}: solved {summary['solved']}")
             return summary
     return run(run_config, log=log)
@@ -70,9 +83,11 @@ def _mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _format(values):
+def _format(values, digits=1):
+    """'2.3 ± 0.6 (2, 3, 2)': mean ± std, then each value (floats with `digits` decimals)."""
     mean, std = _mean_std(values)
-    return f"{mean:.1f} ± {std:.1f} ({', '.join(str(v) for v in values)})"
+    each = ", ".join(f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f} ({each})"
 
 
 def _format_next(pairs):
@@ -83,18 +98,62 @@ def _format_next(pairs):
     return "; ".join(f"N={length}: {', '.join(bits)}" for length, bits in sorted(by_length.items()))
 
 
+def _settings(meta):
+    return (f"LSTM {meta['hidden']} units, {meta['symbols']} symbols (Repeat Copy: R in 1..{meta['max_repeats']}), "
+            f"batch {meta['batch_size']}, Adam lr {meta['lr']} (synthesizer {meta['sg_lr']}), "
+            f"linear synthesizer, synthetic gradient x {meta['sg_factor']}.")
+
+
+def _fixed_length_lines(table):
+    """The table of a fixed-length grid: the error at N where training stopped."""
+    meta = table["meta"]
+    lines = [
+        f"# Recurrent DNI: error at length N = {meta['length']}, BPTT vs DNI",
+        "",
+        f"Every run trains at episode length N = {meta['length']} only (no curriculum) for {meta['steps']} "
+        f"windows; error in bits per scored step at the last decision ({meta['threshold']} counts as solved), "
+        f"mean ± std over {meta['seeds']} seed(s), per-seed values in brackets. " + _settings(meta),
+        "",
+        "| task | T | BPTT | DNI |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in table["rows"]:
+        cells = [_format([bits for _, bits in row[f"{m}_next"]], digits=2) for m in METHODS]
+        lines.append(f"| {TASK_NAMES[row['task']]} | {row['T']} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
 def write_markdown(table, path):
     """rnn_table.md: one row per task and T; ours as mean ± std (per seed), the paper's beside,
-    then the error each run had reached on the length it was still learning."""
+    then the error each run had reached on the length it was still learning. A fixed-length
+    grid gives the error at its length instead."""
+    meta = table["meta"]
+    if meta["length"]:
+        lines = _fixed_length_lines(table)
+    else:
+        lines = _curriculum_lines(table)
+    lines += [
+        "",
+        f"Compute: {meta['run_wall_s'] / 60:.1f} min of training in all ({meta['runs']} runs) on "
+        f"{meta['gpu'] or meta['cpu'] or meta['device']} ({meta['device']}, {meta['threads']} thread(s) per run, "
+        f"{meta['jobs']} run(s) at once, "
+        f"torch {meta['torch']}, commit {(meta['git_commit'] or 'unknown')[:7]}); "
+        f"this invocation took {meta['invocation_wall_s'] / 60:.1f} min.",
+        f"Command: `{meta['command']}`",
+        "",
+    ]
+    write_text(Path(path), "\n".join(lines))
+
+
+def _curriculum_lines(table):
+    """The table of the curriculum grid: longest length solved, and where each run stopped."""
     meta = table["meta"]
     lines = [
         "# Recurrent DNI: longest sequence length solved (paper section 3.2, Table 2)",
         "",
         f"Longest length N solved (error < {meta['threshold']} bits per scored step) in {meta['steps']} "
         f"training windows per run; mean ± std over {meta['seeds']} seed(s), per-seed values in brackets. "
-        f"LSTM {meta['hidden']} units, {meta['symbols']} symbols (Repeat Copy: R in 1..{meta['max_repeats']}), "
-        f"batch {meta['batch_size']}, Adam lr {meta['lr']} (synthesizer {meta['sg_lr']}), "
-        f"linear synthesizer, synthetic gradient x {meta['sg_factor']}.",
+        + _settings(meta),
         "",
         "| task | T | BPTT | DNI | paper BPTT | paper DNI |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -114,36 +173,31 @@ def write_markdown(table, path):
     for row in table["rows"]:
         lines.append(f"| {TASK_NAMES[row['task']]} | {row['T']} | {_format_next(row['bptt_next'])} | "
                      f"{_format_next(row['dni_next'])} |")
-    lines += [
-        "",
-        meta["paper_note"],
-        f"Compute: {meta['run_wall_s'] / 60:.1f} min of training in all ({meta['runs']} runs) on "
-        f"{meta['gpu'] or meta['cpu'] or meta['device']} ({meta['device']}, {meta['threads']} thread(s) per run, "
-        f"{meta['jobs']} run(s) at once, "
-        f"torch {meta['torch']}, commit {(meta['git_commit'] or 'unknown')[:7]}); "
-        f"this invocation took {meta['invocation_wall_s'] / 60:.1f} min.",
-        f"Command: `{meta['command']}`",
-        "",
-    ]
-    write_text(Path(path), "\n".join(lines))
+    return lines + ["", meta["paper_note"]]
 
 
 def plot_table(table, path):
-    """rnn_table.png: longest length solved against T, per task, BPTT vs DNI, one dot per seed."""
+    """rnn_table.png: longest length solved (fixed length: the error at N) against T, per task,
+    BPTT vs DNI, one dot per seed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    length = table["meta"]["length"]
+    if length:
+        ylabel, values = f"error at N = {length} (bits per step)", lambda row, m: [b for _, b in row[f"{m}_next"]]
+    else:
+        ylabel, values = "longest length solved", lambda row, m: row[m]
     tasks = sorted({row["task"] for row in table["rows"]}, key=list(TASK_NAMES).index)
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         rows = [r for r in table["rows"] if r["task"] == task]
         for method, color in zip(METHODS, ("tab:gray", "tab:blue")):
             Ts = [r["T"] for r in rows]
-            ax.plot(Ts, [_mean_std(r[method])[0] for r in rows], "-o", color=color, label=method.upper())
+            ax.plot(Ts, [_mean_std(values(r, method))[0] for r in rows], "-o", color=color, label=method.upper())
             for r in rows:
-                ax.scatter([r["T"]] * len(r[method]), r[method], color=color, alpha=0.3, s=12)
-        ax.set(title=TASK_NAMES[task], xlabel="truncation T", ylabel="longest length solved")
+                ax.scatter([r["T"]] * len(values(r, method)), values(r, method), color=color, alpha=0.3, s=12)
+        ax.set(title=TASK_NAMES[task], xlabel="truncation T", ylabel=ylabel)
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -176,7 +230,7 @@ def make_table(config, argv=(), *, log=print):
         row[f"{method}_next"] = [[s["length"], s["last_bits"]] for s in mine]
     first = summaries[0]["config"]
     env = summaries[0]["env"]
-    meta = dict(steps=first["steps"], seeds=seed_count, hidden=first["hidden"], batch_size=first["batch_size"],
+    meta = dict(steps=first["steps"], length=config.length, seeds=seed_count, hidden=first["hidden"], batch_size=first["batch_size"],
                 lr=first["lr"], sg_lr=first["sg_lr"], sg_factor=first["sg_factor"], symbols=first["symbols"],
                 max_repeats=first["max_repeats"], threshold=first["threshold"],
                 runs=len(summaries), run_wall_s=round(sum(s["wall_s"] for s in summaries), 1),
@@ -185,10 +239,10 @@ def make_table(config, argv=(), *, log=print):
                 command=shlex.join(["python", "-m", "dni.recurrent_table", *argv]), paper_note=PAPER_NOTE)
     table = dict(meta=meta, rows=rows)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "rnn_table.json", table)
-    write_markdown(table, out / "rnn_table.md")
-    plot_table(table, out / "rnn_table.png")
-    log(f"wrote {out / 'rnn_table.md'} ({meta['invocation_wall_s'] / 60:.1f} min)")
+    write_json(out / f"{config.stem}.json", table)
+    write_markdown(table, out / f"{config.stem}.md")
+    plot_table(table, out / f"{config.stem}.png")
+    log(f"wrote {out / config.stem}.md ({meta['invocation_wall_s'] / 60:.1f} min)")
     return table
 
 

@@ -1,7 +1,7 @@
 """The README's generated sections: the results table, made from the run folders'
 summary.json files, and the markdown that the experiment scripts write to results/:
 bench.md (`python -m dni.bench`), table1.md and fashion_table1.md (`python -m dni.table1`),
-rnn_table.md (`python -m dni.recurrent_table`).
+rnn_table.md and rnn_table_N5.md (`python -m dni.recurrent_table`).
 
     python -m dni.report                 # print the table of results/*/summary.json
     python -m dni.report --readme README.md   # also rewrite every section between the README's markers
@@ -52,7 +52,7 @@ def results_table(summaries):
     return "\n".join(rows)
 
 
-SECTIONS = ("bench", "table1", "fashion_table1", "rnn_table")  # results/<name>.md -> <!-- <name>:start --> ... end
+SECTIONS = ("bench", "table1", "fashion_table1", "rnn_table", "rnn_table_N5")  # results/<name>.md -> <!-- <name>:start --> ... end
 
 
 def section_text(path):

@@ -166,6 +166,9 @@ def test_tasks_and_stream():
     assert not curriculum.record(1.0, 5)                  # too few scored steps to decide
     assert not curriculum.record(9.0, 15)                 # 0.5 bits per step: not solved
     assert curriculum.record(1.0, 10) and curriculum.length == 2 and curriculum.solved == 1
+    fixed = Curriculum(threshold=0.15, min_scored=10, length=4, grow=False)
+    assert not fixed.record(9.0, 15) and fixed.solved == 0
+    assert not fixed.record(1.0, 10) and fixed.length == 4 and fixed.solved == 4   # solved, and stays at N = 4
 
 
 def test_short_copy_run_solves_a_few_lengths(tmp_path):
@@ -185,7 +188,7 @@ def test_bad_flag_exits_2_with_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("flags", [["--task", "addition"], ["--dni", "maybe"], ["--steps", "ten"],
-                                   ["--clip", "-1"], ["--device", "tpu"], ["--name", "a/b"]])
+                                   ["--clip", "-1"], ["--device", "tpu"], ["--name", "a/b"], ["--length", "-2"]])
 def test_bad_flags_exit_2_with_one_line(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_config(RecurrentConfig, flags, prog="rnn.py")
@@ -216,3 +219,21 @@ def test_quick_table_writes_table_files(tmp_path):
     # reused, not rerun, also when the runs are handed to worker processes
     assert table_main(["--quick", "True", "--jobs", "2", "--out", str(tmp_path)])["rows"] == data["rows"]
     assert TableConfig().seeds >= 2
+
+
+def test_fixed_length_run_solves_its_length_and_stays_there(tmp_path):
+    config = RecurrentConfig(task="copy", truncation=4, length=1, steps=1500, out=str(tmp_path), log_every=250)
+    summary = run(config, log=lambda line: None)
+    assert config.name == "copy_T4_dni_N1_s0"
+    assert summary["solved"] == 1 and summary["length"] == 1 and summary["last_bits"] < config.threshold
+    rows = [json.loads(line) for line in (tmp_path / config.name / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(row["kind"] == "log" and row["length"] == 1 for row in rows)
+
+
+def test_quick_fixed_length_table_writes_its_own_files(tmp_path):
+    table = table_main(["--quick", "--length", "2", "--out", str(tmp_path)])
+    assert table["meta"]["length"] == 2 and not (tmp_path / "rnn_table.md").exists()
+    markdown = (tmp_path / "rnn_table_N2.md").read_text().splitlines()
+    assert "# Recurrent DNI: error at length N = 2, BPTT vs DNI" in markdown
+    assert sum(line.startswith("| Copy | 3 |") for line in markdown) == 1 and (tmp_path / "rnn_table_N2.png").exists()
+    assert {path.name for path in (tmp_path / "rnn").iterdir()} == {"copy_T3_bptt_N2_s0", "copy_T3_dni_N2_s0"}
