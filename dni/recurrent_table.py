@@ -123,28 +123,6 @@ def _fixed_length_lines(table):
     return lines
 
 
-def write_markdown(table, path):
-    """rnn_table.md: one row per task and T; ours as mean ± std (per seed), the paper's beside,
-    then the error each run had reached on the length it was still learning. A fixed-length
-    grid gives the error at its length instead."""
-    meta = table["meta"]
-    if meta["length"]:
-        lines = _fixed_length_lines(table)
-    else:
-        lines = _curriculum_lines(table)
-    lines += [
-        "",
-        f"Compute: {meta['run_wall_s'] / 60:.1f} min of training in all ({meta['runs']} runs) on "
-        f"{meta['gpu'] or meta['cpu'] or meta['device']} ({meta['device']}, {meta['threads']} thread(s) per run, "
-        f"{meta['jobs']} run(s) at once, "
-        f"torch {meta['torch']}, commit {(meta['git_commit'] or 'unknown')[:7]}); "
-        f"this invocation took {meta['invocation_wall_s'] / 60:.1f} min.",
-        f"Command: `{meta['command']}`",
-        "",
-    ]
-    write_text(Path(path), "\n".join(lines))
-
-
 def _curriculum_lines(table):
     """The table of the curriculum grid: longest length solved, and where each run stopped."""
     meta = table["meta"]
@@ -174,6 +152,25 @@ def _curriculum_lines(table):
         lines.append(f"| {TASK_NAMES[row['task']]} | {row['T']} | {_format_next(row['bptt_next'])} | "
                      f"{_format_next(row['dni_next'])} |")
     return lines + ["", meta["paper_note"]]
+
+
+def write_markdown(table, path):
+    """rnn_table.md: one row per task and T; ours as mean ± std (per seed), the paper's beside,
+    then the error each run had reached on the length it was still learning. A fixed-length
+    grid gives the error at its length instead."""
+    meta = table["meta"]
+    lines = _fixed_length_lines(table) if meta["length"] else _curriculum_lines(table)
+    lines += [
+        "",
+        f"Compute: {meta['run_wall_s'] / 60:.1f} min of training in all ({meta['runs']} runs) on "
+        f"{meta['gpu'] or meta['cpu'] or meta['device']} ({meta['device']}, {meta['threads']} thread(s) per run, "
+        f"{meta['jobs']} run(s) at once, "
+        f"torch {meta['torch']}, commit {(meta['git_commit'] or 'unknown')[:7]}); "
+        f"this invocation took {meta['invocation_wall_s'] / 60:.1f} min.",
+        f"Command: `{meta['command']}`",
+        "",
+    ]
+    write_text(Path(path), "\n".join(lines))
 
 
 def plot_table(table, path):
