@@ -120,7 +120,7 @@ def _fixed_length_lines(table):
     for row in table["rows"]:
         cells = [_format([bits for _, bits in row[f"{m}_next"]], digits=2) for m in METHODS]
         lines.append(f"| {TASK_NAMES[row['task']]} | {row['T']} | {cells[0]} | {cells[1]} |")
-    return lines
+    return lines + [""]
 
 
 def _curriculum_lines(table):
@@ -161,7 +161,6 @@ def write_markdown(table, path):
     meta = table["meta"]
     lines = _fixed_length_lines(table) if meta["length"] else _curriculum_lines(table)
     lines += [
-        "",
         f"Compute: {meta['run_wall_s'] / 60:.1f} min of training in all ({meta['runs']} runs) on "
         f"{meta['gpu'] or meta['cpu'] or meta['device']} ({meta['device']}, {meta['threads']} thread(s) per run, "
         f"{meta['jobs']} run(s) at once, "
