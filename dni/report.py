@@ -1,7 +1,8 @@
 """The README's generated sections: the results table, made from the run folders'
 summary.json files, and the markdown that the experiment scripts write to results/:
 bench.md (`python -m dni.bench`), table1.md and fashion_table1.md (`python -m dni.table1`),
-rnn_table.md and rnn_table_N5.md (`python -m dni.recurrent_table`).
+rnn_table.md and rnn_table_N<N>.md (`python -m dni.recurrent_table`): the README section
+<!-- name:start --> ... <!-- name:end --> gets results/<name>.md.
 
     python -m dni.report                 # print the table of results/*/summary.json
     python -m dni.report --readme README.md   # also rewrite every section between the README's markers
@@ -11,6 +12,7 @@ No figure in the README is typed by hand: each comes from a run folder or a benc
 import argparse
 import json
 import platform
+import re
 from pathlib import Path
 
 from dni.runs import write_text
@@ -52,9 +54,6 @@ def results_table(summaries):
     return "\n".join(rows)
 
 
-SECTIONS = ("bench", "table1", "fashion_table1", "rnn_table", "rnn_table_N5")  # results/<name>.md -> <!-- <name>:start --> ... end
-
-
 def section_text(path):
     """A results markdown file without its title, its headings one level under the README's."""
     return Path(path).read_text().split("\n", 1)[1].strip().replace("\n## ", "\n#### ")
@@ -78,7 +77,7 @@ def main(argv=None):
     print(table)
     if args.readme:
         rewrite_readme(args.readme, "results", table)
-        for name in SECTIONS:
+        for name in re.findall(r"<!-- (\w+):start -->", Path(args.readme).read_text()):
             path = Path(args.results) / f"{name}.md"
             if path.exists():
                 rewrite_readme(args.readme, name, section_text(path))
