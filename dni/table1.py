@@ -18,7 +18,7 @@ if it was trained with the settings asked for now, so an interrupted table resum
 with other settings (say the defaults in dni/config.py moved) stops the table with a message,
 unless --retrain_stale. Ctrl-C or `kill PID` stops the table after its running runs saved a
 checkpoint (exit 130/143); the same command then continues them (dni.train --resume). Unset
-hyperparameters (lr, sg_lr, synthesizer depth...) are dni.config's defaults at run time. Writes
+hyperparameters (sg_lr, synthesizer depth...) are dni.config's defaults at run time. Writes
 <results>/table1.json, .md, _curves.png and _sg.png (Fashion-MNIST: fashion_table1.*),
 rewriting the tables after every run; `--table_only` redraws them from the run folders.
 """
@@ -58,10 +58,11 @@ METHOD_LABEL = {"nobprop": "No Bprop", "backprop": "Bprop", "dni": "DNI", "cdni"
 DATASETS = {"mnist": ("MNIST", ""), "fashion_mnist": ("Fashion-MNIST", "fashion_")}  # -> (title, file prefix)
 SEEDS = (0, 1, 2)
 
-# The CPU grid trains every run for main.py's epochs of its model (dni/models.py: 10 for both,
-# 2,340 iterations of batch 256, about 0.5% of the paper's budget), the same for every method,
-# so the FCN 3 and CNN 3 rows repeat the defaults' runs over seeds. With --jobs 2 on 2 cores a
-# whole grid (72 runs, about three hours of training) takes about an hour and a half.
+# The CPU grid's budget: 10 epochs for every run (2,340 iterations of batch 256, about 0.5% of
+# the paper's), the same for every method, at each model's stage lr of that budget. main.py's
+# defaults train longer (dni/models.py), which the grid cannot afford: with --jobs 2 on 2 cores
+# this one (72 runs, about three hours of training) takes about an hour and a half.
+CPU_SETTINGS = {"mlp": dict(num_epochs=10, lr=1e-3), "cnn": dict(num_epochs=10, lr=3e-3)}
 # The paper's budget (section 3.1): Adam, lr 3e-5 divided by 10 at 60% and 80% of 500k
 # iterations of batch 256; 128 filters per conv layer.
 PAPER_ITERATIONS = 500_000
@@ -123,7 +124,9 @@ def run_config(args, model, layers, method, seed):
     if args.paper:
         settings.update(PAPER_SETTINGS, num_epochs=paper_epochs(PAPER_SETTINGS["batch_size"]))
     else:
-        settings["num_epochs"] = args.epochs  # None: main.py's, from dni/models.py
+        settings.update(CPU_SETTINGS[model])
+        if args.epochs:
+            settings["num_epochs"] = args.epochs
     return Config(**settings)
 
 
@@ -556,8 +559,8 @@ def parse_args(argv=None):
                         help="only these layer counts (default: the paper's, FCN 3-6 and CNN 3-4)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="columns (default: all four)")
     parser.add_argument("--epochs", type=int,
-                        help="epochs of every run (default: main.py's: "
-                             + ", ".join(f"{k} {spec.num_epochs}" for k, spec in MODELS.items()) + ")")
+                        help="epochs of every run (default: "
+                             + ", ".join(f"{k} {v['num_epochs']}" for k, v in CPU_SETTINGS.items()) + ")")
     parser.add_argument("--paper", action="store_true",
                         help=f"the paper's budget: {PAPER_ITERATIONS} iterations, "
                              + ", ".join(f"{k} {v}" for k, v in PAPER_SETTINGS.items()) + " (for a GPU)")

@@ -113,7 +113,10 @@ def test_layers_map_to_depth_and_paper_budget():
     assert (config.num_epochs - 1) * steps < PAPER_ITERATIONS <= config.num_epochs * steps
     assert "table1_paper" in config.out
     quick = run_config(parse_args(["--quick"]), "mlp", 3, "nobprop", 0)
-    assert quick.lr == Config().lr and quick.method == "nobprop" and quick.depth == 2  # defaults at run time
+    assert (quick.lr, quick.num_epochs) == (1e-3, 1) and quick.method == "nobprop" and quick.depth == 2
+    assert quick.sg_lr == Config(model_type="mlp").sg_lr  # what the table does not set: defaults at run time
+    cpu = run_config(parse_args([]), "cnn", 3, "dni", 0)  # the CPU grid's budget, not main.py's longer one
+    assert (cpu.num_epochs, cpu.lr) == (10, 3e-3)
 
 
 def test_nobprop_step_trains_the_classifier_alone():
