@@ -25,9 +25,9 @@ class Config:
     conditioned: bool = _opt("cDNI: synthesizers also read the one-hot label", default=False)
     dataset: str = _opt("data set", default="mnist", choices=DATASET_CHOICES)
     data_dir: str = _opt("where data sets live", default="data")
-    num_epochs: Optional[int] = _opt("epochs (default: 10)", default=None, positive=True)
+    num_epochs: Optional[int] = _opt("epochs (default: mlp 60, cnn 20)", default=None, positive=True)
     batch_size: int = _opt("batch size", default=256, positive=True)
-    lr: Optional[float] = _opt("Adam learning rate of the stages, every method (default: mlp 1e-3, cnn 3e-3)",
+    lr: Optional[float] = _opt("Adam learning rate of the stages, every method (default: mlp 3e-4, cnn 3e-3)",
                                default=None, positive=True)
     sg_lr: Optional[float] = _opt("Adam learning rate of the synthesizers (default: 1e-3; mlp DNI 5e-3)",
                                   default=None, positive=True)
