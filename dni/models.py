@@ -57,8 +57,8 @@ class ModelSpec:
     synthesizer of h_i predicts zero wherever the linear classifier on top sits at its optimum,
     while a nonlinear one can estimate the label from h_i better than that classifier, and a
     wider one does it better (10 epochs at lr 1e-3, seed 0: 512 units 95.0%, 1024 95.9%, 2048
-    96.2%, 4096 96.2%). cDNI, given the label, also gains from a hidden layer at a slower sg_lr (the paper
-    found linear best for cDNI, at 200x our budget). Plain DNI on the CNN does not: its linear
+    96.2%, 4096 96.2%). cDNI, given the label, also gains from a hidden layer at a slower sg_lr
+    (the paper found linear best for cDNI, at 200x our budget). Plain DNI on the CNN does not: its linear
     conv synthesizer at sg_lr 5e-4 or 1e-3 ends within 0.04 point of one with a hidden layer at
     its best sg_lr (results/search_cnn.md); 1e-3 is kept, the rate of every synthesizer but the
     FCN's plain DNI.
