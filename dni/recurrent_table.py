@@ -226,9 +226,9 @@ def make_table(config, argv=(), *, log=print):
         row[f"{method}_next"] = [[s["length"], s["last_bits"]] for s in mine]
     first = summaries[0]["config"]
     env = summaries[0]["env"]
-    meta = dict(steps=first["steps"], length=config.length, seeds=seed_count, hidden=first["hidden"], batch_size=first["batch_size"],
-                lr=first["lr"], sg_lr=first["sg_lr"], sg_factor=first["sg_factor"], symbols=first["symbols"],
-                max_repeats=first["max_repeats"], threshold=first["threshold"],
+    meta = dict(steps=first["steps"], length=config.length, seeds=seed_count, hidden=first["hidden"],
+                batch_size=first["batch_size"], lr=first["lr"], sg_lr=first["sg_lr"], sg_factor=first["sg_factor"],
+                symbols=first["symbols"], max_repeats=first["max_repeats"], threshold=first["threshold"],
                 runs=len(summaries), run_wall_s=round(sum(s["wall_s"] for s in summaries), 1),
                 invocation_wall_s=round(time.perf_counter() - t0, 1), device=env["device"], gpu=env["gpu"],
                 cpu=env["cpu"], threads=config.threads, jobs=config.jobs, torch=env["torch"], git_commit=env["git_commit"],
