@@ -9,6 +9,7 @@ METHODS = ("dni", "backprop", "nobprop")
 SCHEDULES = ("cosine", "constant", "paper")
 DEVICES = ("auto", "cpu", "cuda")
 DATASET_CHOICES = ("mnist", "fashion_mnist", "cifar10")
+SYNTH_TYPES = ("conv", "dense")
 
 
 def _opt(help, **kw):
@@ -36,11 +37,14 @@ class Config:
     depth: Optional[int] = _opt("hidden stages (default: mlp 3, cnn 2)", default=None, positive=True)
     hidden: int = _opt("units per mlp hidden stage", default=256, positive=True)
     channels: int = _opt("filters per cnn stage (the paper: 128)", default=16, positive=True)
-    synth_layers: Optional[int] = _opt("hidden layers in each synthesizer, 0 = linear (default: 1; cnn DNI 0)",
+    synth_layers: Optional[int] = _opt("hidden layers in each synthesizer, 0 = linear (default: 1)",
                                        default=None, choices=(0, 1, 2))
     synth_width: Optional[int] = _opt("units per dense synthesizer hidden layer (default: 1024; mlp DNI 2048)",
                                       default=None, positive=True)
     synth_channels: int = _opt("filters per conv synthesizer hidden layer", default=32, positive=True)
+    synth_type: Optional[str] = _opt("synthesizer of a cnn stage's feature maps: conv (the paper's) or dense, on "
+                                     "the flattened maps (default: cnn DNI dense, cDNI conv; mlp: dense)",
+                                     default=None, choices=SYNTH_TYPES)
     device: str = _opt("where to train", default="auto", choices=DEVICES)
     use_gpu: Optional[bool] = _opt("the seed's flag: True = --device cuda, False = --device cpu",
                                    default=None)
@@ -85,6 +89,10 @@ class Config:
             self.synth_width = spec.synth_width[self.conditioned]
         if self.sg_lr is None:
             self.sg_lr = spec.sg_lr[self.conditioned]
+        if self.synth_type is None:
+            self.synth_type = spec.synth_type[self.conditioned]
+        if self.synth_type == "conv" and self.model_type != "cnn":
+            raise DNIError(f"--synth_type conv needs --model_type cnn ({self.model_type} stages output vectors)")
         if self.use_gpu is not None:
             self.device = "cuda" if self.use_gpu else "cpu"
         if self.conditioned and self.method != "dni":
@@ -114,3 +122,9 @@ class Config:
 
     def to_dict(self):
         return asdict(self)
+
+
+def saved_settings(saved):
+    """A recorded run's config.json, completed with the value each setting added since then had
+    implicitly: runs made before --synth_type existed used conv synthesizers on cnn stages."""
+    return {"synth_type": "conv" if saved.get("model_type") == "cnn" else "dense", **saved}

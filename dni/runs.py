@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dni.config import Config
+from dni.config import Config, saved_settings
 from dni.errors import DNIError
 
 
@@ -158,7 +158,7 @@ def load_checkpoint(run_dir):
 def resume_config(run_dir, given):
     """The config that continues `run_dir`: its checkpoint's, with the flags `given` now on top
     (`run` then refuses any that would change the maths)."""
-    saved = load_checkpoint(run_dir)["config"]
+    saved = saved_settings(load_checkpoint(run_dir)["config"])
     config = Config(**{**saved, "out": str(run_dir), **given, "resume": str(run_dir)})
     if getattr(config, "pipeline", False):
         raise DNIError("--resume continues sequential runs only, not --pipeline ones")

@@ -13,6 +13,8 @@ factor, so a synthesizer's output does not depend on the batch size.
 Loss convention (one, used everywhere): `synthesizer_loss` is the mean over all
 elements of (g_hat - g)^2, so dense and conv synthesizers share a learning rate.
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -30,8 +32,9 @@ def _zero(layer):
 
 
 class DenseSynthesizer(nn.Module):
-    """M(h, c) for vector triggers (B, features): `hidden_layers` x (Linear -> BatchNorm -> ReLU)
-    of `width` units, then a zero-initialised Linear back to `features`. hidden_layers=0 is linear."""
+    """M(h, c) on the flattened trigger (B, features), any trigger shape: `hidden_layers` x
+    (Linear -> BatchNorm -> ReLU) of `width` units, then a zero-initialised Linear back to
+    `features`, shaped like the trigger. hidden_layers=0 is linear."""
 
     def __init__(self, *, features, context_features=0, hidden_layers=1, width=1024):
         super().__init__()
@@ -43,9 +46,10 @@ class DenseSynthesizer(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, trigger, context=None):
+        x = trigger.flatten(1)  # (B, features)
         if context is not None:
-            trigger = torch.cat([trigger, context], dim=1)  # (B, features + classes)
-        return self.net(trigger)
+            x = torch.cat([x, context], dim=1)  # (B, features + classes)
+        return self.net(x).view(trigger.shape)
 
 
 class ConvSynthesizer(nn.Module):
@@ -83,10 +87,11 @@ class ConvSynthesizer(nn.Module):
         return self.net(trigger) + out
 
 
-def make_synthesizer(shape, *, context_features=0, hidden_layers=1, width=1024, conv_width=64):
-    """The synthesizer for a trigger of per-example `shape`: (features,) -> dense, (C, H, W) -> conv."""
-    if len(shape) == 1:
-        return DenseSynthesizer(features=shape[0], context_features=context_features,
+def make_synthesizer(shape, *, kind="conv", context_features=0, hidden_layers=1, width=1024, conv_width=64):
+    """The synthesizer for a trigger of per-example `shape`: (features,) -> dense; (C, H, W) -> conv,
+    or dense on the flattened map when `kind` is "dense"."""
+    if len(shape) == 1 or kind == "dense":
+        return DenseSynthesizer(features=math.prod(shape), context_features=context_features,
                                 hidden_layers=hidden_layers, width=width)
     if len(shape) == 3:
         return ConvSynthesizer(shape=shape, context_features=context_features,

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from dni.cli import OneLineParser, main_guard
-from dni.config import DEVICES, METHODS as CONFIG_METHODS, Config
+from dni.config import DEVICES, METHODS as CONFIG_METHODS, Config, saved_settings
 from dni.data import num_batches
 from dni.errors import DNIError
 from dni.models import MODELS
@@ -76,11 +76,12 @@ PAPER = {}
 # Settings that say where a run lives or how it is drawn, not what it computes.
 NOT_MATHS = {"device", "use_gpu", "out", "plot", "overwrite", "data_dir", "resume"}
 PIPELINE_ONLY = {"partition", "max_in_flight", "worker_timeout"}  # act only when pipeline is True
-SYNTH_ONLY = {"sg_lr", "synth_layers", "synth_width", "synth_channels"}  # act only when method is dni
+SYNTH_ONLY = {"sg_lr", "synth_type", "synth_layers", "synth_width", "synth_channels"}  # act only when method is dni
 # Settings the table reports, per model: of every run, and of the synthesizers of DNI runs.
 STAGE_KEYS = {"mlp": ("lr", "schedule", "batch_size", "num_epochs", "hidden"),
               "cnn": ("lr", "schedule", "batch_size", "num_epochs", "channels")}
-SYNTH_KEYS = {"mlp": ("sg_lr", "synth_layers", "synth_width"), "cnn": ("sg_lr", "synth_layers", "synth_channels")}
+SYNTH_KEYS = {"mlp": ("sg_lr", "synth_layers", "synth_width"),
+              "cnn": ("sg_lr", "synth_type", "synth_layers", "synth_width", "synth_channels")}
 
 
 # ---------------------------------------------------------------- the grid
@@ -149,7 +150,7 @@ def output_base(args):
 
 def stale_settings(run_dir, config):
     """The settings a finished run was trained with that differ from `config`'s: {name: (was, now)}."""
-    saved = json.loads((run_dir / "config.json").read_text())
+    saved = saved_settings(json.loads((run_dir / "config.json").read_text()))
     wanted = config.to_dict()
     ignored = NOT_MATHS | (PIPELINE_ONLY if not (saved.get("pipeline") or wanted.get("pipeline")) else set()) \
         | (SYNTH_ONLY if "dni" not in (saved.get("method"), wanted.get("method")) else set())
@@ -329,7 +330,7 @@ def collect(args, failures=None):
                 if not (run_dir / "summary.json").exists():
                     continue
                 summary = json.loads((run_dir / "summary.json").read_text())
-                config = json.loads((run_dir / "config.json").read_text())
+                config = saved_settings(json.loads((run_dir / "config.json").read_text()))
                 env = json.loads((run_dir / "env.json").read_text()) if (run_dir / "env.json").exists() else {}
                 cell["seeds"].append(seed)
                 cell["test_error"].append(round(100 * (1 - summary["test_acc"]), 4))

@@ -60,6 +60,7 @@ def test_one_epoch_on_mnist_beats_floor(tmp_path, script, args, floor):
     (["--depth", "0"], "must be > 0"),
     (["--no_such_flag", "1"], "unrecognized arguments"),
     (["--method", "backprop", "--conditioned", "True"], "needs --method dni"),
+    (["--synth_type", "conv"], "--synth_type conv needs --model_type cnn"),
 ])
 def test_bad_flags_exit_2_with_one_line(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit:

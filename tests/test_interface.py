@@ -10,17 +10,20 @@ import dni.interface as interface
 from dni.interface import DNINet, backprop_step, dni_step, stage_update, synthesizer_update
 from dni.models import MODELS, stage_shapes
 from dni.synthesizers import ConvSynthesizer, DenseSynthesizer, make_synthesizer, synthesizer_loss
+from dni.config import Config
+from dni.train import build_net
 
 IN_SHAPE = (1, 12, 12)
 SIZES = {"mlp": dict(depth=3, hidden=16), "cnn": dict(depth=2, channels=4)}
 
 
-def make_net(model_type, *, conditioned=False, synth_layers=1, dtype=torch.float64, synthesizers=None):
+def make_net(model_type, *, conditioned=False, synth_layers=1, kind="conv", dtype=torch.float64,
+             synthesizers=None):
     torch.manual_seed(0)
     stages = MODELS[model_type].build(in_shape=IN_SHAPE, classes=10, **SIZES[model_type])
     if synthesizers is None:
         synthesizers = nn.ModuleList(
-            make_synthesizer(s, context_features=10 if conditioned else 0, hidden_layers=synth_layers,
+            make_synthesizer(s, kind=kind, context_features=10 if conditioned else 0, hidden_layers=synth_layers,
                              width=32, conv_width=8)
             for s in stage_shapes(stages, IN_SHAPE)[:-1])
     return DNINet(stages=stages, synthesizers=synthesizers, conditioned=conditioned).to(dtype)
@@ -75,10 +78,10 @@ def test_oracle_synthesizers_give_backprop_parameters(model_type):
     torch.testing.assert_close(net.stages.state_dict(), reference.stages.state_dict())
 
 
-@pytest.mark.parametrize("model_type", ["mlp", "cnn"])
+@pytest.mark.parametrize("model_type, kind", [("mlp", "dense"), ("cnn", "conv"), ("cnn", "dense")])
 @pytest.mark.parametrize("conditioned", [False, True])
-def test_first_synthetic_gradient_is_exactly_zero(model_type, conditioned):
-    net = make_net(model_type, conditioned=conditioned, dtype=torch.float32)
+def test_first_synthetic_gradient_is_exactly_zero(model_type, kind, conditioned):
+    net = make_net(model_type, conditioned=conditioned, kind=kind, dtype=torch.float32)
     x, y = batch(dtype=torch.float32)
     h = x
     for stage, synthesizer in zip(net.stages, net.synthesizers):
@@ -88,6 +91,24 @@ def test_first_synthetic_gradient_is_exactly_zero(model_type, conditioned):
         g_hat = synthesizer(h.detach(), net.context(y))
         assert g_hat.shape == h.shape
         assert torch.count_nonzero(g_hat) == 0
+
+
+@pytest.mark.parametrize("conditioned", [False, True])  # dense synthesizers, conv ones
+def test_channels_last_cnn_steps_as_the_default_layout_does(conditioned):
+    """build_net lays a CNN's weights out channels-last, for speed: the steps must not change
+    (SGD, so that rounding differences stay rounding differences)."""
+    config = Config(model_type="cnn", conditioned=conditioned, depth=2, channels=4, synth_width=32, synth_channels=8)
+    net = build_net(config, IN_SHAPE, 10)
+    plain = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
+    assert net.stages[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert plain.stages[0][0].weight.is_contiguous()
+    sgd = lambda modules: [torch.optim.SGD(m.parameters(), lr=0.1) for m in modules]
+    optimizers = [(sgd(n.stages), sgd(n.synthesizers)) for n in (net, plain)]
+    for t in range(3):
+        x, y = batch(seed=t, dtype=torch.float32)
+        for n, (stage_opts, synth_opts) in zip((net, plain), optimizers):
+            dni_step(n, stage_opts, synth_opts, x, y)
+    torch.testing.assert_close(net.state_dict(), plain.state_dict(), rtol=1e-4, atol=1e-5)
 
 
 def test_zero_synthetic_gradient_leaves_stages_unchanged():
@@ -159,6 +180,7 @@ def test_synthesizer_loss_is_mean_squared_error():
 @pytest.mark.parametrize("synthesizer, trigger", [
     (DenseSynthesizer(features=6, context_features=10, hidden_layers=1, width=32), torch.randn(64, 6)),
     (ConvSynthesizer(shape=(3, 5, 5), context_features=10, hidden_layers=1, width=8), torch.randn(64, 3, 5, 5)),
+    (DenseSynthesizer(features=75, context_features=10, hidden_layers=1, width=32), torch.randn(64, 3, 5, 5)),
 ])
 def test_conditioned_synthesizer_learns_a_fixed_target(synthesizer, trigger):
     torch.manual_seed(0)

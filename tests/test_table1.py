@@ -14,7 +14,7 @@ import torch
 from dni.config import Config
 from dni.data import load_data
 from dni.interface import nobprop_step
-from dni.table1 import PAPER_ITERATIONS, paper_epochs, parse_args, run_config
+from dni.table1 import PAPER_ITERATIONS, paper_epochs, parse_args, run_config, stale_settings
 from dni.train import Optimizers, build_net
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,3 +181,16 @@ def test_once_asked_to_stop_the_grid_starts_no_queued_run(tmp_path, monkeypatch)
     with pytest.raises(table1.Stopped, match="not started"):
         table1.train_one(Config(out=str(tmp_path / "run"), num_epochs=1, data_dir=str(tmp_path)), 1)
     assert not (tmp_path / "run").exists()
+
+
+def test_runs_older_than_a_setting_are_judged_by_what_they_did(tmp_path):
+    """A CNN DNI run recorded before --synth_type existed used conv synthesizers: stale once
+    the default is dense; an FCN run (always dense) stays fresh."""
+    args = parse_args([])
+    for model, layers, stale in (("cnn", 3, True), ("mlp", 3, False)):
+        config = run_config(args, model, layers, "dni", 0)
+        saved = {k: v for k, v in config.to_dict().items() if k != "synth_type"}
+        run_dir = tmp_path / model
+        run_dir.mkdir()
+        (run_dir / "config.json").write_text(json.dumps(saved))
+        assert stale_settings(run_dir, config) == ({"synth_type": ("conv", "dense")} if stale else {})
