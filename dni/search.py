@@ -4,7 +4,7 @@ for DNI and cDNI on the MNIST FCN (or CNN), a few epochs per run; backprop at ea
 rate beside.
 
     python -m dni.search                     # the grid: 2 x 3 x 1 x 4 x 3 = 72 runs + 3 backprop, 2 epochs, seed 0
-    python -m dni.search --model_type cnn    # the same for the CNN: results/search_cnn.*; width = conv channels
+    python -m dni.search --model_type cnn    # the same for the CNN's conv synthesizers: results/search_cnn.*
     python -m dni.search --jobs 2            # two runs at once
     python -m dni.search --quick             # 2 runs of 1 epoch: checks the plumbing
     python -m dni.search --table_only        # rank the finished runs again
@@ -65,6 +65,8 @@ def run_config(args, method, synth_layers, synth_width, sg_lr, lr, seed):
                     overwrite=True, out=str(Path(args.results) / args.stem / name), **METHODS[method])
     if method != "backprop":
         settings.update({"synth_layers": synth_layers, WIDTH[args.model_type]: synth_width, "sg_lr": sg_lr})
+        if args.model_type == "cnn":  # its widths are conv filters: the search is over conv synthesizers
+            settings["synth_type"] = "conv"
     for name in ("device", "data_dir"):
         if getattr(args, name):
             settings[name] = getattr(args, name)
