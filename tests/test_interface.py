@@ -7,10 +7,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dni.interface as interface
+from dni.config import Config
 from dni.interface import DNINet, backprop_step, dni_step, stage_update, synthesizer_update
 from dni.models import MODELS, stage_shapes
 from dni.synthesizers import ConvSynthesizer, DenseSynthesizer, make_synthesizer, synthesizer_loss
-from dni.config import Config
 from dni.train import build_net
 
 IN_SHAPE = (1, 12, 12)
