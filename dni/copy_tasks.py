@@ -85,16 +85,24 @@ def make_task(name, *, symbols=8, max_repeats=3):
 class EpisodeStream:
     """`batch_size` streams of back-to-back episodes, read `steps` steps at a time.
 
-    The streams run in step: their episodes have the same length and begin at the
-    same step (their symbols differ), so the model resets all states at once.
+    The episodes are made a batch at a time, all of the same length N (the one
+    asked for at that read), and would begin at the same step in every stream.
+    With `stagger` > 0, stream b is delayed by its own d_b steps, drawn once from
+    0..stagger-1 (an unscored blank before its first episode): the streams are
+    then at different phases of their episodes, so a window of T steps holds
+    reading and answering steps alike instead of one phase for the whole batch.
     Each read returns the next inputs (T, B, F), targets (T, B), episode starts
-    (T,), True at an episode's first step, and the length N of the episode each
-    step belongs to (T,), so that the curriculum only scores the current length.
-    Episodes are made when needed, with the length asked for at that read.
+    (T, B), True at an episode's first step, and the length N of the episode
+    each step belongs to (T, B; 0 on the blank), so that the curriculum only
+    scores the current length.
     """
 
-    def __init__(self, *, task, batch_size, generator):
+    def __init__(self, *, task, batch_size, generator, stagger=0):
         self.task, self.batch_size, self.generator = task, batch_size, generator
+        self.delays = (torch.randint(stagger, (batch_size,), generator=generator) if stagger    # (B,)
+                       else torch.zeros(batch_size, dtype=torch.long))
+        self.position = 0      # steps read so far
+        self.first = 0         # the step of the undelayed stream that self.buffer begins with
         self.buffer = (torch.zeros(0, batch_size, task.input_features),
                        torch.zeros(0, batch_size, dtype=torch.long),
                        torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long))
@@ -102,8 +110,8 @@ class EpisodeStream:
     def read(self, steps, length):
         """The next `steps` steps of every stream; new episodes have N = `length`."""
         parts = [self.buffer]
-        have = len(self.buffer[2])
-        while have < steps:
+        have = self.first + len(self.buffer[2])
+        while have < self.position + steps:
             x, y = self.task.episodes(length, self.batch_size, self.generator)
             starts = torch.zeros(len(y), dtype=torch.bool)
             starts[0] = True
@@ -111,8 +119,20 @@ class EpisodeStream:
             have += len(y)
         if len(parts) > 1:
             self.buffer = tuple(torch.cat(p) for p in zip(*parts))
-        window = tuple(t[:steps] for t in self.buffer)
-        self.buffer = tuple(t[steps:] for t in self.buffer)
+        x, y, starts, lengths = self.buffer
+        index = self.position + torch.arange(steps)[:, None] - self.delays - self.first    # (T, B)
+        blank = index < 0
+        index = index.clamp(min=0)
+        streams = torch.arange(self.batch_size)
+        window = (x[index, streams].masked_fill(blank[..., None], 0.0),
+                  y[index, streams].masked_fill(blank, IGNORE),
+                  starts[index] & ~blank,
+                  lengths[index].masked_fill(blank, 0))
+        self.position += steps
+        keep = self.position - int(self.delays.max()) - self.first    # steps no stream will read again
+        if keep > 0:
+            self.buffer = tuple(t[keep:] for t in self.buffer)
+            self.first += keep
         return window
 
 

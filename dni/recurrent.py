@@ -1,12 +1,16 @@
 """Recurrent DNI: synthetic gradients at the boundaries of truncated BPTT windows (paper, section 3.2).
 
 An LSTM core reads B streams of back-to-back episodes (dni.copy_tasks; its state
-is reset where an episode begins) and is trained on windows of T steps, wherever
+is reset where an episode begins; the streams are staggered so that a window
+mixes phases of the episodes) and is trained on windows of T steps, wherever
 their boundaries fall in the episodes. Within a window, ordinary BPTT. Truncated BPTT stops there: nothing
 from the future reaches the window. With DNI, a synthesizer M reads the state
 s = [h, c] at the window's end and predicts the gradient of all future loss
-w.r.t. it; that synthetic gradient, scaled by `sg_factor` (0.1 in the paper), is
-backpropagated into the window with the window's own loss. The gradient that
+w.r.t. it; that synthetic gradient, scaled by `sg_factor`, is backpropagated
+into the window with the window's own loss. The paper scales by 0.1; the
+default here is 1, the undiscounted future loss, which stays finite because the
+state (and so the gradient) is reset where each episode begins: on Copy at
+T = 8, factor 1 took DNI much further into length 7 than 0.1 (README). The gradient that
 reaches the window's start state is the bootstrapped target for M at that state,
 which is where the previous window ended (paper, Figure 3 and section 3.2).
 
@@ -16,7 +20,8 @@ batch of each stream's loss summed over the window's steps, so the objective
 backpropagated is (sum of losses + sg_factor * <s_end, g_hat_end>) / B and the
 target is B times the gradient w.r.t. the start state. Because the target
 includes the scaled synthetic gradient, M learns a gradient of the future loss
-in which each further window counts sg_factor times less (the paper's scheme).
+in which each further window counts sg_factor times less (the paper's scheme;
+with factor 1, all of the episode's future loss).
 
 The Aux variant of the paper (also predicting future synthetic gradients) is not
 implemented.
@@ -49,13 +54,16 @@ class RecurrentConfig:
     task: str = field(default="copy", metadata=dict(help="task", choices=TASKS))
     truncation: int = field(default=3, metadata=dict(help="T: steps per BPTT window", positive=True))
     dni: bool = field(default=True, metadata=dict(help="synthetic gradients at window ends; False: truncated BPTT"))
-    sg_factor: float = field(default=0.1, metadata=dict(help="scale of the synthetic gradient", positive=True))
+    sg_factor: float = field(default=1.0, metadata=dict(help="scale of the synthetic gradient (the paper: 0.1)",
+                                                        positive=True))
     hidden: int = field(default=64, metadata=dict(help="LSTM units", positive=True))
     symbols: int = field(default=8, metadata=dict(help="alphabet size", positive=True))
     max_repeats: int = field(default=3, metadata=dict(help="repeat_copy: R drawn from 1..max_repeats", positive=True))
     length: int = field(default=0, metadata=dict(help="train at this episode length N only (no curriculum); "
                                                       "0: the curriculum, from N = 1"))
     batch_size: int = field(default=256, metadata=dict(help="parallel streams", positive=True))
+    stagger: int = field(default=64, metadata=dict(help="delay each stream by 0..stagger-1 steps, so that windows "
+                                                        "mix phases of the episodes; 0: streams in step"))
     lr: float = field(default=3e-3, metadata=dict(help="Adam learning rate of the core", positive=True))
     sg_lr: float = field(default=1e-3, metadata=dict(help="Adam learning rate of the synthesizer", positive=True))
     clip: float = field(default=1.0, metadata=dict(help="max gradient norm of the core, 0: no clipping"))
@@ -75,6 +83,8 @@ class RecurrentConfig:
             raise DNIError(f"--clip must be >= 0, got {self.clip}")
         if self.length < 0:
             raise DNIError(f"--length must be >= 0, got {self.length}")
+        if self.stagger < 0:
+            raise DNIError(f"--stagger must be >= 0, got {self.stagger}")
         if not self.name:
             fixed = f"_N{self.length}" if self.length else ""
             self.name = f"{self.task}_T{self.truncation}_{'dni' if self.dni else 'bptt'}{fixed}_s{self.seed}"
@@ -84,7 +94,7 @@ class RecurrentConfig:
 
 class RecurrentCore(nn.Module):
     """An LSTM and a linear readout. The state is one tensor s = [h, c] of shape (B, 2 * hidden);
-    it is reset to zero at the first step of each episode (so the gradient stops there too).
+    it is reset to zero at the first step of each episode, stream by stream (so the gradient stops there too).
     The forget gate's bias starts at `forget_bias` (1: remember by default, Jozefowicz et al. 2015)."""
 
     def __init__(self, *, input_features, hidden, classes, forget_bias=1.0):
@@ -101,15 +111,17 @@ class RecurrentCore(nn.Module):
         return torch.zeros(batch_size, 2 * self.hidden, device=device)
 
     def forward(self, x, state, starts):
-        """x (T, B, F), state (B, 2H), starts (T,) bool on the CPU, True where episodes begin
-        -> logits (T, B, classes), state after the T steps (B, 2H)."""
+        """x (T, B, F), state (B, 2H), starts (T, B) bool on the CPU, True where a stream's episode
+        begins -> logits (T, B, classes), state after the T steps (B, 2H)."""
         T = x.shape[0]
-        bounds = [0] + [t for t in starts.nonzero().flatten().tolist() if t > 0] + [T]
+        resets = starts.any(dim=1)                                                 # (T,)
+        bounds = [0] + [t for t in resets.nonzero().flatten().tolist() if t > 0] + [T]
+        keep = (~starts).to(x.device, x.dtype)[..., None]                          # (T, B, 1)
         h, c = (part[None].contiguous() for part in state.chunk(2, dim=1))   # (1, B, H) each
         outputs = []
         for a, b in zip(bounds[:-1], bounds[1:]):                           # runs of steps without a reset
-            if starts[a]:
-                h, c = torch.zeros_like(h), torch.zeros_like(c)
+            if resets[a]:
+                h, c = h * keep[a], c * keep[a]
             out, (h, c) = self.lstm(x[a:b], (h, c))                         # (b - a, B, H)
             outputs.append(out)
         return self.readout(torch.cat(outputs)), torch.cat([h[0], c[0]], dim=1)
@@ -203,7 +215,7 @@ def train(config, *, log=print, metrics=None):
     set_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)  # the data's own stream
     task, model, optimizer = build(config, device)
-    stream = EpisodeStream(task=task, batch_size=config.batch_size, generator=generator)
+    stream = EpisodeStream(task=task, batch_size=config.batch_size, generator=generator, stagger=config.stagger)
     curriculum = Curriculum(threshold=config.threshold, min_scored=config.min_scored,
                             length=config.length or 1, grow=not config.length)
     core_params = list(model.core.parameters())
@@ -211,7 +223,7 @@ def train(config, *, log=print, metrics=None):
     bits, scored, sg_loss = 0.0, 0, 0.0  # since the last log line
     t0 = time.perf_counter()
     for step in tqdm(range(1, config.steps + 1), disable=not sys.stderr.isatty(), leave=False):
-        x, y, starts, lengths = stream.read(config.truncation, curriculum.length)   # (T, B, F), (T, B), 2 x (T,)
+        x, y, starts, lengths = stream.read(config.truncation, curriculum.length)   # (T, B, F), 3 x (T, B)
         optimizer.zero_grad(set_to_none=True)
         window = window_backward(model, x.to(device), y.to(device), starts, state, sg_factor=config.sg_factor)
         if config.clip > 0:
@@ -220,7 +232,7 @@ def train(config, *, log=print, metrics=None):
         state = window.end_state
 
         step_bits = window.ce.cpu() / math.log(2)                                   # (T, B)
-        current = (lengths == curriculum.length)[:, None] & (y != IGNORE)            # (T, B) scored at length N
+        current = (lengths == curriculum.length) & (y != IGNORE)           # (T, B) scored at length N
         bits += float(step_bits.sum())
         scored += int((y != IGNORE).sum())
         sg_loss += 0.0 if window.sg_loss is None else float(window.sg_loss)

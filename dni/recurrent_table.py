@@ -36,6 +36,8 @@ METHODS = {"bptt": False, "dni": True}  # method -> RecurrentConfig.dni
 # retrieved in this environment, so no number of it is quoted: None means "not confirmed".
 PAPER_NOTE = "n/c: not confirmed; the paper's Table 2 could not be retrieved where this table was made."
 PAPER = {task: {method: {T: None for T in TRUNCATIONS} for method in METHODS} for task in TASK_NAMES}
+# What runs made before a setting existed did instead: streams in step.
+LEGACY = dict(stagger=0)
 
 
 @dataclass
@@ -44,6 +46,9 @@ class TableConfig:
     quick: bool = field(default=False, metadata=dict(help="a tiny slice: Copy, T=3, one seed, a few windows"))
     seeds: int = field(default=3, metadata=dict(help="seeds per cell", positive=True))
     steps: int = field(default=15000, metadata=dict(help="training windows per run", positive=True))
+    stagger: int = field(default=RecurrentConfig.stagger, metadata=dict(help="each run's --stagger"))
+    sg_factor: float = field(default=RecurrentConfig.sg_factor, metadata=dict(help="each run's --sg_factor",
+                                                                               positive=True))
     length: int = field(default=0, metadata=dict(help="every run at this episode length N, no curriculum: the "
                                                       "table then gives the error at N (files rnn_table_N<N>.*)"))
     device: str = field(default="cpu", metadata=dict(help="device of every run", choices=DEVICES))
@@ -61,19 +66,22 @@ def cells(config):
     """(task, T, method) of every cell of the table, and the per-run config overrides."""
     if config.quick:
         return ([("copy", 3, m) for m in METHODS],
-                dict(steps=60, hidden=16, min_scored=50, length=config.length, seed_count=1))
+                dict(steps=60, hidden=16, min_scored=50, length=config.length, stagger=config.stagger,
+                     sg_factor=config.sg_factor, seed_count=1))
     return ([(task, T, m) for task in TASK_NAMES for T in TRUNCATIONS for m in METHODS],
-            dict(steps=config.steps, length=config.length, seed_count=config.seeds))
+            dict(steps=config.steps, length=config.length, stagger=config.stagger, sg_factor=config.sg_factor,
+                 seed_count=config.seeds))
 
 
 def run_or_reuse(run_config, log):
     """The summary of `run_config`'s run folder if it already holds this config, else a fresh run.
-    A setting added since the run was made (absent from its config) counts as unchanged."""
+    A setting added since the run was made (absent from its config) counts as its value then
+    (LEGACY), or else as unchanged."""
     summary_path = Path(run_config.out) / run_config.name / "summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         wanted = dataclasses.asdict(run_config)
-        if {**wanted, **summary.get("config", {})} == wanted:
+        if {**wanted, **LEGACY, **summary.get("config", {})} == wanted:
             log(f"reuse {summary_path.parent}: solved {summary['solved']}")
             return summary
     return run(run_config, log=log)
@@ -101,7 +109,9 @@ def _format_next(pairs):
 def _settings(meta):
     return (f"LSTM {meta['hidden']} units, {meta['symbols']} symbols (Repeat Copy: R in 1..{meta['max_repeats']}), "
             f"batch {meta['batch_size']}, Adam lr {meta['lr']} (synthesizer {meta['sg_lr']}), "
-            f"linear synthesizer, synthetic gradient x {meta['sg_factor']}.")
+            f"linear synthesizer, synthetic gradient x {meta['sg_factor']}, "
+            + (f"streams staggered by 0..{meta['stagger'] - 1} steps." if meta.get("stagger")
+               else "streams in step (every window at the same phase of the episodes)."))
 
 
 def _fixed_length_lines(table):
@@ -226,7 +236,8 @@ def make_table(config, argv=(), *, log=print):
         row[f"{method}_next"] = [[s["length"], s["last_bits"]] for s in mine]
     first = summaries[0]["config"]
     env = summaries[0]["env"]
-    meta = dict(steps=first["steps"], length=config.length, seeds=seed_count, hidden=first["hidden"],
+    meta = dict(steps=first["steps"], length=config.length, stagger=first.get("stagger", 0), seeds=seed_count,
+                hidden=first["hidden"],
                 batch_size=first["batch_size"], lr=first["lr"], sg_lr=first["sg_lr"], sg_factor=first["sg_factor"],
                 symbols=first["symbols"], max_repeats=first["max_repeats"], threshold=first["threshold"],
                 runs=len(summaries), run_wall_s=round(sum(s["wall_s"] for s in summaries), 1),

@@ -27,8 +27,8 @@ def manual_unroll(core, x, starts, state):
     h, c = state[:, :core.hidden], state[:, core.hidden:]
     logits = []
     for t in range(x.shape[0]):
-        if starts[t]:
-            h, c = torch.zeros_like(h), torch.zeros_like(c)
+        keep = (~starts[t]).to(h.dtype)[:, None]        # a stream's state is reset where its episode begins
+        h, c = h * keep, c * keep
         i, f, g, o = (x[t] @ w_ih.T + b_ih + h @ w_hh.T + b_hh).chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
@@ -45,8 +45,9 @@ def random_sequence(steps, generator):
     x = torch.randn(steps, B, FEATURES, generator=generator, dtype=torch.float64)
     y = torch.randint(CLASSES, (steps, B), generator=generator)
     y[torch.rand(steps, B, generator=generator) < 0.3] = IGNORE
-    starts = torch.zeros(steps, dtype=torch.bool)
-    starts[min(5, steps - 1)] = True  # new episodes begin mid-sequence
+    starts = torch.zeros(steps, B, dtype=torch.bool)   # new episodes begin mid-sequence, not in every stream at once
+    starts[min(5, steps - 1), :2] = True
+    starts[min(1, steps - 1), 2] = True
     state = torch.randn(B, 2 * H, generator=generator, dtype=torch.float64)
     return x, y, starts, state
 
@@ -160,7 +161,8 @@ def test_tasks_and_stream():
     stream = EpisodeStream(task=Copy(symbols=4), batch_size=2, generator=generator)
     reads = [stream.read(4, 2) for _ in range(3)]                  # episodes of 6 steps, windows of 4
     starts = torch.cat([r[2] for r in reads])
-    assert reads[0][0].shape == (4, 2, 5) and starts.nonzero().flatten().tolist() == [0, 6]
+    assert reads[0][0].shape == (4, 2, 5) and starts.shape == (12, 2)
+    assert starts[:, 0].nonzero().flatten().tolist() == [0, 6] and torch.equal(starts[:, 0], starts[:, 1])
     assert (torch.cat([r[3] for r in reads]) == 2).all()
     curriculum = Curriculum(threshold=0.15, min_scored=10)
     assert not curriculum.record(1.0, 5)                  # too few scored steps to decide
@@ -169,6 +171,29 @@ def test_tasks_and_stream():
     fixed = Curriculum(threshold=0.15, min_scored=10, length=4, grow=False)
     assert not fixed.record(9.0, 15) and fixed.solved == 0
     assert not fixed.record(1.0, 10) and fixed.length == 4 and fixed.solved == 4   # solved, and stays at N = 4
+
+
+def read_all(stream, steps, windows, length):
+    return [torch.cat(parts) for parts in zip(*(stream.read(steps, length) for _ in range(windows)))]
+
+
+def test_staggered_streams_are_delayed_copies_of_whole_episodes():
+    """With stagger, stream b begins after a blank of d_b unscored steps; what follows is whole
+    episodes, the same whatever the window size they are read in."""
+    def stream():
+        return EpisodeStream(task=Copy(symbols=4), batch_size=16, generator=torch.Generator().manual_seed(6),
+                             stagger=5)
+    x, y, starts, lengths = read_all(stream(), 4, 9, 3)                 # 36 steps, episodes of 8
+    for ours, theirs in zip((x, y, starts, lengths), read_all(stream(), 6, 6, 3)):
+        assert torch.equal(ours, theirs)
+    delays = stream().delays
+    assert len(delays.unique()) > 1 and 0 <= int(delays.min()) and int(delays.max()) < 5
+    for b, d in enumerate(delays.tolist()):
+        assert starts[:, b].nonzero().flatten().tolist() == list(range(d, 36, 8))
+        assert (y[:d, b] == IGNORE).all() and (lengths[:d, b] == 0).all() and (x[:d, b] == 0).all()
+        for begin in range(d, 36 - 8, 8):                              # each whole episode is a Copy episode
+            assert torch.equal(x[begin:begin + 3, b].argmax(1), y[begin + 4:begin + 7, b])
+            assert (lengths[begin:begin + 8, b] == 3).all()
 
 
 def test_short_copy_run_solves_a_few_lengths(tmp_path):
