@@ -45,6 +45,8 @@ class Config:
     synth_type: Optional[str] = _opt("synthesizer of a cnn stage's feature maps: conv (the paper's) or dense, on "
                                      "the flattened maps (default: cnn DNI dense, cDNI conv; mlp: dense)",
                                      default=None, choices=SYNTH_TYPES)
+    synth_label_map: bool = _opt("cDNI dense synthesizers: the label also reaches the output through a linear map "
+                                 "(conv ones always have it)", default=True)
     device: str = _opt("where to train", default="auto", choices=DEVICES)
     use_gpu: Optional[bool] = _opt("the seed's flag: True = --device cuda, False = --device cpu",
                                    default=None)
@@ -126,5 +128,8 @@ class Config:
 
 def saved_settings(saved):
     """A recorded run's config.json, completed with the value each setting added since then had
-    implicitly: runs made before --synth_type existed used conv synthesizers on cnn stages."""
-    return {"synth_type": "conv" if saved.get("model_type") == "cnn" else "dense", **saved}
+    implicitly: runs made before --synth_type existed used conv synthesizers on cnn stages, and
+    before --synth_label_map no dense cDNI synthesizer had the map (conv ones always did)."""
+    saved = {"synth_type": "conv" if saved.get("model_type") == "cnn" else "dense", **saved}
+    dense_cdni = saved.get("conditioned") and saved["synth_type"] == "dense"
+    return {"synth_label_map": not dense_cdni, **saved}

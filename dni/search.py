@@ -67,6 +67,8 @@ def run_config(args, method, synth_layers, synth_width, sg_lr, lr, seed):
         settings.update({"synth_layers": synth_layers, WIDTH[args.model_type]: synth_width, "sg_lr": sg_lr})
         if args.model_type == "cnn":  # its widths are conv filters: the search is over conv synthesizers
             settings["synth_type"] = "conv"
+        elif method == "cdni":  # made before dense cDNI synthesizers had the label map (dni.synthesizers)
+            settings["synth_label_map"] = False
     for name in ("device", "data_dir"):
         if getattr(args, name):
             settings[name] = getattr(args, name)

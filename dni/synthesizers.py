@@ -34,9 +34,15 @@ def _zero(layer):
 class DenseSynthesizer(nn.Module):
     """M(h, c) on the flattened trigger (B, features), any trigger shape: `hidden_layers` x
     (Linear -> BatchNorm -> ReLU) of `width` units, then a zero-initialised Linear back to
-    `features`, shaped like the trigger. hidden_layers=0 is linear."""
+    `features`, shaped like the trigger. hidden_layers=0 is linear.
 
-    def __init__(self, *, features, context_features=0, hidden_layers=1, width=1024):
+    Under cDNI the context joins the trigger at the input and, with `label_map`, also reaches
+    the output through a zero-initialised linear map, as in ConvSynthesizer: below a linear
+    classifier the true gradient W^T (p - y) has a part linear in the label, which this map
+    holds exactly instead of through the hidden layer's BatchNorm and ReLU.
+    """
+
+    def __init__(self, *, features, context_features=0, hidden_layers=1, width=1024, label_map=True):
         super().__init__()
         layers, n_in = [], features + context_features
         for _ in range(hidden_layers):
@@ -44,12 +50,16 @@ class DenseSynthesizer(nn.Module):
             n_in = width
         layers.append(_zero(nn.Linear(n_in, features)))
         self.net = nn.Sequential(*layers)
+        self.context_map = _zero(nn.Linear(context_features, features)) if context_features and label_map else None
 
     def forward(self, trigger, context=None):
         x = trigger.flatten(1)  # (B, features)
-        if context is not None:
-            x = torch.cat([x, context], dim=1)  # (B, features + classes)
-        return self.net(x).view(trigger.shape)
+        if context is None:
+            return self.net(x).view(trigger.shape)
+        out = self.net(torch.cat([x, context], dim=1))  # input (B, features + classes)
+        if self.context_map is not None:
+            out = out + self.context_map(context)
+        return out.view(trigger.shape)
 
 
 class ConvSynthesizer(nn.Module):
@@ -87,12 +97,13 @@ class ConvSynthesizer(nn.Module):
         return self.net(trigger) + out
 
 
-def make_synthesizer(shape, *, kind="conv", context_features=0, hidden_layers=1, width=1024, conv_width=64):
+def make_synthesizer(shape, *, kind="conv", context_features=0, hidden_layers=1, width=1024, conv_width=64,
+                     label_map=True):
     """The synthesizer for a trigger of per-example `shape`: (features,) -> dense; (C, H, W) -> conv,
-    or dense on the flattened map when `kind` is "dense"."""
+    or dense on the flattened map when `kind` is "dense". `label_map`: see DenseSynthesizer."""
     if len(shape) == 1 or kind == "dense":
         return DenseSynthesizer(features=math.prod(shape), context_features=context_features,
-                                hidden_layers=hidden_layers, width=width)
+                                hidden_layers=hidden_layers, width=width, label_map=label_map)
     if len(shape) == 3:
         return ConvSynthesizer(shape=shape, context_features=context_features,
                                hidden_layers=hidden_layers, width=conv_width)

@@ -76,11 +76,12 @@ PAPER = {}
 # Settings that say where a run lives or how it is drawn, not what it computes.
 NOT_MATHS = {"device", "use_gpu", "out", "plot", "overwrite", "data_dir", "resume"}
 PIPELINE_ONLY = {"partition", "max_in_flight", "worker_timeout"}  # act only when pipeline is True
-SYNTH_ONLY = {"sg_lr", "synth_type", "synth_layers", "synth_width", "synth_channels"}  # act only when method is dni
+SYNTH_ONLY = {"sg_lr", "synth_type", "synth_layers", "synth_width", "synth_channels",  # act only when method is dni
+              "synth_label_map"}
 # Settings the table reports, per model: of every run, and of the synthesizers of DNI runs.
 STAGE_KEYS = {"mlp": ("lr", "schedule", "batch_size", "num_epochs", "hidden"),
               "cnn": ("lr", "schedule", "batch_size", "num_epochs", "channels")}
-SYNTH_KEYS = {"mlp": ("sg_lr", "synth_layers", "synth_width"),
+SYNTH_KEYS = {"mlp": ("sg_lr", "synth_layers", "synth_width", "synth_label_map"),
               "cnn": ("sg_lr", "synth_type", "synth_layers", "synth_width", "synth_channels")}
 
 

@@ -64,7 +64,7 @@ def build_net(config, in_shape, num_classes):
         synthesizers = torch.nn.ModuleList(
             make_synthesizer(shape, kind=config.synth_type, context_features=context,
                              hidden_layers=config.synth_layers, width=config.synth_width,
-                             conv_width=config.synth_channels)
+                             conv_width=config.synth_channels, label_map=config.synth_label_map)
             for shape in stage_shapes(stages, in_shape)[:-1])
     net = DNINet(stages=stages, synthesizers=synthesizers, conditioned=config.conditioned,
                  num_classes=num_classes)

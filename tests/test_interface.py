@@ -201,6 +201,27 @@ def test_conditioned_synthesizer_learns_a_fixed_target(synthesizer, trigger):
     assert not torch.allclose(synthesizer(trigger, context), synthesizer(trigger, other))
 
 
+def test_label_map_fits_the_label_part_of_a_gradient_exactly():
+    """Below a linear classifier the gradient is W^T (p - y): its -W^T y part, linear in the label, is
+    what a cDNI dense synthesizer's label map is for; here the target is that part alone."""
+    torch.manual_seed(0)
+    W = torch.randn(10, 6)
+    trigger, context = torch.randn(256, 6), F.one_hot(torch.arange(256) % 10, 10).float()
+    target = -context @ W                                                     # (B, 6)
+    synthesizer = DenseSynthesizer(features=6, context_features=10, hidden_layers=1, width=32)
+    opt = torch.optim.Adam(synthesizer.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss = synthesizer_loss(synthesizer(trigger, context), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 1e-3 * target.pow(2).mean().item()
+    for tensor in (synthesizer.net[-1].weight, synthesizer.net[-1].bias):    # the map is a path of its own
+        torch.nn.init.zeros_(tensor)
+    torch.testing.assert_close(synthesizer(trigger, context), synthesizer.context_map(context))
+    assert DenseSynthesizer(features=6, context_features=10, label_map=False).context_map is None
+
+
 def test_dni_training_teaches_synthesizers():
     """Over a few steps on a fixed batch the synthesizers' loss falls and their guesses align."""
     net = make_net("mlp", dtype=torch.float32)

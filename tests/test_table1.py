@@ -194,3 +194,12 @@ def test_runs_older_than_a_setting_are_judged_by_what_they_did(tmp_path):
         run_dir.mkdir()
         (run_dir / "config.json").write_text(json.dumps(saved))
         assert stale_settings(run_dir, config) == ({"synth_type": ("conv", "dense")} if stale else {})
+    # cDNI dense synthesizers gained the label map: an FCN cDNI run from before is stale, a CNN one
+    # (conv synthesizers, which always had it) is not.
+    for model, stale in (("mlp", True), ("cnn", False)):
+        config = run_config(args, model, 3, "cdni", 0)
+        saved = {k: v for k, v in config.to_dict().items() if k != "synth_label_map"}
+        run_dir = tmp_path / f"{model}_cdni"
+        run_dir.mkdir()
+        (run_dir / "config.json").write_text(json.dumps(saved))
+        assert stale_settings(run_dir, config) == ({"synth_label_map": (False, True)} if stale else {})
