@@ -101,6 +101,7 @@ class EpisodeStream:
         self.task, self.batch_size, self.generator = task, batch_size, generator
         self.delays = (torch.randint(stagger, (batch_size,), generator=generator) if stagger    # (B,)
                        else torch.zeros(batch_size, dtype=torch.long))
+        self.max_delay = int(self.delays.max())
         self.position = 0      # steps read so far
         self.first = 0         # the step of the undelayed stream that self.buffer begins with
         self.buffer = (torch.zeros(0, batch_size, task.input_features),
@@ -129,7 +130,7 @@ class EpisodeStream:
                   starts[index] & ~blank,
                   lengths[index].masked_fill(blank, 0))
         self.position += steps
-        keep = self.position - int(self.delays.max()) - self.first    # steps no stream will read again
+        keep = self.position - self.max_delay - self.first    # steps no stream will read again
         if keep > 0:
             self.buffer = tuple(t[keep:] for t in self.buffer)
             self.first += keep
