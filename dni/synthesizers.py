@@ -39,7 +39,7 @@ class DenseSynthesizer(nn.Module):
     Under cDNI the context joins the trigger at the input and, with `label_map`, also reaches
     the output through a zero-initialised linear map, as in ConvSynthesizer: below a linear
     classifier the true gradient W^T (p - y) has a part linear in the label, which this map
-    holds exactly instead of through the hidden layer's BatchNorm and ReLU.
+    can hold directly rather than through the hidden layer's BatchNorm and ReLU.
     """
 
     def __init__(self, *, features, context_features=0, hidden_layers=1, width=1024, label_map=True):
