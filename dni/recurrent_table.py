@@ -110,7 +110,7 @@ def _settings(meta):
     return (f"LSTM {meta['hidden']} units, {meta['symbols']} symbols (Repeat Copy: R in 1..{meta['max_repeats']}), "
             f"batch {meta['batch_size']}, Adam lr {meta['lr']} (synthesizer {meta['sg_lr']}), "
             f"linear synthesizer, synthetic gradient x {meta['sg_factor']}, "
-            + (f"streams staggered by 0..{meta['stagger'] - 1} steps." if meta.get("stagger")
+            + (f"streams staggered by 0..{meta['stagger'] - 1} steps." if meta["stagger"]
                else "streams in step (every window at the same phase of the episodes)."))
 
 
@@ -236,7 +236,7 @@ def make_table(config, argv=(), *, log=print):
         row[f"{method}_next"] = [[s["length"], s["last_bits"]] for s in mine]
     first = summaries[0]["config"]
     env = summaries[0]["env"]
-    meta = dict(steps=first["steps"], length=config.length, stagger=first.get("stagger", 0), seeds=seed_count,
+    meta = dict(steps=first["steps"], length=config.length, stagger={**LEGACY, **first}["stagger"], seeds=seed_count,
                 hidden=first["hidden"],
                 batch_size=first["batch_size"], lr=first["lr"], sg_lr=first["sg_lr"], sg_factor=first["sg_factor"],
                 symbols=first["symbols"], max_repeats=first["max_repeats"], threshold=first["threshold"],
