@@ -56,7 +56,7 @@ class RecurrentConfig:
     dni: bool = field(default=True, metadata=dict(help="synthetic gradients at window ends; False: truncated BPTT"))
     sg_factor: float = field(default=1.0, metadata=dict(help="scale of the synthetic gradient (the paper: 0.1)",
                                                         positive=True))
-    hidden: int = field(default=64, metadata=dict(help="LSTM units", positive=True))
+    hidden: int = field(default=128, metadata=dict(help="LSTM units", positive=True))
     symbols: int = field(default=8, metadata=dict(help="alphabet size", positive=True))
     max_repeats: int = field(default=3, metadata=dict(help="repeat_copy: R drawn from 1..max_repeats", positive=True))
     length: int = field(default=0, metadata=dict(help="train at this episode length N only (no curriculum); "

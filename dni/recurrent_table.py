@@ -46,6 +46,7 @@ class TableConfig:
     quick: bool = field(default=False, metadata=dict(help="a tiny slice: Copy, T=3, one seed, a few windows"))
     seeds: int = field(default=3, metadata=dict(help="seeds per cell", positive=True))
     steps: int = field(default=15000, metadata=dict(help="training windows per run", positive=True))
+    hidden: int = field(default=RecurrentConfig.hidden, metadata=dict(help="each run's --hidden", positive=True))
     stagger: int = field(default=RecurrentConfig.stagger, metadata=dict(help="each run's --stagger"))
     sg_factor: float = field(default=RecurrentConfig.sg_factor, metadata=dict(help="each run's --sg_factor",
                                                                                positive=True))
@@ -69,8 +70,8 @@ def cells(config):
                 dict(steps=60, hidden=16, min_scored=50, length=config.length, stagger=config.stagger,
                      sg_factor=config.sg_factor, seed_count=1))
     return ([(task, T, m) for task in TASK_NAMES for T in TRUNCATIONS for m in METHODS],
-            dict(steps=config.steps, length=config.length, stagger=config.stagger, sg_factor=config.sg_factor,
-                 seed_count=config.seeds))
+            dict(steps=config.steps, length=config.length, hidden=config.hidden, stagger=config.stagger,
+                 sg_factor=config.sg_factor, seed_count=config.seeds))
 
 
 def run_or_reuse(run_config, log):
