@@ -38,6 +38,8 @@ PAPER_NOTE = "n/c: not confirmed; the paper's Table 2 could not be retrieved whe
 PAPER = {task: {method: {T: None for T in TRUNCATIONS} for method in METHODS} for task in TASK_NAMES}
 # What runs made before a setting existed did instead: streams in step.
 LEGACY = dict(stagger=0)
+# Settings only a DNI run reads: a BPTT run made under other values is the same run.
+DNI_ONLY = ("sg_factor", "sg_lr")
 
 
 @dataclass
@@ -77,12 +79,13 @@ def cells(config):
 def run_or_reuse(run_config, log):
     """The summary of `run_config`'s run folder if it already holds this config, else a fresh run.
     A setting added since the run was made (absent from its config) counts as its value then
-    (LEGACY), or else as unchanged."""
+    (LEGACY), or else as unchanged; a BPTT run ignores the DNI_ONLY settings."""
     summary_path = Path(run_config.out) / run_config.name / "summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         wanted = dataclasses.asdict(run_config)
-        if {**wanted, **LEGACY, **summary.get("config", {})} == wanted:
+        ignored = {} if run_config.dni else {key: wanted[key] for key in DNI_ONLY}
+        if {**wanted, **LEGACY, **summary.get("config", {}), **ignored} == wanted:
             log(f"reuse {summary_path.parent}: solved {summary['solved']}")
             return summary
     return run(run_config, log=log)
@@ -236,10 +239,11 @@ def make_table(config, argv=(), *, log=print):
         row[method] = [s["solved"] for s in mine]
         row[f"{method}_next"] = [[s["length"], s["last_bits"]] for s in mine]
     first = summaries[0]["config"]
+    dni = next(s["config"] for s in summaries if s["config"]["dni"])  # the DNI_ONLY settings of the table
     env = summaries[0]["env"]
     meta = dict(steps=first["steps"], length=config.length, stagger={**LEGACY, **first}["stagger"], seeds=seed_count,
                 hidden=first["hidden"],
-                batch_size=first["batch_size"], lr=first["lr"], sg_lr=first["sg_lr"], sg_factor=first["sg_factor"],
+                batch_size=first["batch_size"], lr=first["lr"], sg_lr=dni["sg_lr"], sg_factor=dni["sg_factor"],
                 symbols=first["symbols"], max_repeats=first["max_repeats"], threshold=first["threshold"],
                 runs=len(summaries), run_wall_s=round(sum(s["wall_s"] for s in summaries), 1),
                 invocation_wall_s=round(time.perf_counter() - t0, 1), device=env["device"], gpu=env["gpu"],

@@ -246,6 +246,15 @@ def test_quick_table_writes_table_files(tmp_path):
     assert TableConfig().seeds >= 2
 
 
+def test_table_reuses_bptt_runs_when_only_dni_settings_change(tmp_path, capsys):
+    table_main(["--quick", "--out", str(tmp_path)])
+    capsys.readouterr()
+    table = table_main(["--quick", "--sg_factor", "0.5", "--out", str(tmp_path)])
+    reused = [line for line in capsys.readouterr().out.splitlines() if line.startswith("reuse ")]
+    assert reused == [f"reuse {tmp_path / 'rnn' / 'copy_T3_bptt_s0'}: solved {table['rows'][0]['bptt'][0]}"]
+    assert table["meta"]["sg_factor"] == 0.5
+
+
 def test_fixed_length_run_solves_its_length_and_stays_there(tmp_path):
     config = RecurrentConfig(task="copy", truncation=4, length=1, steps=1500, out=str(tmp_path), log_every=250)
     summary = run(config, log=lambda line: None)
