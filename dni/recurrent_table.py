@@ -40,6 +40,8 @@ PAPER = {task: {method: {T: None for T in TRUNCATIONS} for method in METHODS} fo
 LEGACY = dict(stagger=0)
 # Settings only a DNI run reads: a BPTT run made under other values is the same run.
 DNI_ONLY = ("sg_factor", "sg_lr")
+# Where a run was written, not what it computed: a run made elsewhere and moved into place counts.
+PLACE = ("out", "name")
 
 
 @dataclass
@@ -79,12 +81,12 @@ def cells(config):
 def run_or_reuse(run_config, log):
     """The summary of `run_config`'s run folder if it already holds this config, else a fresh run.
     A setting added since the run was made (absent from its config) counts as its value then
-    (LEGACY), or else as unchanged; a BPTT run ignores the DNI_ONLY settings."""
+    (LEGACY), or else as unchanged; PLACE, and for a BPTT run the DNI_ONLY settings, are ignored."""
     summary_path = Path(run_config.out) / run_config.name / "summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         wanted = dataclasses.asdict(run_config)
-        ignored = {} if run_config.dni else {key: wanted[key] for key in DNI_ONLY}
+        ignored = {key: wanted[key] for key in PLACE + (() if run_config.dni else DNI_ONLY)}
         if {**wanted, **LEGACY, **summary.get("config", {}), **ignored} == wanted:
             log(f"reuse {summary_path.parent}: solved {summary['solved']}")
             return summary

@@ -255,6 +255,17 @@ def test_table_reuses_bptt_runs_when_only_dni_settings_change(tmp_path, capsys):
     assert table["meta"]["sg_factor"] == 0.5
 
 
+def test_table_reuses_a_run_made_elsewhere_and_moved_into_place(tmp_path, capsys):
+    made = RecurrentConfig(task="copy", truncation=3, steps=60, hidden=16, min_scored=50, out=str(tmp_path / "probe"),
+                           name="mine", dni=False)
+    solved = run(made, log=lambda line: None)["solved"]
+    (tmp_path / "rnn").mkdir()
+    (tmp_path / "probe" / "mine").rename(tmp_path / "rnn" / "copy_T3_bptt_s0")
+    table_main(["--quick", "--out", str(tmp_path)])
+    reused = [line for line in capsys.readouterr().out.splitlines() if line.startswith("reuse ")]
+    assert reused == [f"reuse {tmp_path / 'rnn' / 'copy_T3_bptt_s0'}: solved {solved}"]
+
+
 def test_fixed_length_run_solves_its_length_and_stays_there(tmp_path):
     config = RecurrentConfig(task="copy", truncation=4, length=1, steps=1500, out=str(tmp_path), log_every=250)
     summary = run(config, log=lambda line: None)
