@@ -11,7 +11,7 @@ truncated BPTT vs DNI, at T = 2, 3, 4, 5, 8 on Copy and Repeat Copy, over seeds.
 Each run is a dni.recurrent run folder under <out>/rnn/; a run whose summary.json
 holds the same config is reused, so an interrupted table resumes where it stopped.
 Writes <out>/rnn_table.json, <out>/rnn_table.md and <out>/rnn_table.png
-(with --length N: <out>/rnn_table_N<N>.*).
+(with --length N: <out>/rnn_table_N<N>.*; with an --sg_factor F other than 0.1: *_f<F>.*).
 """
 import dataclasses
 import json
@@ -63,8 +63,10 @@ class TableConfig:
 
     @property
     def stem(self):
-        """The table's file name without extension."""
-        return f"rnn_table_N{self.length}" if self.length else "rnn_table"
+        """The table's file name without extension: rnn_table[_N<length>][_f<sg_factor>]."""
+        fixed = f"_N{self.length}" if self.length else ""
+        factor = f"_f{self.sg_factor:g}" if self.sg_factor != RecurrentConfig.sg_factor else ""
+        return f"rnn_table{fixed}{factor}"
 
 
 def cells(config):
