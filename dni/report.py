@@ -1,7 +1,7 @@
 """The README's generated sections: the results table, made from the run folders'
 summary.json files, and the markdown that the experiment scripts write to results/:
 bench.md (`python -m dni.bench`), table1.md and fashion_table1.md (`python -m dni.table1`),
-rnn_table.md and rnn_table_N<N>.md (`python -m dni.recurrent_table`): the README section
+rnn_table.md, rnn_table_N<N>.md and rnn_table_f<F>.md (`python -m dni.recurrent_table`): the README section
 <!-- name:start --> ... <!-- name:end --> gets results/<name>.md.
 
     python -m dni.report                 # print the table of results/*/summary.json
