@@ -47,7 +47,12 @@ from dni.runs import command_line, environment, write_json
 from dni.train import pick_device, set_seed
 
 DEVICES = ("cpu", "cuda", "auto")
-SG_FACTOR = 0.1  # the paper's scale of the synthetic gradient; run names say any other
+SG_FACTOR = 0.1  # the paper's scale of the synthetic gradient
+
+
+def factor_tag(sg_factor):
+    """How run folders and table files name a synthetic-gradient scale: "" for the paper's, else "_f<factor>"."""
+    return "" if sg_factor == SG_FACTOR else f"_f{sg_factor:g}"
 
 
 @dataclass
@@ -88,7 +93,7 @@ class RecurrentConfig:
         if self.stagger < 0:
             raise DNIError(f"--stagger must be >= 0, got {self.stagger}")
         if not self.name:
-            factor = f"_f{self.sg_factor:g}" if self.dni and self.sg_factor != SG_FACTOR else ""
+            factor = factor_tag(self.sg_factor) if self.dni else ""
             fixed = f"_N{self.length}" if self.length else ""
             self.name = f"{self.task}_T{self.truncation}_{'dni' if self.dni else 'bptt'}{factor}{fixed}_s{self.seed}"
         if "/" in self.name or self.name in (".", ".."):

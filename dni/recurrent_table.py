@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dni.cli import main_guard, parse_config
-from dni.recurrent import DEVICES, RecurrentConfig, run
+from dni.recurrent import DEVICES, RecurrentConfig, factor_tag, run
 from dni.runs import write_json, write_text
 
 TRUNCATIONS = (2, 3, 4, 5, 8)
@@ -65,8 +65,7 @@ class TableConfig:
     def stem(self):
         """The table's file name without extension: rnn_table[_N<length>][_f<sg_factor>]."""
         fixed = f"_N{self.length}" if self.length else ""
-        factor = f"_f{self.sg_factor:g}" if self.sg_factor != RecurrentConfig.sg_factor else ""
-        return f"rnn_table{fixed}{factor}"
+        return f"rnn_table{fixed}{factor_tag(self.sg_factor)}"
 
 
 def cells(config):

@@ -253,6 +253,9 @@ def test_table_reuses_bptt_runs_when_only_dni_settings_change(tmp_path, capsys):
     reused = [line for line in capsys.readouterr().out.splitlines() if line.startswith("reuse ")]
     assert reused == [f"reuse {tmp_path / 'rnn' / 'copy_T3_bptt_s0'}: solved {table['rows'][0]['bptt'][0]}"]
     assert table["meta"]["sg_factor"] == 0.5
+    # the factor is named, so the paper's-factor table and its DNI runs stay as they were
+    assert (tmp_path / "rnn_table_f0.5.md").exists() and (tmp_path / "rnn" / "copy_T3_dni_f0.5_s0").is_dir()
+    assert json.loads((tmp_path / "rnn_table.json").read_text())["meta"]["sg_factor"] == 0.1
 
 
 def test_table_reuses_a_run_made_elsewhere_and_moved_into_place(tmp_path, capsys):
