@@ -22,7 +22,10 @@ backpropagated is (sum of losses + sg_factor * <s_end, g_hat_end>) / B and the
 target is B times the gradient w.r.t. the start state. Because the target
 includes the scaled synthetic gradient, M learns a gradient of the future loss
 in which each further window counts sg_factor times less (the paper's scheme;
-with factor 1, all of the episode's future loss).
+with factor 1, all of the episode's future loss). `sg_discount` sets that
+discount apart from the scale the core is sent: the target then counts the
+synthetic gradient M sent back sg_discount times (one more backward, of
+<s_end, g_hat_end> to the start state, computes it).
 
 The Aux variant of the paper (also predicting future synthetic gradients) is not
 implemented.
@@ -33,6 +36,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -50,9 +54,11 @@ DEVICES = ("cpu", "cuda", "auto")
 SG_FACTOR = 0.1  # the paper's scale of the synthetic gradient
 
 
-def factor_tag(sg_factor):
-    """How run folders and table files name a synthetic-gradient scale: "" for the paper's, else "_f<factor>"."""
-    return "" if sg_factor == SG_FACTOR else f"_f{sg_factor:g}"
+def factor_tag(sg_factor, sg_discount=None):
+    """How run folders and table files name a synthetic-gradient scale: "" for the paper's, else "_f<factor>";
+    then "_d<discount>" for a target discount of its own."""
+    factor = "" if sg_factor == SG_FACTOR else f"_f{sg_factor:g}"
+    return factor + ("" if sg_discount is None else f"_d{sg_discount:g}")
 
 
 @dataclass
@@ -63,6 +69,9 @@ class RecurrentConfig:
     dni: bool = field(default=True, metadata=dict(help="synthetic gradients at window ends; False: truncated BPTT"))
     sg_factor: float = field(default=SG_FACTOR, metadata=dict(help="scale of the synthetic gradient",
                                                               positive=True))
+    sg_discount: Optional[float] = field(default=None, metadata=dict(
+        help="how much the synthesizer's target counts the next window's synthetic gradient "
+             "(default: sg_factor, the paper's scheme)", positive=True))
     hidden: int = field(default=128, metadata=dict(help="LSTM units", positive=True))
     symbols: int = field(default=8, metadata=dict(help="alphabet size", positive=True))
     max_repeats: int = field(default=3, metadata=dict(help="repeat_copy: R drawn from 1..max_repeats", positive=True))
@@ -83,7 +92,7 @@ class RecurrentConfig:
     log_every: int = field(default=500, metadata=dict(help="windows between log lines", positive=True))
     out: str = field(default="results/rnn", metadata=dict(help="parent folder of the run folder"))
     name: str = field(default="", metadata=dict(help="run folder name "
-                                                     "(default: task_T<T>_<bptt|dni[_f<sg_factor>]>[_N<length>]_s<seed>)"))
+                                                     "(default: task_T<T>_<bptt|dni[_f<sg_factor>][_d<sg_discount>]>[_N<length>]_s<seed>)"))
 
     def __post_init__(self):
         if self.clip < 0:
@@ -92,8 +101,10 @@ class RecurrentConfig:
             raise DNIError(f"--length must be >= 0, got {self.length}")
         if self.stagger < 0:
             raise DNIError(f"--stagger must be >= 0, got {self.stagger}")
+        if self.sg_discount == self.sg_factor:
+            self.sg_discount = None                       # the paper's scheme, however it was asked for
         if not self.name:
-            factor = factor_tag(self.sg_factor) if self.dni else ""
+            factor = factor_tag(self.sg_factor, self.sg_discount) if self.dni else ""
             fixed = f"_N{self.length}" if self.length else ""
             self.name = f"{self.task}_T{self.truncation}_{'dni' if self.dni else 'bptt'}{factor}{fixed}_s{self.seed}"
         if "/" in self.name or self.name in (".", ".."):
@@ -162,7 +173,7 @@ class Window:
     sg_loss: torch.Tensor = None
 
 
-def window_backward(model, x, y, starts, state, *, sg_factor=0.1):
+def window_backward(model, x, y, starts, state, *, sg_factor=0.1, sg_discount=None):
     """Gradients of one truncation window, accumulated into .grad (the caller zeroes and steps).
 
     x (T, B, F) inputs, y (T, B) targets (IGNORE where unscored), starts (T,)
@@ -189,10 +200,16 @@ def window_backward(model, x, y, starts, state, *, sg_factor=0.1):
         (objective / B).backward()
         return Window(ce=ce.detach(), end_state=end.detach())
     g_start, g_end = model.synthesizer(torch.cat([start, end]).detach()).split(B)  # (B, 2H) each
-    objective = objective + sg_factor * (end * g_end.detach()).sum()
-    (objective / B).backward()
+    synthetic = (end * g_end.detach()).sum()
+    objective = objective + sg_factor * synthetic
+    rescale = sg_discount is not None and sg_discount != sg_factor
+    (objective / B).backward(retain_graph=rescale)
     # (B, 2H); no gradient reaches the start state when the window begins with new episodes
     target = torch.zeros_like(start) if start.grad is None else start.grad * B
+    if rescale and start.grad is not None:
+        carried, = torch.autograd.grad(synthetic, start, allow_unused=True)     # J^T g_end: what M sent back
+        if carried is not None:
+            target = target + (sg_discount - sg_factor) * carried
     sg_loss = synthesizer_loss(g_start, target)
     sg_loss.backward()
     return Window(ce=ce.detach(), end_state=end.detach(), synthetic=g_end.detach(), target=target,
@@ -233,7 +250,8 @@ def train(config, *, log=print, metrics=None):
     for step in tqdm(range(1, config.steps + 1), disable=not sys.stderr.isatty(), leave=False):
         x, y, starts, lengths = stream.read(config.truncation, curriculum.length)   # (T, B, F), 3 x (T, B)
         optimizer.zero_grad(set_to_none=True)
-        window = window_backward(model, x.to(device), y.to(device), starts, state, sg_factor=config.sg_factor)
+        window = window_backward(model, x.to(device), y.to(device), starts, state, sg_factor=config.sg_factor,
+                                 sg_discount=config.sg_discount)
         if config.clip > 0:
             nn.utils.clip_grad_norm_(core_params, config.clip)
         optimizer.step()

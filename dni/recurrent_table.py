@@ -39,7 +39,7 @@ PAPER = {task: {method: {T: None for T in TRUNCATIONS} for method in METHODS} fo
 # What runs made before a setting existed did instead: streams in step.
 LEGACY = dict(stagger=0)
 # Settings only a DNI run reads: a BPTT run made under other values is the same run.
-DNI_ONLY = ("sg_factor", "sg_lr")
+DNI_ONLY = ("sg_factor", "sg_discount", "sg_lr")
 # Where a run was written, not what it computed: a run made elsewhere and moved into place counts.
 PLACE = ("out", "name")
 

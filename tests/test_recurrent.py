@@ -112,6 +112,35 @@ def test_windows_with_true_synthetic_gradients_are_bptt():
         torch.testing.assert_close(ours, theirs)
 
 
+def test_discount_sets_the_target_and_factor_the_core_gradient():
+    """--sg_discount g with --sg_factor a: the core learns as with factor a, the synthesizer's target is factor g's."""
+    generator = torch.Generator().manual_seed(4)
+    x, y, starts, state = random_sequence(4, generator)
+    starts[:] = False                                     # the end state depends on the start: M's gradient flows back
+    model = make_model()
+    with torch.no_grad():
+        for p in model.synthesizer.parameters():
+            p.normal_(0, 0.3, generator=generator)
+
+    def window(**scales):
+        model.zero_grad()
+        return window_backward(model, x, y, starts, state, **scales), core_grads(model)
+
+    decoupled, decoupled_grads = window(sg_factor=1.0, sg_discount=0.1)
+    strong, strong_grads = window(sg_factor=1.0)
+    weak, _ = window(sg_factor=0.1)
+    for ours, theirs in zip(decoupled_grads, strong_grads):
+        torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(decoupled.target, weak.target)
+    assert not torch.allclose(strong.target, weak.target)
+
+
+def test_a_discount_of_its_own_names_the_run_and_the_factor_s_is_the_paper_scheme():
+    assert RecurrentConfig(sg_factor=1.0, sg_discount=0.1).name == "copy_T3_dni_f1_d0.1_s0"
+    same = RecurrentConfig(sg_factor=1.0, sg_discount=1.0)
+    assert same.sg_discount is None and same.name == "copy_T3_dni_f1_s0"
+
+
 def test_target_is_gradient_at_next_window_start():
     """The synthesizer's target for window 1's end = d/ds of window 2's objective at its start state."""
     generator = torch.Generator().manual_seed(3)
