@@ -77,7 +77,7 @@ def main(argv=None):
     print(table)
     if args.readme:
         rewrite_readme(args.readme, "results", table)
-        for name in re.findall(r"<!-- (\w+):start -->", Path(args.readme).read_text()):
+        for name in re.findall(r"<!-- ([\w.]+):start -->", Path(args.readme).read_text()):
             path = Path(args.results) / f"{name}.md"
             if path.exists():
                 rewrite_readme(args.readme, name, section_text(path))

@@ -12,6 +12,9 @@ between
 <!-- bench:start -->
 stale bench
 <!-- bench:end -->
+<!-- rnn_table_f0.5:start -->
+stale factor table
+<!-- rnn_table_f0.5:end -->
 text after
 """
 
@@ -27,6 +30,7 @@ def test_readme_sections_are_rewritten_from_the_result_files(tmp_path):
         (results / run).mkdir(parents=True)
         (results / run / "summary.json").write_text(json.dumps(s))
     (results / "bench.md").write_text("# dni.bench: title\n\nhardware line\n\n## goals\n\n| goal | 1.87x | yes |\n")
+    (results / "rnn_table_f0.5.md").write_text("# title\n\nfactor 0.5 rows\n")  # a factor in a file name
     readme = tmp_path / "README.md"
     readme.write_text(README)
 
@@ -37,6 +41,7 @@ def test_readme_sections_are_rewritten_from_the_result_files(tmp_path):
     assert "| mnist | mlp | cdni | 10 | 98.29% | -0.21 pt | 42 s | results/mlp_cdni |" in text
     assert "hardware line\n\n#### goals\n\n| goal | 1.87x | yes |\n<!-- bench:end -->" in text
     assert "dni.bench: title" not in text
+    assert "<!-- rnn_table_f0.5:start -->\nfactor 0.5 rows\n<!-- rnn_table_f0.5:end -->" in text
     for kept in ("# title\ntext before\n<!-- results:start -->\n", "<!-- results:end -->\nbetween\n",
-                 "<!-- bench:end -->\ntext after\n"):
+                 "<!-- rnn_table_f0.5:end -->\ntext after\n"):
         assert kept in text
