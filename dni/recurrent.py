@@ -11,9 +11,9 @@ into the window with the window's own loss. The scale is the paper's 0.1 by
 default; 1 (the undiscounted future loss, finite because the state, and so the
 gradient, is reset where each episode begins) does better at T = 8 and worse at
 short windows, where its target bootstraps through many more windows; 0.5 beats
-truncated BPTT at every T of the README's tables. The gradient that reaches the window's start state is the
-bootstrapped target for M at that state, which is where the previous window
-ended (paper, Figure 3 and section 3.2).
+truncated BPTT at every T of the README's tables. The gradient that reaches the
+window's start state is the bootstrapped target for M at that state, which is
+where the previous window ended (paper, Figure 3 and section 3.2).
 
 Scale convention (that of dni.synthesizers): M predicts per-example gradients,
 i.e. gradients of the batch-summed loss. The parameters follow the mean over the
@@ -36,8 +36,8 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
