@@ -29,6 +29,7 @@ import math
 import multiprocessing
 import os
 import platform
+import re
 import signal
 import statistics
 import sys
@@ -99,13 +100,22 @@ def grid_cells(args):
          if layers not in LAYERS[model]]
 
 
+def trained_cells(args):
+    """{(model, layers, method)} with a finished run under this table's run root."""
+    found = (re.fullmatch(r"(\w+?)(\d+)_(\w+)_s\d+", p.parent.name) for p in run_root(args).glob("*/summary.json"))
+    return {(m[1], int(m[2]), m[3]) for m in found if m and m[1] in LAYERS and m[3] in METHODS}
+
+
 def table_scope(args):
-    """(cells, methods) the table shows: the whole paper grid even when a part is trained (its
-    other cells then show as missing), plus any extra cell asked for; --quick shows its slice."""
-    if args.quick:
-        return grid_cells(args), args.methods
-    paper = [(model, layers) for model in LAYERS for layers in LAYERS[model]]
-    return paper + [c for c in grid_cells(args) if c not in paper], list(METHODS)
+    """(cells, methods) the table shows: those asked for plus those with runs in its root, in the
+    paper's order. The default asks for the whole grid, so a half-trained one shows its missing
+    cells; a slice in a root of its own (another budget, --quick) shows that slice alone."""
+    trained = trained_cells(args)
+    asked = grid_cells(args)
+    order = [(model, layers) for model in LAYERS for layers in LAYERS[model]]
+    cells = [c for c in order + asked if c in asked or any(t[:2] == c for t in trained)]
+    methods = [m for m in METHODS if m in args.methods or any(t[2] == m for t in trained)]
+    return list(dict.fromkeys(cells)), methods
 
 
 def paper_epochs(batch_size):

@@ -3,6 +3,7 @@ a second call reuses its runs, runs made with other settings are refused, bad fl
 one line; and the No Bprop step trains the classifier alone."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -88,6 +89,27 @@ def test_table_only_shows_the_whole_grid_as_partial(tmp_path):
         ("mlp", 3), ("mlp", 4), ("mlp", 5), ("mlp", 6), ("cnn", 3), ("cnn", 4)]
     assert table["meta"]["partial"] and table["meta"]["runs_total"] == 6 * 4 * 3
     assert "**PARTIAL**: 0 of 72 runs" in (tmp_path / "table1.md").read_text()
+
+
+def test_a_slice_in_a_root_of_its_own_shows_only_that_slice(tmp_path):
+    done = table1("--table_only", "--results", str(tmp_path), "--models", "cnn", "--methods", "backprop", "cdni")
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = json.loads((tmp_path / "table1.json").read_text())
+    assert [(r["model"], r["layers"]) for r in table["rows"]] == [("cnn", 3), ("cnn", 4)]
+    assert table["meta"]["methods"] == ["backprop", "cdni"] and table["meta"]["runs_total"] == 2 * 2 * 3
+    assert "| network | layers | Bprop | cDNI | paper |" in (tmp_path / "table1.md").read_text()
+
+
+def test_cells_trained_in_the_root_stay_in_its_table(quick, tmp_path):
+    results, _ = quick
+    shutil.copytree(results, tmp_path, dirs_exist_ok=True)  # leave the fixture's table as it is
+    done = table1("--quick", "--table_only", "--results", str(tmp_path),
+                  "--models", "cnn", "--layers", "3", "--methods", "backprop")
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = json.loads((tmp_path / "table1_quick.json").read_text())
+    assert [(r["model"], r["layers"]) for r in table["rows"]] == [("mlp", 3), ("cnn", 3)]
+    assert table["meta"]["methods"] == ["backprop", "dni", "cdni"]
+    assert table["rows"][0]["cells"]["dni"]["test_error"] and not table["rows"][1]["cells"]["backprop"]["test_error"]
 
 
 @pytest.mark.parametrize("args, message", [
