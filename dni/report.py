@@ -2,7 +2,8 @@
 summary.json files, and the markdown that the experiment scripts write to results/:
 bench.md (`python -m dni.bench`), table1.md and fashion_table1.md (`python -m dni.table1`),
 rnn_table.md, rnn_table_N<N>.md and rnn_table_f<F>.md (`python -m dni.recurrent_table`): the README section
-<!-- name:start --> ... <!-- name:end --> gets results/<name>.md.
+<!-- name:start --> ... <!-- name:end --> gets results/<name>.md (a name may hold a folder:
+<!-- cnn20/table1:start --> gets results/cnn20/table1.md, a table made with --results results/cnn20).
 
     python -m dni.report                 # print the table of results/*/summary.json
     python -m dni.report --readme README.md   # also rewrite every section between the README's markers
@@ -77,7 +78,7 @@ def main(argv=None):
     print(table)
     if args.readme:
         rewrite_readme(args.readme, "results", table)
-        for name in re.findall(r"<!-- ([\w.]+):start -->", Path(args.readme).read_text()):
+        for name in re.findall(r"<!-- ([\w./]+):start -->", Path(args.readme).read_text()):
             path = Path(args.results) / f"{name}.md"
             if path.exists():
                 rewrite_readme(args.readme, name, section_text(path))

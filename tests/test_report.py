@@ -15,6 +15,9 @@ stale bench
 <!-- rnn_table_f0.5:start -->
 stale factor table
 <!-- rnn_table_f0.5:end -->
+<!-- cnn20/table1:start -->
+stale longer table
+<!-- cnn20/table1:end -->
 text after
 """
 
@@ -31,6 +34,8 @@ def test_readme_sections_are_rewritten_from_the_result_files(tmp_path):
         (results / run / "summary.json").write_text(json.dumps(s))
     (results / "bench.md").write_text("# dni.bench: title\n\nhardware line\n\n## goals\n\n| goal | 1.87x | yes |\n")
     (results / "rnn_table_f0.5.md").write_text("# title\n\nfactor 0.5 rows\n")  # a factor in a file name
+    (results / "cnn20").mkdir()
+    (results / "cnn20" / "table1.md").write_text("# title\n\n20-epoch rows\n")  # a table of its own root
     readme = tmp_path / "README.md"
     readme.write_text(README)
 
@@ -42,6 +47,7 @@ def test_readme_sections_are_rewritten_from_the_result_files(tmp_path):
     assert "hardware line\n\n#### goals\n\n| goal | 1.87x | yes |\n<!-- bench:end -->" in text
     assert "dni.bench: title" not in text
     assert "<!-- rnn_table_f0.5:start -->\nfactor 0.5 rows\n<!-- rnn_table_f0.5:end -->" in text
+    assert "<!-- cnn20/table1:start -->\n20-epoch rows\n<!-- cnn20/table1:end -->" in text
     for kept in ("# title\ntext before\n<!-- results:start -->\n", "<!-- results:end -->\nbetween\n",
-                 "<!-- rnn_table_f0.5:end -->\ntext after\n"):
+                 "<!-- cnn20/table1:end -->\ntext after\n"):
         assert kept in text
