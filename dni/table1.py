@@ -310,11 +310,13 @@ def train_grid(args, log=print):
 # ---------------------------------------------------------------- the table
 
 def _table_command(line):
-    """A run's command.txt line as typed: 'python -m dni.table1 ...' (workers see the file path)."""
+    """A run's command.txt line as typed: 'python -m dni.table1 ...' (workers see the file path),
+    'python main.py ...' for a run made by hand and moved into the table (command.txt holds the
+    interpreter's full path)."""
     for script in ("dni/table1.py", "-m dni.table1"):
         if script in line:
             return "python -m dni.table1" + line.split(script, 1)[1]
-    return line
+    return re.sub(r"^\S*/python[\d.]*(?= )", "python", line)
 
 
 def mean_std(values):

@@ -15,7 +15,7 @@ import torch
 from dni.config import Config
 from dni.data import load_data
 from dni.interface import nobprop_step
-from dni.table1 import PAPER_ITERATIONS, paper_epochs, parse_args, run_config, stale_settings
+from dni.table1 import PAPER_ITERATIONS, _table_command, paper_epochs, parse_args, run_config, stale_settings
 from dni.train import Optimizers, build_net
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +98,15 @@ def test_a_slice_in_a_root_of_its_own_shows_only_that_slice(tmp_path):
     assert [(r["model"], r["layers"]) for r in table["rows"]] == [("cnn", 3), ("cnn", 4)]
     assert table["meta"]["methods"] == ["backprop", "cdni"] and table["meta"]["runs_total"] == 2 * 2 * 3
     assert "| network | layers | Bprop | cDNI | paper |" in (tmp_path / "table1.md").read_text()
+
+
+@pytest.mark.parametrize("line, typed", [
+    ("/venv/bin/python /repo/dni/table1.py --quick --jobs 2", "python -m dni.table1 --quick --jobs 2"),
+    ("/root/.pyenv/versions/3.11.7/bin/python main.py --seed 0 --out /tmp/c3", "python main.py --seed 0 --out /tmp/c3"),
+    ("/usr/bin/python3.11 main.py --model_type cnn", "python main.py --model_type cnn"),
+])
+def test_the_table_names_each_run_s_command_as_typed(line, typed):
+    assert _table_command(line) == typed
 
 
 def test_cells_trained_in_the_root_stay_in_its_table(quick, tmp_path):
