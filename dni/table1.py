@@ -388,6 +388,23 @@ def _settings(sets):
     return f"MIXED, {len(sets)} sets: {text}" if len(sets) > 1 else text
 
 
+def _gap_table(table):
+    """Markdown lines: each DNI column's mean test error minus Bprop's, in points (none without Bprop)."""
+    methods = [m for m in table["meta"]["methods"] if m in ("dni", "cdni")]
+    if "backprop" not in table["meta"]["methods"] or not methods:
+        return []
+
+    def gap(row, method):
+        cell, base = row["cells"][method], row["cells"]["backprop"]
+        return f"{cell['mean'] - base['mean']:+.2f}" if cell["test_error"] and base["test_error"] else "—"
+
+    return ["", "Points of test error above Bprop (mean minus mean; negative: below it):", "",
+            "| network | layers | " + " | ".join(METHOD_LABEL[m] for m in methods) + " |",
+            "|---|---|" + "---|" * len(methods)] + [
+        f"| {MODEL_LABEL[row['model']]} | {row['layers']} | " + " | ".join(gap(row, m) for m in methods) + " |"
+        for row in table["rows"]]
+
+
 def markdown(table):
     """The table as the README shows it: test error (%) mean ± std over seeds."""
     meta, methods = table["meta"], table["meta"]["methods"]
@@ -402,6 +419,7 @@ def markdown(table):
         lines.append(f"| {MODEL_LABEL[row['model']]} | {row['layers']} | "
                      + " | ".join(_cell_text(row["cells"][m], meta["seeds"]) for m in methods)
                      + f" | {paper or 'not confirmed'} |")
+    lines += _gap_table(table)
     lines += ["", "Train seconds per run (mean over seeds; the training loop's wall time, evaluation excluded; "
               "on a shared machine it includes waiting for the CPU):", "",
               "| network | layers | " + " | ".join(METHOD_LABEL[m] for m in methods) + " |",

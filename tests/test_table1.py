@@ -64,6 +64,9 @@ def test_quick_markdown_and_figures(quick):
     assert [c.strip() for c in row[:2]] == ["FCN", "3"] and row[-1].strip() == "not confirmed"
     for cell in row[2:5]:
         float(cell)  # one seed: a bare number, no ± or dash
+    gaps = lines[lines.index("| network | layers | DNI | cDNI |") + 2].split("|")[3:-1]
+    for gap, cell in zip(gaps, row[3:5]):
+        assert abs(float(gap) - (float(cell) - float(row[2]))) < 0.011  # points above Bprop, from the cells
     assert "Complete: 3 runs." in md and "--depth n-1" in md and "torch " + torch.__version__ in md
     for name in ("table1_quick_curves.png", "table1_quick_sg.png"):
         assert (results / name).stat().st_size > 1000
