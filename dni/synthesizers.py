@@ -70,10 +70,11 @@ class ConvSynthesizer(nn.Module):
     Convolutions cannot tell one position from another, but a CNN that ends in a dense
     classifier has position-specific gradients (dL/dh = W^T (p - y) reshaped to C x H x W).
     So a zero-initialised map is added to the output: a learnt (C, H, W) bias, and under cDNI
-    a linear map of the label to (C, H, W), which can hold -W^T y exactly.
+    a linear map of the label to (C, H, W), which can hold -W^T y exactly. `position_map=False`
+    drops both: the paper's conv synthesizer (section 3.1), label planes only.
     """
 
-    def __init__(self, *, shape, context_features=0, hidden_layers=1, width=64, kernel_size=5):
+    def __init__(self, *, shape, context_features=0, hidden_layers=1, width=64, kernel_size=5, position_map=True):
         super().__init__()
         channels, pad = shape[0], kernel_size // 2
         layers, n_in = [], channels + context_features
@@ -83,28 +84,30 @@ class ConvSynthesizer(nn.Module):
         layers.append(_zero(nn.Conv2d(n_in, channels, kernel_size, padding=pad)))
         self.net = nn.Sequential(*layers)
         self.shape = tuple(shape)
-        self.position = nn.Parameter(torch.zeros(self.shape))  # (C, H, W)
+        self.position = nn.Parameter(torch.zeros(self.shape)) if position_map else None  # (C, H, W)
         self.context_map = _zero(nn.Linear(context_features, channels * shape[1] * shape[2])) \
-            if context_features else None
+            if context_features and position_map else None
 
     def forward(self, trigger, context=None):
         B, _, H, W = trigger.shape
-        out = self.position
+        out = self.position if self.position is not None else 0
         if context is not None:
             planes = context[:, :, None, None].expand(B, context.shape[1], H, W)
             trigger = torch.cat([trigger, planes], dim=1)  # (B, C + classes, H, W)
-            out = out + self.context_map(context).view(B, *self.shape)
+            if self.context_map is not None:
+                out = out + self.context_map(context).view(B, *self.shape)
         return self.net(trigger) + out
 
 
 def make_synthesizer(shape, *, kind="conv", context_features=0, hidden_layers=1, width=1024, conv_width=64,
-                     label_map=True):
+                     label_map=True, position_map=True):
     """The synthesizer for a trigger of per-example `shape`: (features,) -> dense; (C, H, W) -> conv,
-    or dense on the flattened map when `kind` is "dense". `label_map`: see DenseSynthesizer."""
+    or dense on the flattened map when `kind` is "dense". `label_map`: see DenseSynthesizer;
+    `position_map`: see ConvSynthesizer."""
     if len(shape) == 1 or kind == "dense":
         return DenseSynthesizer(features=math.prod(shape), context_features=context_features,
                                 hidden_layers=hidden_layers, width=width, label_map=label_map)
     if len(shape) == 3:
         return ConvSynthesizer(shape=shape, context_features=context_features,
-                               hidden_layers=hidden_layers, width=conv_width)
+                               hidden_layers=hidden_layers, width=conv_width, position_map=position_map)
     raise ValueError(f"no synthesizer for trigger shape {tuple(shape)}")
