@@ -3,7 +3,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from dni.errors import DNIError
-from dni.models import MODELS
+from dni.models import MODELS, PRESETS, paper_epochs
 
 METHODS = ("dni", "backprop", "nobprop")
 SCHEDULES = ("cosine", "constant", "paper")
@@ -18,35 +18,46 @@ def _opt(help, **kw):
 
 @dataclass
 class Config:
-    """One training run. None means "the model's default" (see dni.models.MODELS)."""
+    """One training run. None means "the preset's default for this model" (see dni.models)."""
     model_type: str = _opt("network", default="mlp", choices=MODELS)
+    preset: str = _opt("ours: our defaults (dni.models.MODELS); paper: section 3.1's networks, synthesizers, "
+                       "rates and 500k-iteration schedule, nothing of ours; flags typed override either",
+                       default="ours", choices=PRESETS)
     method: str = _opt("dni: every stage decoupled by a DNI; backprop: the baseline; "
                        "nobprop: only the last stage learns (the paper's No Bprop)", default="dni",
                        choices=METHODS)
     conditioned: bool = _opt("cDNI: synthesizers also read the one-hot label", default=False)
     dataset: str = _opt("data set", default="mnist", choices=DATASET_CHOICES)
     data_dir: str = _opt("where data sets live", default="data")
-    num_epochs: Optional[int] = _opt("epochs (default: mlp 60, cnn 20)", default=None, positive=True)
+    val_size: int = _opt("validation images held out of the end of the training set, never trained on, the only "
+                         "split settings are chosen on; 0 trains on all of it (then choose nothing from the run)",
+                         default=10000)
+    num_epochs: Optional[int] = _opt("epochs (default: mlp 60, cnn 20; paper preset: 500k iterations)", default=None,
+                                     positive=True)
     batch_size: int = _opt("batch size", default=256, positive=True)
-    lr: Optional[float] = _opt("Adam learning rate of the stages, every method (default: mlp 3e-4, cnn 3e-3)",
-                               default=None, positive=True)
-    sg_lr: Optional[float] = _opt("Adam learning rate of the synthesizers (default: 1e-3; mlp DNI 5e-3)",
+    lr: Optional[float] = _opt("Adam learning rate of the stages, every method (default: mlp 3e-4, cnn 3e-3; "
+                               "paper 3e-5)", default=None, positive=True)
+    sg_lr: Optional[float] = _opt("Adam learning rate of the synthesizers (default: 1e-3; mlp DNI 5e-3; paper 3e-5)",
                                   default=None, positive=True)
-    schedule: str = _opt("learning-rate schedule; paper: /10 at 60%% and 80%% of the steps",
-                         default="cosine", choices=SCHEDULES)
+    schedule: Optional[str] = _opt("learning-rate schedule; paper: /10 at 60%% and 80%% of the steps "
+                                   "(default: cosine; paper preset: paper)", default=None, choices=SCHEDULES)
     depth: Optional[int] = _opt("hidden stages (default: mlp 3, cnn 2)", default=None, positive=True)
     hidden: int = _opt("units per mlp hidden stage", default=256, positive=True)
-    channels: int = _opt("filters per cnn stage (the paper: 128)", default=16, positive=True)
-    synth_layers: Optional[int] = _opt("hidden layers in each synthesizer, 0 = linear (default: 1)",
-                                       default=None, choices=(0, 1, 2))
+    channels: Optional[int] = _opt("filters per cnn stage (default: 16; paper 128)", default=None, positive=True)
+    synth_layers: Optional[int] = _opt("hidden layers in each synthesizer, 0 = linear (default: 1; paper: DNI 1, "
+                                       "cDNI 0)", default=None, choices=(0, 1, 2))
     synth_width: Optional[int] = _opt("units per dense synthesizer hidden layer (default: 1024; mlp DNI 2048)",
                                       default=None, positive=True)
-    synth_channels: int = _opt("filters per conv synthesizer hidden layer", default=32, positive=True)
+    synth_channels: Optional[int] = _opt("filters per conv synthesizer hidden layer (default: 32; paper 128)",
+                                         default=None, positive=True)
     synth_type: Optional[str] = _opt("synthesizer of a cnn stage's feature maps: conv (the paper's) or dense, on "
                                      "the flattened maps (default: cnn DNI dense, cDNI conv; mlp: dense)",
                                      default=None, choices=SYNTH_TYPES)
-    synth_label_map: bool = _opt("cDNI dense synthesizers: the label also reaches the output through a linear map "
-                                 "(conv ones always have it)", default=True)
+    synth_label_map: Optional[bool] = _opt("cDNI dense synthesizers: the label also reaches the output through a "
+                                           "linear map (default: True; paper False)", default=None)
+    synth_position_map: Optional[bool] = _opt("conv synthesizers: a learnt per-position bias and, under cDNI, a "
+                                              "linear map of the label to the output (default: True; paper False)",
+                                              default=None)
     device: str = _opt("where to train", default="auto", choices=DEVICES)
     use_gpu: Optional[bool] = _opt("the seed's flag: True = --device cuda, False = --device cpu",
                                    default=None)
@@ -78,21 +89,13 @@ class Config:
                                   default=512, positive=True)
 
     def __post_init__(self):
-        spec = MODELS[self.model_type]
-        if self.depth is None:
-            self.depth = spec.depth
-        if self.num_epochs is None:
-            self.num_epochs = spec.num_epochs
-        if self.lr is None:
-            self.lr = spec.lr
-        if self.synth_layers is None:
-            self.synth_layers = spec.synth_layers[self.conditioned]
-        if self.synth_width is None:
-            self.synth_width = spec.synth_width[self.conditioned]
-        if self.sg_lr is None:
-            self.sg_lr = spec.sg_lr[self.conditioned]
-        if self.synth_type is None:
-            self.synth_type = spec.synth_type[self.conditioned]
+        if self.val_size < 0:
+            raise DNIError(f"--val_size must be >= 0, got {self.val_size}")
+        for name, value in PRESETS[self.preset](self.model_type, self.conditioned).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.num_epochs is None:  # the paper counts iterations: 500k of the batches this split gives
+            self.num_epochs = paper_epochs(self.dataset, self.val_size, self.batch_size)
         if self.synth_type == "conv" and self.model_type != "cnn":
             raise DNIError(f"--synth_type conv needs --model_type cnn ({self.model_type} stages output vectors)")
         if self.use_gpu is not None:
@@ -128,8 +131,11 @@ class Config:
 
 def saved_settings(saved):
     """A recorded run's config.json, completed with the value each setting added since then had
-    implicitly: runs made before --synth_type existed used conv synthesizers on cnn stages, and
-    before --synth_label_map no dense cDNI synthesizer had the map (conv ones always did)."""
-    saved = {"synth_type": "conv" if saved.get("model_type") == "cnn" else "dense", **saved}
+    implicitly: runs made before --synth_type existed used conv synthesizers on cnn stages,
+    before --synth_label_map no dense cDNI synthesizer had the map (conv ones always did), before
+    --synth_position_map every conv synthesizer had it, and before --val_size every run trained
+    on the whole training set with our preset."""
+    saved = {"synth_type": "conv" if saved.get("model_type") == "cnn" else "dense", "val_size": 0,
+             "preset": "ours", "synth_position_map": True, **saved}
     dense_cdni = saved.get("conditioned") and saved["synth_type"] == "dense"
     return {"synth_label_map": not dense_cdni, **saved}

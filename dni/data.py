@@ -54,12 +54,22 @@ FASHION_HINT = (f"delete it and rerun: it is copied again from {FASHION_DEBIAN_D
 
 @dataclass
 class Data:
-    """A dataset held as tensors, all already on the device the run uses."""
+    """A dataset held as tensors, all already on the device the run uses.
+
+    `val_x`, `val_y` are the validation split (`split_validation`): held out of the training
+    set, read only to choose settings; empty when a run trains on the whole training set.
+    """
     train_x: torch.Tensor  # (N, C, H, W) float32 in [0, 1]
     train_y: torch.Tensor  # (N,) int64
     test_x: torch.Tensor  # (M, C, H, W) float32 in [0, 1]
     test_y: torch.Tensor  # (M,) int64
     num_classes: int
+    val_x: torch.Tensor = None  # (V, C, H, W), V = 0 without a split
+    val_y: torch.Tensor = None  # (V,)
+
+    def __post_init__(self):
+        if self.val_x is None:
+            self.val_x, self.val_y = self.train_x[:0], self.train_y[:0]
 
     @property
     def in_shape(self):
@@ -275,6 +285,22 @@ def load_data(name, root="data", device="cpu"):
     return Data(train_x=images(train_x), train_y=train_y.to(device, torch.int64),
                 test_x=images(test_x), test_y=test_y.to(device, torch.int64),
                 num_classes=10)  # every dataset here has 10 classes
+
+
+def split_validation(data, val_size):
+    """Hold out the *last* `val_size` training images as the validation split.
+
+    A fixed slice, not a random one, so it is the same for every seed and device. For MNIST the
+    last 10,000 are the classic validation set (mnist.pkl.gz's "valid" part, from which the
+    canonical training file's images 50,000-59,999 are rebuilt); for Fashion-MNIST the last
+    10,000 of its training file. No training step sees them; val_size 0 trains on everything.
+    """
+    n = len(data.train_x)
+    if not 0 <= val_size < n:
+        raise DNIError(f"--val_size must be in [0, {n}) for a training set of {n} images, got {val_size}")
+    cut = n - val_size
+    return Data(train_x=data.train_x[:cut], train_y=data.train_y[:cut], test_x=data.test_x, test_y=data.test_y,
+                num_classes=data.num_classes, val_x=data.train_x[cut:], val_y=data.train_y[cut:])
 
 
 # ---------------------------------------------------------------- minibatches

@@ -75,7 +75,7 @@ from dni.errors import DNIError
 from dni.interface import loss_update, stage_update, synthesizer_update
 from dni.models import stage_shapes
 from dni.runs import prepare_run_dir, record_environment, save_checkpoint, write_json
-from dni.train import (Optimizers, build_net, check_finite, evaluate, load_run_data, pick_device, set_seed,
+from dni.train import (Optimizers, build_net, check_finite, evaluate_splits, load_run_data, pick_device, set_seed,
                        step_schedules)
 
 
@@ -571,7 +571,7 @@ def _train(config, rank, world, device):
               f"{len(net.stages)} stages on {world} workers ({describe_partition(parts, costs)}), "
               f"{config.num_epochs} epochs on {device} ({backend}) -> {run_dir}", flush=True)
 
-    seconds, test_acc, num_synths = 0.0, None, len(net.stages) - 1
+    seconds, accs, num_synths = 0.0, {}, len(net.stages) - 1
     with (open(run_dir / "metrics.jsonl", "a") if rank == 0 else contextlib.nullcontext()) as metrics:
         for epoch in range(1, config.num_epochs + 1):
             net.train()
@@ -589,7 +589,7 @@ def _train(config, rank, world, device):
                 dist.gather_object(worker.local_state(), states, dst=0)
 
             def finish_epoch():
-                nonlocal seconds, test_acc
+                nonlocal seconds, accs
                 worker.load_states(states)
                 seconds += max(entry["seconds"] for entry in logs)  # training only: no evaluation
                 last = logs[-1]
@@ -605,21 +605,22 @@ def _train(config, rank, world, device):
                     metrics.write(json.dumps(stats) + "\n")
                     total_loss += stats["loss"]
                     total_sg += sum(stats.get("sg_loss", [0.0])) / len(stats.get("sg_loss", [0.0]))
-                test_acc = evaluate(net, data.test_x, data.test_y)
+                accs = evaluate_splits(net, data)
                 line = {"kind": "epoch", "epoch": epoch, "step": worker.step,
                         "train_loss": total_loss / steps_per_epoch, "sg_loss": total_sg / steps_per_epoch,
-                        "test_acc": test_acc, "seconds": seconds}
+                        **accs, "seconds": seconds}
                 metrics.write(json.dumps(line) + "\n")
                 metrics.flush()
-                print(f"epoch {epoch} step {worker.step} loss {line['train_loss']:.4f} "
-                      f"sg_loss {line['sg_loss']:.1e} test_acc {test_acc:.4f} {seconds:.1f}s", flush=True)
+                print(f"epoch {epoch} step {worker.step} loss {line['train_loss']:.4f} sg_loss {line['sg_loss']:.1e} "
+                      + "".join(f"{k} {v:.4f} " for k, v in accs.items()) + f"{seconds:.1f}s", flush=True)
                 save_checkpoint(run_dir / "checkpoint.pt", net, optimizers, config, epoch, worker.step)
 
             agree(rank, timeout_s, f"finishing epoch {epoch}", finish_epoch)
 
     if rank != 0:
         return None
-    summary = {"test_acc": test_acc, "epochs": config.num_epochs, "steps": worker.step,
+    summary = {"val_acc": accs.get("val_acc"), "test_acc": accs["test_acc"], "val_size": config.val_size,
+               "epochs": config.num_epochs, "steps": worker.step,
                "seconds": round(seconds, 2), "method": config.method, "model_type": config.model_type,
                "conditioned": config.conditioned, "dataset": config.dataset, "seed": config.seed,
                "device": str(device),

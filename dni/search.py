@@ -11,9 +11,10 @@ rate beside.
 
 Every run is a dni.train run folder under <results>/search/ (reused when finished with the
 same settings, so the search resumes); writes <results>/search.json and search.md, ranked by
-test error. Unset settings (network depth, widths, schedule, batch) are dni.config's defaults.
-Caveat: dni.train holds out no validation set, so the ranking uses the test set; numbers
-picked this way flatter the method tuned (compare cells of dni.table1 with that in mind).
+validation error: each run holds out the last `--val_size` training images (dni.data) and only
+they decide. The test set is not read here at all, so the defaults chosen from this ranking
+leave every test number of dni.table1 unbiased. A run without a validation split cannot be
+ranked. Unset settings (network depth, widths, schedule, batch) are dni.config's defaults.
 """
 import itertools
 import json
@@ -25,6 +26,8 @@ import torch
 
 from dni.cli import OneLineParser, main_guard
 from dni.config import Config
+from dni.errors import DNIError
+from dni.models import OURS
 from dni.runs import write_text
 from dni.table1 import add_grid_options, check_counts, mean_std, pending, train_all
 
@@ -67,16 +70,23 @@ def run_config(args, method, synth_layers, synth_width, sg_lr, lr, seed):
         settings.update({"synth_layers": synth_layers, WIDTH[args.model_type]: synth_width, "sg_lr": sg_lr})
         if args.model_type == "cnn":  # its widths are conv filters: the search is over conv synthesizers
             settings["synth_type"] = "conv"
-        elif method == "cdni":  # made before dense cDNI synthesizers had the label map (dni.synthesizers)
-            settings["synth_label_map"] = False
     for name in ("device", "data_dir"):
         if getattr(args, name):
             settings[name] = getattr(args, name)
     return Config(**settings)
 
 
+def validation_error(run_dir):
+    """Validation error (%) of a finished run: the only number a choice may read."""
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    if summary.get("val_acc") is None:
+        raise DNIError(f"{run_dir} has no validation accuracy (trained with --val_size 0 or before the split "
+                       "existed); nothing may be chosen from it: retrain it with --retrain_stale")
+    return round(100 * (1 - summary["val_acc"]), 4), summary["seconds"]
+
+
 def collect(args, failures=None):
-    """Every point's test error over seeds, ranked within each method; and the current defaults."""
+    """Every point's validation error over seeds, ranked within each method; and the current defaults."""
     failures, rows = failures or {}, []
     for method, synth_layers, synth_width, sg_lr, lr in points(args):
         errors, seconds, failed = [], [], []
@@ -85,12 +95,12 @@ def collect(args, failures=None):
             if run_dir.name in failures:
                 failed.append(failures[run_dir.name])
             if (run_dir / "summary.json").exists():
-                summary = json.loads((run_dir / "summary.json").read_text())
-                errors.append(round(100 * (1 - summary["test_acc"]), 4))
-                seconds.append(summary["seconds"])
+                error, secs = validation_error(run_dir)
+                errors.append(error)
+                seconds.append(secs)
         mean, std = mean_std(errors) if errors else (None, None)
         rows.append(dict(method=method, synth_layers=synth_layers, synth_width=synth_width, sg_lr=sg_lr, lr=lr,
-                         test_error=errors, mean=mean, std=std, seconds=seconds, failed=failed))
+                         val_error=errors, mean=mean, std=std, seconds=seconds, failed=failed))
     best = {}
     for method in args.methods:
         done = [r for r in rows if r["method"] == method and r["mean"] is not None]
@@ -100,12 +110,11 @@ def collect(args, failures=None):
     defaults_now = {m: {k: getattr(Config(model_type=args.model_type, **METHODS[m]), k) for k in tuned}
                     for m in args.methods if m != "backprop"}
     size = dict(hidden=defaults.hidden) if args.model_type == "mlp" else dict(channels=defaults.channels)
-    meta = dict(epochs=args.epochs, seeds=list(args.seeds), runs_done=sum(len(r["test_error"]) for r in rows),
+    meta = dict(epochs=args.epochs, seeds=list(args.seeds), runs_done=sum(len(r["val_error"]) for r in rows),
                 runs_total=len(rows) * len(args.seeds), defaults_now=defaults_now,
                 network=dict(model_type=args.model_type, depth=defaults.depth, **size, schedule=defaults.schedule,
-                             batch_size=defaults.batch_size),
-                torch=torch.__version__, command="python -m dni.search " + " ".join(sys.argv[1:]),
-                selection_note="ranked on the test set: dni.train holds out no validation split")
+                             batch_size=defaults.batch_size, val_size=defaults.val_size),
+                torch=torch.__version__, command="python -m dni.search " + " ".join(sys.argv[1:]))
     return dict(meta=meta, best=best, rows=rows)
 
 
@@ -122,8 +131,9 @@ def markdown(table):
     lines = [f"# DNI / cDNI hyperparameter search (MNIST {dict(mlp='FCN', cnn='CNN')[model]})", "",
              f"{meta['runs_done']} of {meta['runs_total']} runs finished"
              + (" (**partial**)" if meta["runs_done"] < meta["runs_total"] else "")
-             + f"; {meta['epochs']} epoch(s) per run, seeds {meta['seeds']}; test error (%), best first per method.",
-             "", f"| method | synth layers | {width_name} | sg_lr | lr | test error | train s |",
+             + f"; {meta['epochs']} epoch(s) per run, seeds {meta['seeds']}; validation error (%), best first per "
+             f"method (the last {meta['network']['val_size']:,} training images; the test set is not read).",
+             "", f"| method | synth layers | {width_name} | sg_lr | lr | val error | train s |",
              "|---|---|---|---|---|---|---|"]
     key = lambda r: (list(METHODS).index(r["method"]), r["mean"] is None, r["mean"] or 0)
     blank = lambda value, fmt="": "" if value is None else format(value, fmt)
@@ -138,7 +148,6 @@ def markdown(table):
         "Defaults in dni/models.py now: " + "; ".join(
             f"{m}: " + ", ".join(f"{k} {v}" for k, v in d.items()) for m, d in meta["defaults_now"].items()) + ".",
         "Network: " + ", ".join(f"{k} {v}" for k, v in meta["network"].items()) + f"; torch {meta['torch']}.",
-        "Caveat: " + meta["selection_note"] + ", so the winners' test errors are optimistic.",
         f"Made by `{meta['command'].strip()}`.", ""]
     return "\n".join(lines)
 
@@ -173,7 +182,7 @@ def parse_args(argv=None):
                         help=f"synthesizer hidden layers (default: {' '.join(map(str, SYNTH_LAYERS))})")
     parser.add_argument("--synth_widths", type=int, nargs="+",
                         help=f"units (cnn: filters) per synthesizer hidden layer "
-                             f"(default: mlp {' '.join(map(str, SYNTH_WIDTHS))}, cnn {Config.synth_channels})")
+                             f"(default: mlp {' '.join(map(str, SYNTH_WIDTHS))}, cnn {OURS['synth_channels']})")
     parser.add_argument("--sg_lrs", type=float, nargs="+", help=f"synthesizer lrs (default: {' '.join(map(str, SG_LRS))})")
     parser.add_argument("--lrs", type=float, nargs="+", help=f"stage lrs (default: {' '.join(map(str, LRS))})")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: dni cdni backprop")
@@ -182,7 +191,7 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="2 runs of 1 epoch, written as search_quick.*")
     add_grid_options(parser, "search")
     args = parser.parse_args(argv)
-    widths = list(SYNTH_WIDTHS) if args.model_type == "mlp" else [Config.synth_channels]
+    widths = list(SYNTH_WIDTHS) if args.model_type == "mlp" else [OURS["synth_channels"]]
     defaults = QUICK if args.quick else dict(synth_layers=list(SYNTH_LAYERS), synth_widths=widths,
                                              sg_lrs=list(SG_LRS), lrs=list(LRS), methods=list(METHODS),
                                              epochs=EPOCHS, seeds=list(SEEDS))

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from dni.cli import build_parser, main_guard, parse_config
 from dni.config import Config
-from dni.data import batches, load_data, num_batches
+from dni.data import batches, load_data, num_batches, split_validation
 from dni.errors import DNIError
 from dni.interface import DNINet, backprop_step, dni_step, nobprop_step
 from dni.models import MODELS, stage_shapes
@@ -64,7 +64,8 @@ def build_net(config, in_shape, num_classes):
         synthesizers = torch.nn.ModuleList(
             make_synthesizer(shape, kind=config.synth_type, context_features=context,
                              hidden_layers=config.synth_layers, width=config.synth_width,
-                             conv_width=config.synth_channels, label_map=config.synth_label_map)
+                             conv_width=config.synth_channels, label_map=config.synth_label_map,
+                             position_map=config.synth_position_map)
             for shape in stage_shapes(stages, in_shape)[:-1])
     net = DNINet(stages=stages, synthesizers=synthesizers, conditioned=config.conditioned,
                  num_classes=num_classes)
@@ -178,12 +179,20 @@ def check_finite(stats, step):
 
 
 def load_run_data(config, device):
-    """`load_data`, with an unreadable file or folder turned into a one-line DNIError."""
+    """`load_data` with `config.val_size` training images held out (`split_validation`); an
+    unreadable file or folder becomes a one-line DNIError."""
     try:
-        return load_data(config.dataset, config.data_dir, device)
+        data = load_data(config.dataset, config.data_dir, device)
     except OSError as e:
         raise DNIError(f"cannot read {e.filename or config.data_dir}: {e.strerror or one_line(e)}; "
                        f"fix its permissions, or delete it and rerun to rebuild --data_dir {config.data_dir}") from None
+    return split_validation(data, config.val_size)
+
+
+def evaluate_splits(net, data):
+    """{"val_acc": ..., "test_acc": ...} after an epoch; no val_acc without a validation split."""
+    accs = {"val_acc": evaluate(net, data.val_x, data.val_y)} if len(data.val_x) else {}
+    return {**accs, "test_acc": evaluate(net, data.test_x, data.test_y)}
 
 
 class Interrupted(Exception):
@@ -241,7 +250,7 @@ def run(config):
     # Where the run stands: next is batch `batch` (0-based) of epoch `epoch`, whose permutation is
     # drawn from `order_state`. A new run starts at the top; a resumed one where its checkpoint left.
     step, state = 0, {"epoch": 1, "batch": 0, "order_state": order.get_state(), "totals": {"loss": 0.0, "sg_loss": 0.0},
-                      "seconds": 0.0, "test_acc": None, "metrics_lines": 0}
+                      "seconds": 0.0, "accs": {}, "metrics_lines": 0}
     if config.resume:
         restore(net, optimizers, checkpoint, run_dir)
         if (run_dir / "summary.json").exists():
@@ -260,7 +269,9 @@ def run(config):
     print(f"{config.name}: {sum(p.numel() for p in net.stages.parameters()):,} stage parameters, "
           f"{len(net.stages)} stages, {config.num_epochs} epochs on {device} -> {run_dir}")
 
-    seconds, test_acc, totals, lines = state["seconds"], state["test_acc"], state["totals"], state["metrics_lines"]
+    # accs: the last epoch's {"val_acc", "test_acc"} (checkpoints written before the split held test_acc only)
+    seconds, totals, lines = state["seconds"], state["totals"], state["metrics_lines"]
+    accs = state.get("accs", {"test_acc": state.get("test_acc")})
     saved_step = step if config.resume else None  # the last checkpoint written, for the divergence message
 
     def save(epoch, batch, order_state, seconds):
@@ -268,7 +279,7 @@ def run(config):
         nonlocal saved_step
         save_checkpoint(run_dir / "checkpoint.pt", net, optimizers, config, epoch - 1, step, resume={
             "epoch": epoch, "batch": batch, "order_state": order_state, "totals": dict(totals),
-            "seconds": seconds, "test_acc": test_acc, "metrics_lines": lines, "rng": rng_states(device)})
+            "seconds": seconds, "accs": accs, "metrics_lines": lines, "rng": rng_states(device)})
         saved_step = step
 
     with StopFlag() as stop, open(run_dir / "metrics.jsonl", "a") as metrics:
@@ -306,20 +317,21 @@ def run(config):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds += time.perf_counter() - start  # training time only: evaluation is not timed
-            test_acc = evaluate(net, data.test_x, data.test_y)
+            accs = evaluate_splits(net, data)
             line = {"kind": "epoch", "epoch": epoch, "step": step, "train_loss": totals["loss"] / steps_per_epoch,
-                    "sg_loss": totals["sg_loss"] / steps_per_epoch, "test_acc": test_acc, "seconds": seconds}
+                    "sg_loss": totals["sg_loss"] / steps_per_epoch, **accs, "seconds": seconds}
             metrics.write(json.dumps(line) + "\n")
             metrics.flush()
             lines += 1
             print(f"epoch {epoch} step {step} loss {line['train_loss']:.4f} sg_loss {line['sg_loss']:.1e} "
-                  f"test_acc {test_acc:.4f} {seconds:.1f}s", flush=True)
+                  + "".join(f"{k} {v:.4f} " for k, v in accs.items()) + f"{seconds:.1f}s", flush=True)
             totals = {"loss": 0.0, "sg_loss": 0.0}
             save(epoch + 1, 0, order.get_state(), seconds)
             if stop.signum:  # it came during evaluation: the checkpoint just written is where to resume
                 raise Interrupted(stop.signum, step, run_dir)
 
-    summary = {"test_acc": test_acc, "epochs": config.num_epochs, "steps": step, "seconds": round(seconds, 2),
+    summary = {"val_acc": accs.get("val_acc"), "test_acc": accs["test_acc"], "val_size": config.val_size,
+               "epochs": config.num_epochs, "steps": step, "seconds": round(seconds, 2),
                "method": config.method, "model_type": config.model_type, "conditioned": config.conditioned,
                "dataset": config.dataset, "seed": config.seed, "device": str(device)}
     write_json(run_dir / "summary.json", summary)
