@@ -1,8 +1,9 @@
-"""The paper's unlocking experiments (section 3.3, Fig. 7) as run folders, a JSON file and a figure each.
+"""The paper's unlocking experiments (section 3.3, Fig. 7) as run folders, and a JSON file, a markdown
+table and a figure each.
 
-    python -m dni.unlock_experiments update_prob   # Fig. 7 left: results/update_prob.json and .png
-    python -m dni.unlock_experiments unlock        # Fig. 7 right: results/unlock.json and .png
-    python -m dni.unlock_experiments plot          # redraw the figures from the JSON files alone
+    python -m dni.unlock_experiments update_prob   # Fig. 7 left: results/update_prob.json, .md and .png
+    python -m dni.unlock_experiments unlock        # Fig. 7 right: results/unlock.json, .md and .png
+    python -m dni.unlock_experiments plot          # redraw the tables and figures from the JSON files alone
 
 longer budgets, in folders and files of their own:
 
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 from dni.config import Config
-from dni.runs import write_json
+from dni.runs import write_json, write_text
 
 METHODS = {"backprop": dict(method="backprop"), "dni": dict(method="dni"),
            "cdni": dict(method="dni", conditioned=True)}
@@ -127,7 +128,7 @@ def update_prob_sweep(args):
               "environment": environment(), "command": "python -m dni.unlock_experiments update_prob " + args.argv}
     write_json(Path(args.results) / f"{args.name}.json", result)
     plot_update_prob(Path(args.results) / f"{args.name}.json")
-    print(update_prob_table(result))
+    print(write_markdown(Path(args.results) / f"{args.name}.json"))
 
 
 def update_prob_table(result):
@@ -166,7 +167,7 @@ def unlock_runs(args):
               "command": "python -m dni.unlock_experiments unlock " + args.argv}
     write_json(Path(args.results) / f"{args.name}.json", result)
     plot_unlock(Path(args.results) / f"{args.name}.json")
-    print(unlock_table(result))
+    print(write_markdown(Path(args.results) / f"{args.name}.json"))
 
 
 def unlock_table(result):
@@ -177,6 +178,30 @@ def unlock_table(result):
     rows.append(f"\nAfter {b['steps']} steps ({b['epochs']} epochs at batch {b['batch_size']}), seed "
                 f"{result['runs'][0]['seed']}.")
     return "\n".join(rows)
+
+
+# ---------------------------------------------------------------- markdown, from the JSON files alone
+
+def write_markdown(path):
+    """Write the table of an update_prob or unlock JSON file beside it (same name, .md), with its budget,
+    hardware, command and files, so docs/unlocking.md copies it (`python -m dni.report`) and never types
+    a figure by hand. Returns the table."""
+    path = Path(path)
+    result = json.loads(path.read_text())
+    if "table" in result:
+        title, table = "Stochastic updates: test error against update probability P", update_prob_table(result)
+    else:
+        title, table = "Complete unlock: test error with synthetic inputs", unlock_table(result)
+    s = result["settings"]
+    lines = [f"# {title}", "",
+             f"{result['experiment']}; {s['dataset']}, the {s['depth'] + 1}-stage FCN ({s['depth']} hidden stages of "
+             f"{s['hidden']} units + linear classifier), lr {s['lr']:g}, sg_lr {s['sg_lr']:g}, schedule "
+             f"{s['schedule']}, synthesizers with {s['synth_layers']} hidden layers.", "", table, "",
+             f"Hardware: {_caption(result)}.",
+             f"Command: `{result['command'].strip()}`; data: {path.as_posix()}; "
+             f"figure: {path.with_suffix('.png').as_posix()}."]
+    write_text(path.with_suffix(".md"), "\n".join(lines) + "\n")
+    return table
 
 
 # ---------------------------------------------------------------- figures, from the JSON files alone
@@ -285,10 +310,12 @@ def main(argv=None):
     else:
         for path in sorted(Path(args.results).glob("update_prob*.json")):
             plot_update_prob(path)
-            print(path.with_suffix(".png"))
+            write_markdown(path)
+            print(path.with_suffix(".png"), path.with_suffix(".md"))
         for path in sorted(Path(args.results).glob("unlock*.json")):
             plot_unlock(path)
-            print(path.with_suffix(".png"))
+            write_markdown(path)
+            print(path.with_suffix(".png"), path.with_suffix(".md"))
 
 
 if __name__ == "__main__":
