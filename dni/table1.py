@@ -5,6 +5,8 @@ each trained four ways: No Bprop (only the top layer learns), Bprop, DNI and cDN
     python -m dni.table1 --models mlp --jobs 2         # a part of it, two runs at once
     python -m dni.table1 --dataset fashion_mnist       # -> results/fashion_table1.*
     python -m dni.table1 --paper --device cuda         # the paper's budget: 500k steps, lr 3e-5
+    python -m dni.table1 --preset paper --models mlp   # the paper's own networks and synthesizers at
+                                                       # this table's budget -> results/table1_preset_paper.*
     python -m dni.table1 --quick                       # a 1-2 minute slice (the test's)
     python -m dni.table1 --table_only                  # redraw tables and figures from the run folders
 
@@ -44,7 +46,7 @@ from dni.cli import OneLineParser, main_guard
 from dni.config import DEVICES, METHODS as CONFIG_METHODS, Config, saved_settings
 from dni.data import num_batches
 from dni.errors import DNIError
-from dni.models import MODELS
+from dni.models import MODELS, PRESETS, paper_epochs
 from dni.runs import write_text
 
 LAYERS = {"mlp": (3, 4, 5, 6), "cnn": (3, 4)}  # the paper's rows; layers = depth + 1
@@ -68,7 +70,6 @@ CPU_SETTINGS = {"mlp": dict(num_epochs=10, lr=1e-3), "cnn": dict(num_epochs=10, 
 # iterations of batch 256; 128 filters per conv layer.
 PAPER_ITERATIONS = 500_000
 PAPER_SETTINGS = dict(lr=3e-5, sg_lr=3e-5, schedule="paper", batch_size=256, channels=128)
-TRAIN_SIZE = 60_000  # MNIST and Fashion-MNIST training images: the paper's epochs = iterations / (60000 // 256)
 QUICK = dict(models=["mlp"], layers=[3], methods=["backprop", "dni", "cdni"], seeds=[0], epochs=1)
 
 # The paper's Table 1 numbers could not be confirmed where this was written (no copy of the
@@ -118,25 +119,23 @@ def table_scope(args):
     return list(dict.fromkeys(cells)), methods
 
 
-def paper_epochs(batch_size):
-    return math.ceil(PAPER_ITERATIONS / num_batches(TRAIN_SIZE, batch_size))
-
-
 def run_config(args, model, layers, method, seed):
     """The Config of one run: dni.config's defaults but for what the table sets."""
     if METHODS[method]["method"] not in CONFIG_METHODS:  # else dni.train would run it as backprop
         raise DNIError(f"this dni.config has no method {METHODS[method]['method']!r}; update dni/config.py and dni/train.py")
-    settings = dict(model_type=model, depth=layers - 1, dataset=args.dataset, seed=seed, plot=False,
-                    overwrite=True, out=str(run_root(args) / run_name(model, layers, method, seed)),
+    settings = dict(model_type=model, preset=args.preset, depth=layers - 1, dataset=args.dataset, seed=seed,
+                    plot=False, overwrite=True, out=str(run_root(args) / run_name(model, layers, method, seed)),
                     **METHODS[method])
     if args.device:
         settings["device"] = args.device
     if args.data_dir:
         settings["data_dir"] = args.data_dir
     if args.paper:
-        settings.update(PAPER_SETTINGS, num_epochs=paper_epochs(PAPER_SETTINGS["batch_size"]))
+        settings.update(PAPER_SETTINGS, num_epochs=paper_epochs(args.dataset, Config.val_size, PAPER_SETTINGS["batch_size"]))
     else:
         settings.update(CPU_SETTINGS[model])
+        if args.preset == "paper":  # the paper's model at this budget: its one Adam rate for all, our schedule
+            settings.update(sg_lr=settings["lr"], schedule="cosine")
         if args.epochs:
             settings["num_epochs"] = args.epochs
     return Config(**settings)
@@ -147,8 +146,10 @@ def budget(args):
 
 
 def stem(args):
-    """table1, table1_quick or table1_paper: the run folders' root and the output files' name."""
-    return "table1" + (f"_{budget(args)}" if budget(args) else "")
+    """table1, table1_quick, table1_paper or, for the paper's preset, table1_preset_paper[_paper|_quick]:
+    the run folders' root and the output files' name."""
+    preset = "_preset_paper" if args.preset == "paper" else ""
+    return "table1" + preset + (f"_{budget(args)}" if budget(args) else "")
 
 
 def run_root(args):
@@ -361,7 +362,8 @@ def collect(args, failures=None):
                 cell["mean"], cell["std"] = mean_std(cell["test_error"])
             row["cells"][method] = cell
         rows.append(row)
-    meta = dict(dataset=args.dataset, budget=budget(args) or "cpu", seeds=list(args.seeds), methods=methods,
+    meta = dict(dataset=args.dataset, budget=budget(args) or "cpu", preset=args.preset, seeds=list(args.seeds),
+                methods=methods,
                 runs_done=done, runs_total=total, partial=done < total,
                 train_seconds_total=round(seconds, 1),
                 hyperparameters=[dict(h[1:]) for h in sorted(hyper, key=str) if not h[0]],
@@ -437,6 +439,14 @@ def markdown(table):
         f"--depth n-1` (n-1 hidden layers + classifier), CNN n = `--model_type cnn --depth n-1`.",
         "- No Bprop: only the classifier learns; the layers below keep their random weights "
         "(`--method nobprop`).",
+        ("- Model: the paper's networks and synthesizers (section 3.1, `--preset paper`: nothing of ours)"
+         + ("" if meta["budget"] == "paper" else ", trained at this table's budget and stage learning rate with "
+            "sg_lr = lr and a cosine schedule, not the paper's 500k iterations at 3e-5")
+         if meta.get("preset") == "paper" else
+         "- Model: our networks and synthesizers (`--preset ours`, dni/models.py; docs/deviations.md lists how they "
+         "differ from the paper's)") + ".",
+        "- Training set: the first 50,000 training images; the last 10,000 are the validation split, "
+        "read by no number here (`--val_size`).",
         "- Paper: its Table 1 values could not be confirmed where this table was made, so none is quoted.",
         "- Settings (" + ("the paper's budget" if meta["budget"] == "paper" else
                            f"{meta['budget']} budget, far below the paper's 500k iterations") + "): "
@@ -597,6 +607,9 @@ def parse_args(argv=None):
                         help=f"the paper's budget: {PAPER_ITERATIONS} iterations, "
                              + ", ".join(f"{k} {v}" for k, v in PAPER_SETTINGS.items()) + " (for a GPU)")
     parser.add_argument("--quick", action="store_true", help="a 1-2 minute slice: FCN 3, Bprop/DNI/cDNI, 1 seed, 1 epoch")
+    parser.add_argument("--preset", choices=list(PRESETS), default="ours",
+                        help="ours: our networks and synthesizers (dni/models.py); paper: section 3.1's, nothing of "
+                             "ours, at this table's budget and stage lr (sg_lr = lr) unless --paper (default: ours)")
     add_grid_options(parser, "table1")
     args = parser.parse_args(argv)
     if args.quick and args.paper:

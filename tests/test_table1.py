@@ -15,7 +15,8 @@ import torch
 from dni.config import Config
 from dni.data import load_data
 from dni.interface import nobprop_step
-from dni.table1 import PAPER_ITERATIONS, _table_command, paper_epochs, parse_args, run_config, stale_settings
+from dni.models import paper_epochs
+from dni.table1 import PAPER_ITERATIONS, _table_command, parse_args, run_config, stale_settings
 from dni.train import Optimizers, build_net
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,13 +138,25 @@ def test_bad_flags_end_in_one_line(args, message):
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
 
 
+def test_paper_preset_builds_the_papers_model_at_the_tables_budget():
+    args = parse_args(["--preset", "paper", "--models", "cnn"])
+    cdni, dni = run_config(args, "cnn", 3, "cdni", 0), run_config(args, "cnn", 3, "dni", 0)
+    assert (cdni.channels, cdni.synth_channels, cdni.synth_type, cdni.synth_position_map) == (128, 128, "conv", False)
+    assert (cdni.synth_layers, dni.synth_layers, dni.synth_type) == (0, 1, "conv")
+    assert (cdni.num_epochs, cdni.lr, cdni.sg_lr, cdni.schedule) == (10, 3e-3, 3e-3, "cosine")  # the table's budget
+    assert "table1_preset_paper" in cdni.out and "table1_preset_paper" not in run_config(
+        parse_args([]), "cnn", 3, "cdni", 0).out
+    fcn = run_config(parse_args(["--preset", "paper", "--models", "mlp"]), "mlp", 4, "cdni", 0)
+    assert (fcn.hidden, fcn.synth_width, fcn.synth_layers, fcn.synth_label_map) == (256, 1024, 0, False)
+
+
 def test_layers_map_to_depth_and_paper_budget():
     args = parse_args(["--paper", "--models", "cnn"])
     config = run_config(args, "cnn", 4, "cdni", 1)
     assert (config.depth, config.method, config.conditioned, config.seed) == (3, "dni", True, 1)
     assert (config.lr, config.sg_lr, config.schedule, config.channels) == (3e-5, 3e-5, "paper", 128)
-    steps = 60000 // config.batch_size
-    assert config.num_epochs == paper_epochs(config.batch_size)
+    steps = (60000 - config.val_size) // config.batch_size  # the iterations are counted on the training split
+    assert config.num_epochs == paper_epochs("mnist", config.val_size, config.batch_size)
     assert (config.num_epochs - 1) * steps < PAPER_ITERATIONS <= config.num_epochs * steps
     assert "table1_paper" in config.out
     quick = run_config(parse_args(["--quick"]), "mlp", 3, "nobprop", 0)
