@@ -3,7 +3,7 @@
 Each dataclass field becomes a flag `--name`; its metadata may carry `help`,
 `choices` (a registry: its keys are what the flag accepts) and `positive` (the
 value must be > 0). Booleans take True/False in any case (`--conditioned True`,
-as the seed's users type it). Any bad flag or value ends the program with one
+as the seed's users type it), and a bare flag means True (`--conditioned`). Any bad flag or value ends the program with one
 line on stderr and exit code 2.
 """
 import argparse
@@ -70,8 +70,8 @@ def build_parser(config_cls, *, prog=None, description=None, defaults=None):
         default = defaults.get(f.name, f.default)
         meta = f.metadata
         kwargs = dict(default=default, help=meta.get("help", ""))
-        if kind is bool:
-            kwargs.update(type=parse_bool, metavar="True|False")
+        if kind is bool:  # a bare switch means True: --pipeline, --conditioned
+            kwargs.update(type=parse_bool, metavar="True|False", nargs="?", const=True)
         elif meta.get("positive"):
             kwargs.update(type=_positive(kind))
         else:
