@@ -282,7 +282,9 @@ def train_all(configs, *, jobs=1, threads=1, log=print, after_each=None):
                     failures[name] = error
                     log(f"[{n}/{len(configs)}] {name} failed: {error}")
                 else:
-                    log(f"[{n}/{len(configs)}] {name}: test error {100 * (1 - summary['test_acc']):.2f}% "
+                    split, acc = ("validation", summary["val_acc"]) if summary.get("val_acc") is not None \
+                        else ("test", summary["test_acc"])  # progress only; a grid of splits shows validation
+                    log(f"[{n}/{len(configs)}] {name}: {split} error {100 * (1 - acc):.2f}% "
                         f"in {summary['seconds']:.0f} s of training")
                 if after_each:
                     after_each(failures)

@@ -109,3 +109,18 @@ def test_the_search_ranks_by_validation_and_never_reads_test(tmp_path):
                                                                             "seconds": 1.0}))
     with pytest.raises(DNIError, match="no validation accuracy"):  # a --val_size 0 run cannot be chosen
         search.collect(args)
+
+
+def test_each_deviation_row_changes_one_setting_of_the_papers_preset(tmp_path):
+    from dni import deviations
+    args = deviations.parse_args(["--results", str(tmp_path)])
+    for model, method, row, change in deviations.grid(args):
+        config = deviations.run_config(args, model, method, row, change, 0).to_dict()
+        paper = deviations.run_config(args, model, method, "paper preset", {}, 0).to_dict()
+        moved = {k for k in config if config[k] != paper[k]} - {"out"}
+        if change is None:
+            assert config["preset"] == "ours" and moved
+        else:
+            allowed = set(change) if isinstance(change, dict) else {change}
+            assert (row == "paper preset") == (not moved) and moved <= allowed, (row, moved)
+        assert config["val_size"] == 10000 and config["num_epochs"] == 10

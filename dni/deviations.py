@@ -1,0 +1,146 @@
+"""What each of our deviations from the paper's model is worth, on the validation split.
+
+Every row starts from `--preset paper` (section 3.1, nothing of ours) at Table 1's CPU budget
+(10 epochs, the table's stage lr, sg_lr = lr, cosine schedule) and changes one setting to ours;
+"all of ours" is `--preset ours` at the same budget. Each is trained over seeds and reported as
+validation error (the last `--val_size` training images) and training seconds per epoch, with the
+difference to the paper's preset beside it. The test set is not read.
+
+    python -m dni.deviations --jobs 2                # every row, seeds 0 1 2 -> results/deviations.*
+    python -m dni.deviations --models mlp --jobs 2   # the FCN rows only
+    python -m dni.deviations --table_only           # redraw the table from the run folders
+
+The CNN rows use our 16-filter network on both sides: the paper's 128 filters cost hours a run
+on 2 CPU cores, so the width row stays unmeasured until a GPU is at hand.
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from dni.cli import OneLineParser, main_guard
+from dni.config import Config
+from dni.runs import write_text
+from dni.table1 import CPU_SETTINGS, add_grid_options, check_counts, mean_std, pending, train_all
+
+# model -> (network depth as in main.py, settings shared by every row of that model)
+NETWORKS = {"mlp": dict(depth=3), "cnn": dict(depth=2, channels=16)}
+# (model, method) -> [(row name, settings of ours that the row adds to the paper's preset)];
+# None is "all of ours" (--preset ours).
+ROWS = {
+    ("mlp", "dni"): [("paper preset", {}), ("2048-unit hidden layer", dict(synth_width=2048)),
+                     ("our sg_lr", "sg_lr"), ("all of ours", None)],
+    ("mlp", "cdni"): [("paper preset", {}), ("label map to the output", dict(synth_label_map=True)),
+                      ("1 hidden layer of 1024", dict(synth_layers=1)), ("all of ours", None)],
+    ("cnn", "dni"): [("paper preset", {}), ("dense synthesizer on the flattened maps",
+                                            dict(synth_type="dense", synth_width=1024)),
+                     ("per-position bias", dict(synth_position_map=True)),
+                     ("32-filter conv synthesizer", dict(synth_channels=32)), ("our sg_lr", "sg_lr"),
+                     ("all of ours", None)],
+    ("cnn", "cdni"): [("paper preset", {}), ("per-position bias and label map", dict(synth_position_map=True)),
+                      ("1 hidden conv layer", dict(synth_layers=1)), ("our sg_lr", "sg_lr"), ("all of ours", None)],
+}
+SEEDS = (0, 1, 2)
+
+
+def slug(name):
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+def run_config(args, model, method, row, change, seed):
+    """The Config of one row's run: the paper's preset at the table's budget, plus `change`."""
+    budget = dict(CPU_SETTINGS[model], model_type=model, seed=seed, plot=False, overwrite=True, **NETWORKS[model],
+                  method="dni", conditioned=method == "cdni",
+                  out=str(Path(args.results) / "deviations" / f"{model}_{method}_{slug(row)}_s{seed}"))
+    if args.data_dir:
+        budget["data_dir"] = args.data_dir
+    if args.device:
+        budget["device"] = args.device
+    if change is None:
+        return Config(preset="ours", **budget)
+    if change == "sg_lr":  # our synthesizer rate, whatever dni/models.py holds now
+        change = dict(sg_lr=Config(model_type=model, conditioned=method == "cdni").sg_lr)
+    return Config(preset="paper", **{"schedule": "cosine", "sg_lr": budget["lr"], **budget, **change})
+
+
+def grid(args):
+    return [(model, method, row, change) for (model, method), rows in ROWS.items() if model in args.models
+            for row, change in rows]
+
+
+def collect(args):
+    rows = []
+    for model, method, row, change in grid(args):
+        errors, per_epoch = [], []
+        for seed in args.seeds:
+            config = run_config(args, model, method, row, change, seed)
+            path = Path(config.out) / "summary.json"
+            if path.exists():
+                summary = json.loads(path.read_text())
+                errors.append(round(100 * (1 - summary["val_acc"]), 4))
+                per_epoch.append(summary["seconds"] / summary["epochs"])
+        mean, std = mean_std(errors) if errors else (None, None)
+        rows.append(dict(model=model, method=method, row=row, val_error=errors, mean=mean, std=std,
+                         seconds_per_epoch=sum(per_epoch) / len(per_epoch) if per_epoch else None))
+    return dict(rows=rows, seeds=list(args.seeds), command="python -m dni.deviations " + " ".join(sys.argv[1:]),
+                torch=torch.__version__)
+
+
+def markdown(table):
+    label = {"mlp": "FCN 4", "cnn": "CNN 3"}
+    lines = ["# Deviations from the paper's preset, one at a time (validation error)", "",
+             f"Validation error (%) after the last epoch, mean ± std over seeds {table['seeds']}; the paper's "
+             "preset at Table 1's CPU budget (10 epochs, the table's stage lr, sg_lr = lr, cosine schedule) "
+             "with one setting of ours added; 'all of ours' is `--preset ours` at the same budget. Seconds per "
+             "epoch of training, one thread, two runs sharing two cores.", "",
+             "| network | method | row | val error | vs paper preset | s / epoch |", "|---|---|---|---|---|---|"]
+    base = {(r["model"], r["method"]): r["mean"] for r in table["rows"] if r["row"] == "paper preset"}
+    for r in table["rows"]:
+        ref = base.get((r["model"], r["method"]))
+        error = "—" if r["mean"] is None else f"{r['mean']:.2f}" + (f" ± {r['std']:.2f}" if r["std"] is not None else "")
+        gap = "" if r["mean"] is None or ref is None or r["row"] == "paper preset" else f"{r['mean'] - ref:+.2f}"
+        speed = "—" if r["seconds_per_epoch"] is None else f"{r['seconds_per_epoch']:.1f}"
+        lines.append(f"| {label[r['model']]} | {'cDNI' if r['method'] == 'cdni' else 'DNI'} | {r['row']} | "
+                     f"{error} | {gap} | {speed} |")
+    lines += ["", f"Made by `{table['command'].strip()}`; torch {table['torch']}. The test set is not read.", ""]
+    return "\n".join(lines)
+
+
+def write(args, table):
+    base = Path(args.results) / "deviations"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    write_text(base.with_suffix(".json"), json.dumps(table, indent=2) + "\n")
+    write_text(base.with_suffix(".md"), markdown(table))
+
+
+def deviations(args, log=print):
+    if not args.table_only:
+        configs = [run_config(args, *point, seed) for point in grid(args) for seed in args.seeds]
+        todo = pending(configs, args.retrain_stale)
+        log(f"deviations: {len(todo)} run(s) to train, --jobs {args.jobs}")
+        train_all(todo, jobs=args.jobs, threads=args.threads, log=log, after_each=lambda _: write(args, collect(args)))
+    table = collect(args)
+    write(args, table)
+    log(markdown(table))
+    return table
+
+
+def parse_args(argv=None):
+    parser = OneLineParser(prog="python -m dni.deviations", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=list(NETWORKS), default=list(NETWORKS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    add_grid_options(parser, "deviations")
+    args = parser.parse_args(argv)
+    check_counts(parser, args, names=("threads", "jobs"))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return main_guard(deviations, args)
+
+
+if __name__ == "__main__":
+    main()
