@@ -8,10 +8,19 @@ truncated BPTT vs DNI, at T = 2, 3, 4, 5, 8 on Copy and Repeat Copy, over seeds.
     python -m dni.recurrent_table --length 5 --steps 8000 --jobs 2
                                                  # no curriculum: every run at N = 5, the error there
 
+Choosing the synthetic-gradient factor reads seeds the reported table does not use: train the
+candidates on seeds 100-102, let `--choose` pick the one whose DNI solves the longest lengths on
+average over every cell, then report seeds 0-2 at that factor alone:
+
+    python -m dni.recurrent_table --first_seed 100 --sg_factor F --jobs 2   # for F in 0.1 0.3 0.5 1
+    python -m dni.recurrent_table --first_seed 100 --choose 0.1,0.3,0.5,1   # -> rnn_factor_choice.md
+    python -m dni.recurrent_table --sg_factor <chosen> --jobs 2             # the reported table
+
 Each run is a dni.recurrent run folder under <out>/rnn/; a run whose summary.json
 holds the same config is reused, so an interrupted table resumes where it stopped.
 Writes <out>/rnn_table.json, <out>/rnn_table.md and <out>/rnn_table.png
-(with --length N: <out>/rnn_table_N<N>.*; with an --sg_factor F other than 0.1: *_f<F>.*).
+(with --length N: <out>/rnn_table_N<N>.*; with an --sg_factor F other than 0.1: *_f<F>.*; with
+--first_seed S other than 0: *_s<S>.*).
 """
 import dataclasses
 import json
@@ -25,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dni.cli import main_guard, parse_config
+from dni.errors import DNIError
 from dni.recurrent import DEVICES, RecurrentConfig, factor_tag, run
 from dni.runs import write_json, write_text
 
@@ -49,6 +59,11 @@ class TableConfig:
     """Every default of `python -m dni.recurrent_table`."""
     quick: bool = field(default=False, metadata=dict(help="a tiny slice: Copy, T=3, one seed, a few windows"))
     seeds: int = field(default=3, metadata=dict(help="seeds per cell", positive=True))
+    first_seed: int = field(default=0, metadata=dict(help="the cells' seeds are first_seed .. first_seed + seeds - 1; "
+                                                          "settings are chosen on seeds no reported table uses (100)"))
+    choose: str = field(default="", metadata=dict(help="comma-separated factors: train nothing, pick the factor "
+                                                       "whose DNI solves longest on average in the tables of these "
+                                                       "seeds, write <out>/rnn_factor_choice.md"))
     steps: int = field(default=15000, metadata=dict(help="training windows per run", positive=True))
     hidden: int = field(default=RecurrentConfig.hidden, metadata=dict(help="each run's --hidden", positive=True))
     stagger: int = field(default=RecurrentConfig.stagger, metadata=dict(help="each run's --stagger"))
@@ -65,7 +80,8 @@ class TableConfig:
     def stem(self):
         """The table's file name without extension: rnn_table[_N<length>][_f<sg_factor>]."""
         fixed = f"_N{self.length}" if self.length else ""
-        return f"rnn_table{fixed}{factor_tag(self.sg_factor)}"
+        seeds = f"_s{self.first_seed}" if self.first_seed else ""
+        return f"rnn_table{fixed}{factor_tag(self.sg_factor)}{seeds}"
 
 
 def cells(config):
@@ -226,7 +242,7 @@ def make_table(config, argv=(), *, log=print):
     seed_count = overrides.pop("seed_count")
     run_configs = [RecurrentConfig(task=task, truncation=T, dni=METHODS[method], seed=seed, device=config.device,
                                    threads=config.threads, out=str(out / "rnn"), **overrides)
-                   for task, T, method in grid for seed in range(seed_count)]
+                   for task, T, method in grid for seed in range(config.first_seed, config.first_seed + seed_count)]
     if config.jobs == 1:
         summaries = [run_or_reuse(c, log) for c in run_configs]
     else:
@@ -245,6 +261,7 @@ def make_table(config, argv=(), *, log=print):
     dni = next(s["config"] for s in summaries if s["config"]["dni"])  # the DNI_ONLY settings of the table
     env = summaries[0]["env"]
     meta = dict(steps=first["steps"], length=config.length, stagger={**LEGACY, **first}["stagger"], seeds=seed_count,
+                first_seed=config.first_seed,
                 hidden=first["hidden"],
                 batch_size=first["batch_size"], lr=first["lr"], sg_lr=dni["sg_lr"], sg_factor=dni["sg_factor"],
                 symbols=first["symbols"], max_repeats=first["max_repeats"], threshold=first["threshold"],
@@ -261,6 +278,39 @@ def make_table(config, argv=(), *, log=print):
     return table
 
 
+def choose_factor(config, argv=(), *, log=print):
+    """Pick the synthetic-gradient factor from finished tables of seeds `config.first_seed`..: the one whose
+    DNI runs solve the longest lengths, averaged over every task, T and seed (ties: the smaller factor).
+    Reads only those tables, so the reported seeds (0-2) never take part; writes rnn_factor_choice.*."""
+    if not config.first_seed:
+        raise DNIError("--choose reads tables of seeds the reported table does not use: give --first_seed (e.g. 100)")
+    try:
+        factors = sorted({float(f) for f in config.choose.split(",")})
+    except ValueError:
+        raise DNIError(f"--choose takes comma-separated factors, e.g. 0.1,0.5,1; got {config.choose!r}") from None
+    out, scores = Path(config.out), {}
+    for factor in factors:
+        stem = dataclasses.replace(config, sg_factor=factor, choose="").stem
+        path = out / f"{stem}.json"
+        if not path.exists():
+            raise DNIError(f"{path} is missing: train it with python -m dni.recurrent_table --first_seed "
+                           f"{config.first_seed} --sg_factor {factor:g}")
+        rows = json.loads(path.read_text())["rows"]
+        scores[factor] = statistics.mean(v for row in rows for v in row["dni"])
+    chosen = max(factors, key=lambda f: (scores[f], -f))
+    lines = ["# Recurrent DNI: the synthetic-gradient factor, chosen on seeds the table does not report", "",
+             f"Mean length solved by DNI over every task, T and seed {config.first_seed}.."
+             f"{config.first_seed + config.seeds - 1} (files rnn_table*_s{config.first_seed}.json):", "",
+             "| factor | mean length solved |", "|---|---|"]
+    lines += [f"| {f:g} | {scores[f]:.2f} |" for f in factors]
+    lines += ["", f"Chosen: {chosen:g}. Made by `{shlex.join(['python', '-m', 'dni.recurrent_table', *argv])}`.", ""]
+    write_json(out / "rnn_factor_choice.json", dict(scores={f"{f:g}": v for f, v in scores.items()},
+                                                    chosen=chosen, first_seed=config.first_seed))
+    write_text(out / "rnn_factor_choice.md", "\n".join(lines))
+    log("\n".join(lines))
+    return chosen
+
+
 def main(argv=None):
     """CLI entry point; a bare `--quick` means `--quick True`."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -269,7 +319,7 @@ def main(argv=None):
             argv.insert(i + 1, "True")
     config = parse_config(TableConfig, argv, prog="python -m dni.recurrent_table",
                           description="Longest length solved, BPTT vs DNI, on Copy / Repeat Copy.")
-    return main_guard(make_table, config, argv)
+    return main_guard(choose_factor if config.choose else make_table, config, argv)
 
 
 if __name__ == "__main__":

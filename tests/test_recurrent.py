@@ -314,3 +314,21 @@ def test_quick_fixed_length_table_writes_its_own_files(tmp_path):
     assert "# Recurrent DNI: error at length N = 2, BPTT vs DNI" in markdown
     assert sum(line.startswith("| Copy | 3 |") for line in markdown) == 1 and (tmp_path / "rnn_table_N2.png").exists()
     assert {path.name for path in (tmp_path / "rnn").iterdir()} == {"copy_T3_bptt_N2_s0", "copy_T3_dni_N2_s0"}
+
+
+def fake_table(path, dni_solved):
+    path.write_text(json.dumps({"rows": [{"task": "copy", "T": 2, "dni": dni_solved, "bptt": [2, 2, 2]}]}))
+
+
+def test_the_factor_is_chosen_on_seeds_the_reported_table_does_not_use(tmp_path, capsys):
+    fake_table(tmp_path / "rnn_table_s100.json", [4, 4, 5])  # factor 0.1 on seeds 100-102
+    fake_table(tmp_path / "rnn_table_f0.5_s100.json", [4, 4, 4])
+    fake_table(tmp_path / "rnn_table_f0.5.json", [9, 9, 9])  # the reported seeds favour 0.5: never read
+    chosen = table_main(["--first_seed", "100", "--choose", "0.5,0.1", "--out", str(tmp_path)])
+    assert chosen == 0.1 and json.loads((tmp_path / "rnn_factor_choice.json").read_text())["chosen"] == 0.1
+    assert "| 0.1 | 4.33 |" in (tmp_path / "rnn_factor_choice.md").read_text()
+    for argv, message in ((["--choose", "0.5,0.1"], "give --first_seed"),
+                          (["--first_seed", "100", "--choose", "0.5,1"], "rnn_table_f1_s100.json is missing")):
+        with pytest.raises(SystemExit) as exit_info:
+            table_main([*argv, "--out", str(tmp_path)])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
