@@ -5,10 +5,17 @@ optionally, a *context* c (the one-hot label under cDNI), and predicts the
 gradient of the loss w.r.t. h_i. Its last layer starts at zero, weights and
 bias, so its first synthetic gradient is exactly zero (paper, section 3.1).
 
+One kind per trigger shape (`make_synthesizer`): dense for (F,) (or any shape,
+flattened), conv for feature maps (C, H, W), per-position for sequences (T, D).
+Any module with forward(trigger, context) returning a tensor shaped like the
+trigger is a synthesizer too. The built-in ones use the context in the trigger's
+dtype, so a float64 or bfloat16 network takes a float32 one-hot as it is.
+
 Scale convention: a synthesizer predicts the *per-example* gradient
 d loss_n / d h_n, i.e. the gradient of the batch-summed loss. The mean-reduced
 loss's gradient is that divided by the batch size; `dni.interface` applies the
-factor, so a synthesizer's output does not depend on the batch size.
+factor (its `loss_scale`, the batch size unless told otherwise), so a
+synthesizer's output does not depend on the batch size.
 
 Loss convention (one, used everywhere): `synthesizer_loss` is the mean over all
 elements of (g_hat - g)^2, so dense and conv synthesizers share a learning rate.
@@ -56,6 +63,7 @@ class DenseSynthesizer(nn.Module):
         x = trigger.flatten(1)  # (B, features)
         if context is None:
             return self.net(x).view(trigger.shape)
+        context = context.flatten(1).to(x.dtype)  # (B, context_features)
         out = self.net(torch.cat([x, context], dim=1))  # input (B, features + classes)
         if self.context_map is not None:
             out = out + self.context_map(context)
@@ -92,6 +100,7 @@ class ConvSynthesizer(nn.Module):
         B, _, H, W = trigger.shape
         out = self.position if self.position is not None else 0
         if context is not None:
+            context = context.to(trigger.dtype)
             planes = context[:, :, None, None].expand(B, context.shape[1], H, W)
             trigger = torch.cat([trigger, planes], dim=1)  # (B, C + classes, H, W)
             if self.context_map is not None:
@@ -99,11 +108,31 @@ class ConvSynthesizer(nn.Module):
         return self.net(trigger) + out
 
 
+class SequenceSynthesizer(DenseSynthesizer):
+    """M(h, c) for sequences (B, T, D): one small dense synthesizer (see DenseSynthesizer, of
+    `features` = D) applied at every position, so it serves any length T. The context is one per
+    sequence, (B, context_features), read at every position, or one per position,
+    (B, T, context_features). Its BatchNorm statistics are over all B * T positions.
+    """
+
+    def forward(self, trigger, context=None):
+        B, T, D = trigger.shape
+        if context is not None:
+            if context.dim() == 2:  # one per sequence: every position reads it
+                context = context[:, None, :].expand(B, T, context.shape[1])
+            context = context.reshape(B * T, -1)
+        return super().forward(trigger.reshape(B * T, D), context).view(B, T, D)
+
+
 def make_synthesizer(shape, *, kind="conv", context_features=0, hidden_layers=1, width=1024, conv_width=64,
                      label_map=True, position_map=True):
-    """The synthesizer for a trigger of per-example `shape`: (features,) -> dense; (C, H, W) -> conv,
-    or dense on the flattened map when `kind` is "dense". `label_map`: see DenseSynthesizer;
+    """The synthesizer for a trigger of per-example `shape`: (features,) -> dense; (C, H, W) -> conv;
+    (T, D) -> per-position (SequenceSynthesizer, `width` units); (C, H, W) or (T, D) -> dense on
+    the flattened trigger when `kind` is "dense". `label_map`: see DenseSynthesizer;
     `position_map`: see ConvSynthesizer."""
+    if len(shape) == 2 and kind != "dense":
+        return SequenceSynthesizer(features=shape[1], context_features=context_features,
+                                   hidden_layers=hidden_layers, width=width, label_map=label_map)
     if len(shape) == 1 or kind == "dense":
         return DenseSynthesizer(features=math.prod(shape), context_features=context_features,
                                 hidden_layers=hidden_layers, width=width, label_map=label_map)
