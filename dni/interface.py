@@ -1,31 +1,156 @@
-"""The decoupled neural interface: how stages and synthesizers are wired (paper, section 2).
+"""The decoupled neural interface (paper, section 2): one update, used in two forms.
 
-One DNI step, for stages f_1..f_L and synthesizers M_1..M_{L-1} (see shared DNI.md):
+The update, written once (`synthesize`, `synthetic_gradient`, `synthesizer_objective`). At a
+cut after activation h (the trigger), with context c and loss scale s:
+
+    g_hat = M(h.detach(), c)                 the synthetic gradient, per example (dni.synthesizers)
+    below the cut:  backward g_hat / s        instead of the true gradient
+    M learns:       || g_hat - s * dL/dh ||^2  dL/dh, the gradient the layers above send back: the
+                                              bootstrapped target (their own gradient is synthetic too)
+
+s is the loss scale: synthesizers predict per-example gradients (of the batch-summed loss), so
+with a loss averaged over the batch s is the batch size B (the default, `loss_scale=None`); with
+a summed loss s = 1; with a loss averaged over B sequences of T tokens, s = B * T makes the
+synthesizer predict per-token gradients. Any number, or a function of h, can be given.
+
+Two forms use it:
+
+- `DNI`, the drop-in: `h = interface(h, context=c)` anywhere in a user's forward. The user keeps
+  their loss, optimizer and loop; one `loss.backward(); optimizer.step()` a step gives the layers
+  below the cut g_hat / s (never the true gradient), and the synthesizer the gradient of its
+  objective on the true gradient that the layers above sent back in that same backward.
+- The stage-wise form: a `DNINet` (a list of stages and a synthesizer after each but the last)
+  and `dni_step`, which the paper's experiments, `dni.unlock` and `dni.pipeline` run:
 
     for i = 1..L:
         a   = h_{i-1}.detach()             # the stage boundary: no backward call spans two stages
         h_i = f_i(a)
-        i < L:  g_hat_i = M_i(h_i.detach(), c); backward g_hat_i / B into f_i; step f_i
+        i < L:  g_hat_i = M_i(h_i.detach(), c); backward g_hat_i / s into f_i; step f_i
         i = L:  backward the real loss into f_L; step f_L
-        i > 1:  train M_{i-1} on || g_hat_{i-1} - B * a.grad ||^2     (the bootstrapped target)
+        i > 1:  train M_{i-1} on || g_hat_{i-1} - s * a.grad ||^2     (the bootstrapped target)
 
-Update order, the same everywhere: stage i updates first, then the synthesizer
-before it learns from the gradient stage i's backward produced. Only the last
-stage sees the loss; every other gradient is synthetic. B is the batch size:
-synthesizers predict per-example gradients (see `dni.synthesizers`).
+  Update order, the same everywhere: stage i updates first, then the synthesizer before it
+  learns from the gradient stage i's backward produced. Only the last stage sees the loss.
+  The per-stage pieces (`stage_update`, `loss_update`, `synthesizer_update`) touch one stage and
+  one synthesizer each, so a worker that owns a single stage can run them as they are.
 
-The per-stage pieces (`stage_update`, `loss_update`, `synthesizer_update`) touch
-one stage and one synthesizer each, so a worker that owns a single stage can run
-them as they are.
+Every quantity of a step is computed from the parameters at its start (stage outputs are
+detached before their stage steps; g_hat before its synthesizer learns), so a `DNI` after every
+stage of the same net, trained by one loss.backward() and one step, gives the stage-wise
+form's parameters bit for bit (tests/test_api.py). What differs is only when each update can
+happen: the stage-wise form steps stage i before stage i+1 runs, which is what a pipeline of
+workers needs; the drop-in applies g_hat when the user's backward reaches the cut, so that
+`zero_grad` and `step` keep their usual places (forward never writes `.grad`).
 """
+import contextlib
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dni.synthesizers import synthesizer_loss
+from dni.synthesizers import make_synthesizer, synthesizer_loss
 
+
+# ---------------------------------------------------------------- the update, written once
+
+def resolve_loss_scale(loss_scale, h):
+    """The factor s between per-example gradients and those of the loss backpropagated: `loss_scale`
+    as given (a number, or a function of h), or the batch size len(h) when None (a batch-mean loss)."""
+    if loss_scale is None:
+        return len(h)
+    return loss_scale(h) if callable(loss_scale) else loss_scale
+
+
+def synthesize(synthesizer, h, context=None):
+    """g_hat = M(h.detach(), c): the synthetic gradient for h, per example, with its graph to M's
+    parameters (kept for M's own update, so its BatchNorm statistics move once). The context, any
+    tensor, is used in the trigger's dtype and device."""
+    trigger = h.detach()
+    if context is not None:
+        context = context.to(device=trigger.device, dtype=trigger.dtype)
+    return synthesizer(trigger, context)
+
+
+def synthetic_gradient(g_hat, loss_scale, dtype):
+    """What the layers below a cut receive as d loss / d h: g_hat / s, in h's `dtype`."""
+    return (g_hat.detach() / loss_scale).to(dtype)
+
+
+def synthesizer_objective(g_hat, grad, loss_scale):
+    """The synthesizer's loss on its bootstrapped target s * grad (`grad`: d loss / d h as the layers
+    above sent it back), in at least float32; returns (loss, with its graph to g_hat; cosine of
+    g_hat with the target, detached)."""
+    dtype = torch.promote_types(g_hat.dtype, torch.float32)
+    target = grad.detach().to(dtype) * loss_scale
+    g_hat = g_hat.to(dtype)
+    loss = synthesizer_loss(g_hat, target)
+    cos = F.cosine_similarity(g_hat.detach().flatten(), target.flatten(), dim=0)
+    return loss, cos
+
+
+# ---------------------------------------------------------------- the drop-in form
+
+class _Cut(torch.autograd.Function):
+    """Identity in forward. In backward, the gradient arriving from above (the true one) becomes the
+    synthesizer's target, and the layers below receive the synthetic gradient instead."""
+
+    @staticmethod
+    def forward(ctx, h, g_hat, loss_scale, record):
+        ctx.save_for_backward(g_hat)
+        ctx.loss_scale, ctx.record, ctx.h_dtype = loss_scale, record, h.dtype
+        return h.clone()  # a new tensor, so the layers above may modify it in place
+
+    @staticmethod
+    def backward(ctx, grad):
+        (g_hat,) = ctx.saved_tensors
+        with torch.enable_grad():  # d objective / d g_hat, which autograd carries on into M's parameters
+            leaf = g_hat.detach().requires_grad_()
+            loss, cos = synthesizer_objective(leaf, grad, ctx.loss_scale)
+            (g_hat_grad,) = torch.autograd.grad(loss, leaf)
+        ctx.record(loss.detach(), cos)
+        below = synthetic_gradient(g_hat, ctx.loss_scale, ctx.h_dtype)
+        return below, g_hat_grad.to(g_hat.dtype), None, None
+
+
+class DNI(nn.Module):
+    """A decoupled neural interface at any point of a user's forward: `h = interface(h, context=c)`.
+
+    In training mode (with autograd on), the value of h passes unchanged; in the backward of the
+    user's loss the layers below receive the synthetic gradient M(h, c) / s and not the true one,
+    and the synthesizer M learns from the true gradient that arrives from above (the target of
+    the module docstring). Its parameters are this module's, so the user's optimizer over the
+    model's parameters updates it with everything else. In eval mode, or under torch.no_grad, it
+    is the identity and M is not called: synthesizers are not used at test time.
+
+    `synthesizer`: any module with forward(trigger, context) returning a tensor shaped like the
+    trigger; or `shape` (the trigger's per-example shape: (F,), (C, H, W) or (T, D)) and the
+    keywords of `dni.synthesizers.make_synthesizer` to build one. `loss_scale`: s, see the module
+    docstring (default: the batch size, for a batch-mean loss). After each backward through it,
+    `sg_loss` and `sg_cos` hold the synthesizer's loss and the cosine of g_hat with its target.
+    """
+
+    def __init__(self, synthesizer=None, *, shape=None, loss_scale=None, **synth_kwargs):
+        super().__init__()
+        if (synthesizer is None) == (shape is None):
+            raise ValueError("DNI needs a synthesizer module or the trigger's per-example shape, not both")
+        self.synthesizer = synthesizer if synthesizer is not None else make_synthesizer(shape, **synth_kwargs)
+        self.loss_scale = loss_scale
+        self.sg_loss: Optional[torch.Tensor] = None
+        self.sg_cos: Optional[torch.Tensor] = None
+
+    def _record(self, sg_loss, sg_cos):
+        self.sg_loss, self.sg_cos = sg_loss, sg_cos
+
+    def forward(self, h, context=None):
+        if not (self.training and torch.is_grad_enabled() and h.requires_grad):
+            return h
+        g_hat = synthesize(self.synthesizer, h, context)
+        return _Cut.apply(h, g_hat, resolve_loss_scale(self.loss_scale, h), self._record)
+
+
+# ---------------------------------------------------------------- the stage-wise form
 
 class DNINet(nn.Module):
     """A network cut into `stages`, with a synthesizer after every stage but the last.
@@ -49,101 +174,173 @@ class DNINet(nn.Module):
         return x
 
     def context(self, y):
-        """The synthesizers' context c: one-hot labels under cDNI, else None."""
+        """The synthesizers' context c: one-hot labels under cDNI, else None (cast to each
+        trigger's dtype where it is used, see `synthesize`)."""
         return F.one_hot(y, self.num_classes).float() if self.conditioned else None
 
 
 @dataclass
 class StepStats:
-    """What one training step measured; tensors stay on the device until logged."""
+    """What one training step measured; tensors stay on the device until logged. `correct` is
+    the number of right argmax predictions, None when the targets are not class indices."""
     loss: torch.Tensor
-    correct: torch.Tensor
+    correct: Optional[torch.Tensor]
     sg_loss: list = field(default_factory=list)  # per synthesizer
     sg_cos: list = field(default_factory=list)   # cosine(g_hat, target) per synthesizer
 
 
-def stage_update(stage, optimizer, synthesizer, inputs, context, *, needs_input_grad=True):
+def count_correct(output, targets):
+    """Right argmax predictions of (B, C) scores for class indices `targets`, else None."""
+    if output.dim() != 2 or targets.dim() != 1 or targets.is_floating_point():
+        return None
+    return (output.argmax(1) == targets).sum()
+
+
+def stage_update(stage, optimizer, synthesizer, inputs, context, *, needs_input_grad=True, loss_scale=None):
     """Forward a stage on its detached input and update it at once from its synthetic gradient.
 
     Returns (h, g_hat, input_grad): the output, detached, for the next stage; the synthetic
-    gradient with its graph to the synthesizer (kept for the synthesizer's own update, so
-    its BatchNorm statistics move once); and dL/d(input) as this stage sees it, which is the
-    previous synthesizer's target (None for the first stage).
+    gradient with its graph to the synthesizer; and dL/d(input) as this stage sees it, which is
+    the previous synthesizer's target (None for the first stage). `optimizer` None: the gradient
+    is only accumulated (the caller zeroes and steps).
     """
     a = inputs.detach().requires_grad_(needs_input_grad)
     h = stage(a)
-    g_hat = synthesizer(h.detach(), context)  # per-example gradient, same shape as h
-    optimizer.zero_grad(set_to_none=True)
-    h.backward(g_hat.detach() / len(h))
-    optimizer.step()
+    g_hat = synthesize(synthesizer, h, context)  # per-example gradient, same shape as h
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    h.backward(synthetic_gradient(g_hat, resolve_loss_scale(loss_scale, h), h.dtype))
+    if optimizer is not None:
+        optimizer.step()
     return h.detach(), g_hat, a.grad
 
 
-def loss_update(stage, optimizer, inputs, targets, *, needs_input_grad=True):
-    """The last stage: forward, backward the real (mean cross-entropy) loss, update.
-
-    Returns (logits, loss, input_grad), logits and loss detached."""
+def loss_update(stage, optimizer, inputs, targets, *, needs_input_grad=True, loss_fn=None):
+    """The last stage: forward, backward the real loss (`loss_fn(output, targets)`, by default the
+    mean cross-entropy), update. Returns (output, loss, input_grad), output and loss detached."""
     a = inputs.detach().requires_grad_(needs_input_grad)
     logits = stage(a)
-    loss = F.cross_entropy(logits, targets)
-    optimizer.zero_grad(set_to_none=True)
+    loss = (loss_fn or F.cross_entropy)(logits, targets)
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    optimizer.step()
+    if optimizer is not None:
+        optimizer.step()
     return logits.detach(), loss.detach(), a.grad
 
 
-def synthesizer_update(optimizer, g_hat, input_grad):
+def synthesizer_update(optimizer, g_hat, input_grad, *, loss_scale=None):
     """Train a synthesizer on the true gradient of the batch its `g_hat` was made for.
 
-    `input_grad` is dL/dh from the next stage's backward (mean loss); the target is its
-    per-example scale. Returns (sg_loss, cosine) detached.
+    `input_grad` is dL/dh from the next stage's backward; the target is s times it (see
+    `resolve_loss_scale`; default: the batch size). Returns (sg_loss, cosine) detached.
     """
-    target = input_grad * len(input_grad)
-    loss = synthesizer_loss(g_hat, target)
-    optimizer.zero_grad(set_to_none=True)
+    loss, cos = synthesizer_objective(g_hat, input_grad, resolve_loss_scale(loss_scale, input_grad))
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    optimizer.step()
-    cos = F.cosine_similarity(g_hat.detach().flatten(), target.flatten(), dim=0)
+    if optimizer is not None:
+        optimizer.step()
     return loss.detach(), cos
 
 
-def dni_step(net, stage_optimizers, synth_optimizers, x, y):
-    """One DNI step on a batch: every stage updated from its synthetic gradient, every
-    synthesizer from the bootstrapped target of the same batch. See the module docstring."""
-    context, last = net.context(y), len(net.stages) - 1
-    h, g_hat_prev, sg_losses, sg_coses = x, None, [], []
-    for i, (stage, optimizer) in enumerate(zip(net.stages, stage_optimizers)):
-        if i < last:
-            h, g_hat, input_grad = stage_update(stage, optimizer, net.synthesizers[i], h, context,
-                                                needs_input_grad=i > 0)
+@dataclass
+class StagePass:
+    """What one pass of `run_stages` left: the last stage's output and loss (detached), and per
+    synthesizer its loss and cosine (None where it had no target in this pass)."""
+    output: torch.Tensor
+    loss: torch.Tensor
+    sg_loss: list
+    sg_cos: list
+
+
+def _optimizer(optimizers, i):
+    return None if optimizers is None else optimizers[i]
+
+
+def run_stages(net, stage_optimizers, synth_optimizers, x, y, *, context, loss_fn=None, loss_scale=None,
+               picked=None, stage_inputs=None, stage_scope=None):
+    """The one loop over the stages of every stage-wise DNI step (`dni_step`, `dni.unlock`'s steps),
+    in the order of the module docstring.
+
+    `stage_optimizers` / `synth_optimizers`: one per stage / synthesizer, or None when one optimizer
+    over the whole net is zeroed and stepped by the caller. `picked[i]` False: stage i only runs
+    forward (no graph) and does not update, and its synthesizer is asked for g_hat only when stage
+    i+1 will give it a target (dni.unlock's stochastic updates; None: every stage updates).
+    `stage_inputs(i, h)`: stage i's input given the previous stage's detached output h (default h;
+    dni.unlock's complete unlock gives synthetic inputs). `stage_scope(stage)`: a context manager
+    around each stage's update (complete unlock keeps BatchNorm statistics with it).
+    """
+    last = len(net.stages) - 1
+    h, g_hat_prev = x, None
+    sg_losses, sg_coses = [None] * last, [None] * last
+    for i, stage in enumerate(net.stages):
+        inputs = h if stage_inputs is None else stage_inputs(i, h)
+        g_hat = None
+        if picked is None or picked[i]:
+            with stage_scope(stage) if stage_scope is not None else contextlib.nullcontext():
+                if i < last:
+                    h, g_hat, input_grad = stage_update(stage, _optimizer(stage_optimizers, i), net.synthesizers[i],
+                                                        inputs, context, needs_input_grad=i > 0, loss_scale=loss_scale)
+                else:
+                    output, loss, input_grad = loss_update(stage, _optimizer(stage_optimizers, i), inputs, y,
+                                                           needs_input_grad=i > 0, loss_fn=loss_fn)
+            if i > 0 and g_hat_prev is not None:
+                sg_losses[i - 1], sg_coses[i - 1] = synthesizer_update(
+                    _optimizer(synth_optimizers, i - 1), g_hat_prev, input_grad, loss_scale=loss_scale)
         else:
-            logits, loss, input_grad = loss_update(stage, optimizer, h, y, needs_input_grad=i > 0)
-        if i > 0:
-            sg_loss, cos = synthesizer_update(synth_optimizers[i - 1], g_hat_prev, input_grad)
-            sg_losses.append(sg_loss)
-            sg_coses.append(cos)
-        g_hat_prev = g_hat if i < last else None
-    return StepStats(loss=loss, correct=(logits.argmax(1) == y).sum(), sg_loss=sg_losses, sg_cos=sg_coses)
+            with torch.no_grad():  # forward only: no update, no gradient for anyone
+                h = stage(inputs)
+            if i == last:
+                output, loss = h, (loss_fn or F.cross_entropy)(h, y)
+            elif picked[i + 1]:  # M_i gets a target from stage i+1 this step: it needs its prediction
+                g_hat = synthesize(net.synthesizers[i], h, context)
+        g_hat_prev = g_hat
+    return StagePass(output=output, loss=loss, sg_loss=sg_losses, sg_cos=sg_coses)
 
 
-def backprop_step(net, stage_optimizers, x, y):
-    """One ordinary backprop step: the baseline every DNI number is compared against."""
-    for optimizer in stage_optimizers:
+def dni_step(net, stage_optimizers, synth_optimizers, x, y, *, loss_fn=None, context=None, loss_scale=None):
+    """One DNI step on a batch: every stage updated from its synthetic gradient, every
+    synthesizer from the bootstrapped target of the same batch. See the module docstring.
+
+    `stage_optimizers`: one optimizer per stage, and `synth_optimizers` one per synthesizer; or a
+    single optimizer over all of `net`'s parameters and `synth_optimizers` None. `loss_fn(output, y)`:
+    the last stage's loss (default: mean cross-entropy). `context`: the synthesizers' context
+    (default: `net.context(y)`, one-hot labels under cDNI). `loss_scale`: see the module docstring.
+    """
+    single = isinstance(stage_optimizers, torch.optim.Optimizer)
+    if single:
+        stage_optimizers.zero_grad(set_to_none=True)
+    result = run_stages(net, None if single else stage_optimizers, None if single else synth_optimizers, x, y,
+                        context=net.context(y) if context is None else context, loss_fn=loss_fn,
+                        loss_scale=loss_scale)
+    if single:
+        stage_optimizers.step()
+    return StepStats(loss=result.loss, correct=count_correct(result.output, y), sg_loss=result.sg_loss,
+                     sg_cos=result.sg_cos)
+
+
+def backprop_step(net, stage_optimizers, x, y, *, loss_fn=None):
+    """One ordinary backprop step: the baseline every DNI number is compared against.
+    `stage_optimizers`: a list, or one optimizer over the net."""
+    optimizers = [stage_optimizers] if isinstance(stage_optimizers, torch.optim.Optimizer) else stage_optimizers
+    for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
     logits = net(x)
-    loss = F.cross_entropy(logits, y)
+    loss = (loss_fn or F.cross_entropy)(logits, y)
     loss.backward()
-    for optimizer in stage_optimizers:
+    for optimizer in optimizers:
         optimizer.step()
-    return StepStats(loss=loss.detach(), correct=(logits.detach().argmax(1) == y).sum())
+    return StepStats(loss=loss.detach(), correct=count_correct(logits.detach(), y))
 
 
-def nobprop_step(net, stage_optimizers, x, y):
+def nobprop_step(net, stage_optimizers, x, y, *, loss_fn=None):
     """The paper's "No Bprop" baseline (Table 1): only the last stage learns, from the real loss;
     the stages below keep their random initial weights (their BatchNorm statistics still move)."""
     with torch.no_grad():
         h = x
         for stage in net.stages[:-1]:
             h = stage(h)
-    logits, loss, _ = loss_update(net.stages[-1], stage_optimizers[-1], h, y, needs_input_grad=False)
-    return StepStats(loss=loss, correct=(logits.argmax(1) == y).sum())
+    logits, loss, _ = loss_update(net.stages[-1], stage_optimizers[-1], h, y, needs_input_grad=False,
+                                  loss_fn=loss_fn)
+    return StepStats(loss=loss, correct=count_correct(logits, y))

@@ -43,6 +43,7 @@ from the network input x alone. One step (`complete_unlock_step`), in order:
          i < L: update f_i on s from g_hat_i = M_i(f_i(s), c)        (stage_update)
          i = L: update f_L on s from the real loss CE(f_L(s), y)      (loss_update)
          i > 1: train M_{i-1} on the gradient stage i's backward left on s (synthesizer_update)
+    (steps 2 are `dni.interface.run_stages`, the loop of every stage-wise step, given these inputs)
 
 So a stage needs neither its neighbours' forward pass (it runs on I_i(x)) nor
 their backward pass (it learns from M_i); the real forward pass is only needed
@@ -64,7 +65,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dni.interface import StepStats, loss_update, stage_update, synthesizer_update
+from dni.interface import StepStats, count_correct, run_stages
 
 UNLOCKS = ("update", "complete")
 DRAW_SEED_TAG = 0x5EED_D1A1  # mixed into the draws' seeds, so they never share a stream with the data order
@@ -106,36 +107,16 @@ def backprop_updates(picked):
 
 
 def stochastic_dni_step(net, stage_optimizers, synth_optimizers, x, y, picked):
-    """A DNI step in which only the `picked` stages update (see the module docstring).
+    """A DNI step in which only the `picked` stages update (see the module docstring): the stage
+    loop of `dni.interface.run_stages`, with `picked`.
 
     With every stage picked this is exactly `dni_step`. Returns UnlockStats; per-synthesizer
     losses are in extra["sg_loss_partial"] (null where M_i had no target this step)."""
-    context, last = net.context(y), len(net.stages) - 1
-    h, g_hat_prev = x, None
-    sg_partial, cos_partial = [None] * last, [None] * last
-    for i, (stage, optimizer) in enumerate(zip(net.stages, stage_optimizers)):
-        g_hat = None
-        if picked[i]:
-            if i < last:
-                h, g_hat, input_grad = stage_update(stage, optimizer, net.synthesizers[i], h, context,
-                                                    needs_input_grad=i > 0)
-            else:
-                logits, loss, input_grad = loss_update(stage, optimizer, h, y, needs_input_grad=i > 0)
-            if i > 0 and g_hat_prev is not None:
-                sg_loss, cos = synthesizer_update(synth_optimizers[i - 1], g_hat_prev, input_grad)
-                sg_partial[i - 1], cos_partial[i - 1] = sg_loss, cos
-        else:
-            with torch.no_grad():  # forward only: no update, no gradient for anyone
-                h = stage(h)
-            if i == last:
-                logits, loss = h, F.cross_entropy(h, y)
-            elif picked[i + 1]:  # M_i gets a target from stage i+1 this step: it needs its prediction
-                g_hat = net.synthesizers[i](h, context)
-        g_hat_prev = g_hat
+    result = run_stages(net, stage_optimizers, synth_optimizers, x, y, context=net.context(y), picked=picked)
     extra = {"updated": [int(p) for p in picked],
-             "sg_loss_partial": [None if v is None else v.item() for v in sg_partial],
-             "sg_cos_partial": [None if v is None else v.item() for v in cos_partial]}
-    return UnlockStats(loss=loss, correct=(logits.argmax(1) == y).sum(), extra=extra)
+             "sg_loss_partial": [None if v is None else v.item() for v in result.sg_loss],
+             "sg_cos_partial": [None if v is None else v.item() for v in result.sg_cos]}
+    return UnlockStats(loss=result.loss, correct=count_correct(result.output, y), extra=extra)
 
 
 def stochastic_backprop_step(net, stage_optimizers, x, y, picked):
@@ -220,10 +201,10 @@ class _KeepRunningStats:
 def complete_unlock_step(net, stage_optimizers, synth_optimizers, input_optimizers, x, y):
     """One step of complete unlock: every stage trains on a synthetic input and a synthetic gradient.
 
-    See the module docstring for the order. Returns UnlockStats: loss and correct of the real
-    forward pass (the network as it is tested), sg_loss / sg_cos per synthesizer, and the input
-    models' losses in extra["in_loss"]."""
-    context, last = net.context(y), len(net.stages) - 1
+    See the module docstring for the order; the stage loop is `dni.interface.run_stages`, given
+    the synthetic inputs. Returns UnlockStats: loss and correct of the real forward pass (the
+    network as it is tested), sg_loss / sg_cos per synthesizer, and the input models' losses in
+    extra["in_loss"]."""
     with torch.no_grad():  # 1. the real forward pass: targets for the input models
         real = [x]
         for stage in net.stages:
@@ -231,32 +212,24 @@ def complete_unlock_step(net, stage_optimizers, synth_optimizers, input_optimize
     logits = real[-1]
     loss = F.cross_entropy(logits, y)
 
-    g_hat_prev, sg_losses, sg_coses, in_losses, synth_losses = None, [], [], [], []
-    for i, (stage, optimizer) in enumerate(zip(net.stages, stage_optimizers)):  # 2. each stage alone
+    in_losses = []
+
+    def synthetic_input(i, _):
+        """Stage i's input: x for the first stage, else I_i(x), after I_i learns from the real h_{i-1}."""
         if i == 0:
-            inputs = x
-        else:
-            guess = net.input_models[i - 1](x)  # (B, *shape of h_{i-1})
-            in_loss = input_model_loss(guess, real[i])
-            input_optimizers[i - 1].zero_grad(set_to_none=True)
-            in_loss.backward()
-            input_optimizers[i - 1].step()
-            in_losses.append(in_loss.item())
-            inputs = guess.detach()
-        with _KeepRunningStats(stage):
-            if i < last:
-                _, g_hat, input_grad = stage_update(stage, optimizer, net.synthesizers[i], inputs, context,
-                                                    needs_input_grad=i > 0)
-            else:
-                _, synth_loss, input_grad = loss_update(stage, optimizer, inputs, y, needs_input_grad=True)
-                synth_losses.append(synth_loss.item())
-        if i > 0:
-            sg_loss, cos = synthesizer_update(synth_optimizers[i - 1], g_hat_prev, input_grad)
-            sg_losses.append(sg_loss)
-            sg_coses.append(cos)
-        g_hat_prev = g_hat if i < last else None
-    return UnlockStats(loss=loss, correct=(logits.argmax(1) == y).sum(), sg_loss=sg_losses, sg_cos=sg_coses,
-                       extra={"in_loss": in_losses, "synthetic_input_loss": synth_losses[0]})
+            return x
+        guess = net.input_models[i - 1](x)  # (B, *shape of h_{i-1})
+        in_loss = input_model_loss(guess, real[i])
+        input_optimizers[i - 1].zero_grad(set_to_none=True)
+        in_loss.backward()
+        input_optimizers[i - 1].step()
+        in_losses.append(in_loss.item())
+        return guess.detach()
+
+    result = run_stages(net, stage_optimizers, synth_optimizers, x, y, context=net.context(y),  # 2. each stage alone
+                        stage_inputs=synthetic_input, stage_scope=_KeepRunningStats)
+    return UnlockStats(loss=loss, correct=count_correct(logits, y), sg_loss=result.sg_loss, sg_cos=result.sg_cos,
+                       extra={"in_loss": in_losses, "synthetic_input_loss": result.loss.item()})
 
 
 # ---------------------------------------------------------------- the step `dni.train.run` calls

@@ -150,7 +150,7 @@ def test_synthesizer_target_is_next_stage_backward_of_its_synthetic_gradient(mon
     targets = []
     real_update = interface.synthesizer_update
     monkeypatch.setattr(interface, "synthesizer_update",
-                        lambda opt, g_hat, grad: targets.append(grad.clone()) or real_update(opt, g_hat, grad))
+                        lambda opt, g_hat, grad, **kw: targets.append(grad.clone()) or real_update(opt, g_hat, grad, **kw))
     dni_step(net, adams(net.stages), adams(net.synthesizers), x, y)
 
     h0 = snapshot.stages[0](x).detach().requires_grad_()
