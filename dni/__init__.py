@@ -1,0 +1,58 @@
+"""dni: Decoupled Neural Interfaces using Synthetic Gradients (Jaderberg et al. 2016, arXiv:1608.05343).
+
+Add DNI to your own model, keeping your loss, optimizer and loop:
+
+    import dni
+    self.interface = dni.DNI(shape=(256,), context_features=10)  # in __init__: a synthesizer for h
+    h = self.interface(h, context=F.one_hot(y, 10))               # in forward, anywhere
+    optimizer = torch.optim.Adam(model.parameters())              # as before: it now holds the synthesizer
+    loss.backward(); optimizer.step()                             # as before: one step updates everything
+
+Or cut a network into stages and take decoupled steps, as the paper's experiments do:
+`dni.dni_step(dni.DNINet(stages=..., synthesizers=...), optimizer, None, x, y)`.
+
+Glossary (paper, section 2):
+- stage: a part of the network f_i between two interfaces; the unit DNI decouples. The last
+  stage ends in the loss; every other one learns from a synthetic gradient alone.
+- trigger: the activation h_i a synthesizer reads (a stage's output, detached).
+- synthesizer M_i: a small network predicting the gradient of the loss w.r.t. its trigger,
+  per example (the gradient of the batch-summed loss). Its last layer starts at zero, so its
+  first prediction is exactly zero. Dense for (F,) triggers, conv for (C, H, W), per-position
+  for (T, D) sequences, or any module with forward(trigger, context).
+- synthetic gradient g_hat_i = M_i(h_i, c): what the layers below the interface backpropagate
+  instead of the true gradient, so they update without waiting for the layers above.
+- context c: extra input of the synthesizer; the one-hot label under cDNI ("conditional DNI").
+  Any tensor; it is used in the trigger's dtype.
+- bootstrapped target: what M_i learns to predict, s * dL/dh_i as the layers above send it back.
+  Those layers learn from their own synthetic gradient, so the target is itself bootstrapped
+  from M_{i+1}'s prediction. s, the loss scale, is the batch size for a batch-mean loss.
+
+Modules: dni.interface (the update, `DNI`, the stage-wise `dni_step`), dni.synthesizers.
+Everything else in the package (training runs, tables, benchmarks) is experiments built on these.
+"""
+
+# Exports load on first use, so `import dni.cli` or `dni.report` stays as cheap as before.
+_EXPORTS = {
+    "DNI": "dni.interface", "DNINet": "dni.interface", "StepStats": "dni.interface",
+    "dni_step": "dni.interface", "backprop_step": "dni.interface", "run_stages": "dni.interface",
+    "stage_update": "dni.interface", "loss_update": "dni.interface", "synthesizer_update": "dni.interface",
+    "synthesize": "dni.interface", "synthetic_gradient": "dni.interface",
+    "synthesizer_objective": "dni.interface", "resolve_loss_scale": "dni.interface",
+    "DenseSynthesizer": "dni.synthesizers", "ConvSynthesizer": "dni.synthesizers",
+    "SequenceSynthesizer": "dni.synthesizers", "make_synthesizer": "dni.synthesizers",
+    "synthesizer_loss": "dni.synthesizers",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dni' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
