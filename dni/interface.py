@@ -121,8 +121,10 @@ class DNI(nn.Module):
     user's loss the layers below receive the synthetic gradient M(h, c) / s and not the true one,
     and the synthesizer M learns from the true gradient that arrives from above (the target of
     the module docstring). Its parameters are this module's, so the user's optimizer over the
-    model's parameters updates it with everything else. In eval mode, or under torch.no_grad, it
-    is the identity and M is not called: synthesizers are not used at test time.
+    model's parameters updates it with everything else. In eval mode, under torch.no_grad, or
+    where nothing below h needs a gradient, it is the identity and M is not called: synthesizers
+    are not used at test time. Works under autocast and torch.compile (dynamo breaks the graph at
+    each interface: the synthesizer's objective is differentiated inside the backward).
 
     `synthesizer`: any module with forward(trigger, context) returning a tensor shaped like the
     trigger; or `shape` (the trigger's per-example shape: (F,), (C, H, W) or (T, D)) and the
