@@ -12,7 +12,7 @@ Numbers in a .json file count only where the paragraph names the file: MNIST acc
 three, and a check that accepts any of them catches nothing.
 
 Generated sections (<!-- name:start --> ... <!-- name:end -->) are skipped by the scan, and instead
-must be exactly what `python -m dni.report` makes of results/ today. Figures quoted from outside
+must be exactly what `python -m experiments.report` makes of results/ today. Figures quoted from outside
 results/ (published reproductions) pass only through EXTERNAL, each entry naming its source, and
 only in a paragraph that names that source.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from dni.report import SECTION, default_pages, section_source
+from experiments.report import SECTION, default_pages, section_source
 
 ROOT = Path(__file__).resolve().parent.parent
 PERCENT = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s?%")
@@ -190,7 +190,7 @@ def test_generated_sections_are_what_dni_report_makes_of_results():
                 stale.append(f"{page.name}: section {name} has no results/{name}.md")
             elif body != source:
                 stale.append(f"{page.name}: section {name} differs from results/{name}.md")
-    assert not stale, "run `python -m dni.report --docs`:\n" + "\n".join(stale)
+    assert not stale, "run `python -m experiments.report --docs`:\n" + "\n".join(stale)
 
 
 def test_readme_links_every_docs_page():

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dni import search
+from experiments import search
 from dni.config import Config
 from dni.data import Data, batches, split_validation
 from dni.errors import DNIError
@@ -112,7 +112,7 @@ def test_the_search_ranks_by_validation_and_never_reads_test(tmp_path):
 
 
 def test_each_deviation_row_changes_one_setting_of_the_papers_preset(tmp_path):
-    from dni import deviations
+    from experiments import deviations
     args = deviations.parse_args(["--results", str(tmp_path)])
     for model, method, row, change in deviations.grid(args):
         config = deviations.run_config(args, model, method, row, change, 0).to_dict()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from dni.cli import main_guard, parse_config
 from dni.copy_tasks import IGNORE, Copy, Curriculum, EpisodeStream, RepeatCopy
 from dni.recurrent import RecurrentConfig, RecurrentDNI, run, window_backward
-from dni.recurrent_table import TableConfig, main as table_main
+from experiments.recurrent_table import TableConfig, main as table_main
 from dni.synthesizers import synthesizer_loss
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """The generated sections of README.md and docs/*.md: every figure comes from a file, and nothing around the markers moves."""
 import json
 
-from dni.report import main
+from experiments.report import main
 
 README = """# title
 text before
@@ -32,7 +32,7 @@ def test_readme_sections_are_rewritten_from_the_result_files(tmp_path):
     for run, s in (summary("mlp_backprop", "backprop", 0.985), summary("mlp_cdni", "dni", 0.9829, True)):
         (results / run).mkdir(parents=True)
         (results / run / "summary.json").write_text(json.dumps(s))
-    (results / "bench.md").write_text("# dni.bench: title\n\nhardware line\n\n## goals\n\n| goal | 1.87x | yes |\n")
+    (results / "bench.md").write_text("# experiments.bench: title\n\nhardware line\n\n## goals\n\n| goal | 1.87x | yes |\n")
     (results / "rnn_table_f0.5.md").write_text("# title\n\nfactor 0.5 rows\n")  # a factor in a file name
     (results / "cnn20").mkdir()
     (results / "cnn20" / "table1.md").write_text("# title\n\n20-epoch rows\n")  # a table of its own root
@@ -45,7 +45,7 @@ def test_readme_sections_are_rewritten_from_the_result_files(tmp_path):
     assert "stale" not in text
     assert "| mnist | mlp | cdni | 10 | 98.29% | -0.21 pt | 42 s | results/mlp_cdni |" in text
     assert "hardware line\n\n#### goals\n\n| goal | 1.87x | yes |\n<!-- bench:end -->" in text
-    assert "dni.bench: title" not in text
+    assert "experiments.bench: title" not in text
     assert "<!-- rnn_table_f0.5:start -->\nfactor 0.5 rows\n<!-- rnn_table_f0.5:end -->" in text
     assert "<!-- cnn20/table1:start -->\n20-epoch rows\n<!-- cnn20/table1:end -->" in text
     for kept in ("# title\ntext before\n<!-- results:start -->\n", "<!-- results:end -->\nbetween\n",
@@ -86,9 +86,9 @@ def test_docs_without_pages_rewrites_readme_and_every_docs_page(tmp_path, monkey
 
 
 def test_unlocking_tables_go_from_their_json_to_a_docs_section(tmp_path):
-    """dni.unlock_experiments writes results/<name>.md beside its JSON; dni.report copies it, so no
+    """experiments.unlock_experiments writes results/<name>.md beside its JSON; experiments.report copies it, so no
     unlocking figure in docs/ is typed by hand."""
-    from dni.unlock_experiments import SETTINGS, write_markdown
+    from experiments.unlock_experiments import SETTINGS, write_markdown
     results = tmp_path / "results"
     results.mkdir()
     env = {"torch": "2.x", "cpu": "x86_64", "threads": 1}
@@ -97,10 +97,10 @@ def test_unlocking_tables_go_from_their_json_to_a_docs_section(tmp_path):
              "settings": SETTINGS, "seeds": [0, 1], "probs": [1.0, 0.2],
              "table": {"dni": {"1": cell(0.0764, 0.0021), "0.2": cell(0.1528, 0.0223)}},
              "runs": [], "wall_seconds": 1.0, "train_seconds_total": 631.0, "environment": env,
-             "command": "python -m dni.unlock_experiments update_prob "}
+             "command": "python -m experiments.unlock_experiments update_prob "}
     unlock = {"experiment": "complete unlock", "budget": {"epochs": 12, "batch_size": 256, "steps": 2808},
               "settings": SETTINGS, "environment": env, "wall_seconds": 1.0,
-              "command": "python -m dni.unlock_experiments unlock --epochs 12 --name unlock_long",
+              "command": "python -m experiments.unlock_experiments unlock --epochs 12 --name unlock_long",
               "runs": [{"method": "cdni", "unlock": "complete", "seed": 0, "test_error": 0.0216,
                         "train_seconds": 232.5}]}
     (results / "update_prob.json").write_text(json.dumps(sweep))
@@ -116,4 +116,4 @@ def test_unlocking_tables_go_from_their_json_to_a_docs_section(tmp_path):
 
     assert "| dni | 7.64 ± 0.21 | 15.28 ± 2.23 |" in text
     assert "| cdni | complete | 2.16% | 232 s |" in text
-    assert "Command: `python -m dni.unlock_experiments unlock --epochs 12 --name unlock_long`" in text
+    assert "Command: `python -m experiments.unlock_experiments unlock --epochs 12 --name unlock_long`" in text

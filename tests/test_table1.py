@@ -1,4 +1,4 @@
-"""python -m dni.table1 (the paper's Table 1): --quick writes a well-formed table and figures,
+"""python -m experiments.table1 (the paper's Table 1): --quick writes a well-formed table and figures,
 a second call reuses its runs, runs made with other settings are refused, bad flags end in
 one line; and the No Bprop step trains the classifier alone."""
 import json
@@ -16,7 +16,7 @@ from dni.config import Config
 from dni.data import load_data
 from dni.interface import nobprop_step
 from dni.models import paper_epochs
-from dni.table1 import PAPER_ITERATIONS, _table_command, parse_args, run_config, stale_settings
+from experiments.table1 import PAPER_ITERATIONS, _table_command, parse_args, run_config, stale_settings
 from dni.train import Optimizers, build_net
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ DATA = ROOT / "data"
 
 def table1(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "dni.table1", *args, "--data_dir", str(DATA)], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "experiments.table1", *args, "--data_dir", str(DATA)], cwd=ROOT,
                           capture_output=True, text=True, timeout=900, env=env)
 
 
@@ -46,7 +46,7 @@ def test_quick_json_is_well_formed(quick):
     assert meta["runs_done"] == meta["runs_total"] == 3
     assert meta["methods"] == ["backprop", "dni", "cdni"]
     assert meta["torch"] == torch.__version__ and meta["hardware"][0]["threads"] == 1
-    assert meta["train_seconds_total"] > 0 and "dni.table1 --quick" in meta["command"]
+    assert meta["train_seconds_total"] > 0 and "experiments.table1 --quick" in meta["command"]
     [row] = table["rows"]
     assert (row["model"], row["layers"], row["depth"]) == ("mlp", 3, 2)
     assert all(v is None for v in row["paper"].values())  # nothing quoted that was not confirmed
@@ -105,7 +105,8 @@ def test_a_slice_in_a_root_of_its_own_shows_only_that_slice(tmp_path):
 
 
 @pytest.mark.parametrize("line, typed", [
-    ("/venv/bin/python /repo/dni/table1.py --quick --jobs 2", "python -m dni.table1 --quick --jobs 2"),
+    ("/venv/bin/python /repo/experiments/table1.py --quick --jobs 2", "python -m experiments.table1 --quick --jobs 2"),
+    ("/venv/bin/python /repo/dni/table1.py --quick --jobs 2", "python -m dni.table1 --quick --jobs 2"),  # an older run
     ("/root/.pyenv/versions/3.11.7/bin/python main.py --seed 0 --out /tmp/c3", "python main.py --seed 0 --out /tmp/c3"),
     ("/usr/bin/python3.11 main.py --model_type cnn", "python main.py --model_type cnn"),
 ])
@@ -193,7 +194,7 @@ def test_nobprop_schedules_step_without_warnings():
 
 
 def test_search_grid_names_widths_and_trains_a_linear_synthesizer_once():
-    from dni import search
+    from experiments import search
     args = search.parse_args(["--methods", "dni", "backprop", "--synth_layers", "0", "1", "--synth_widths", "512",
                               "2048", "--sg_lrs", "1e-3", "--lrs", "1e-3", "--results", "out"])
     points = search.points(args)
@@ -205,7 +206,7 @@ def test_search_grid_names_widths_and_trains_a_linear_synthesizer_once():
 
 
 def test_cnn_search_sets_conv_filters_and_writes_its_own_table():
-    from dni import search
+    from experiments import search
     assert search.parse_args(["--model_type", "cnn"]).synth_widths == [Config().synth_channels]
     args = search.parse_args(["--model_type", "cnn", "--methods", "dni", "--synth_layers", "1", "--synth_widths", "64",
                               "--sg_lrs", "1e-3", "--lrs", "3e-3", "--results", "out"])
@@ -219,7 +220,7 @@ def test_once_asked_to_stop_the_grid_starts_no_queued_run(tmp_path, monkeypatch)
     import signal
     import threading
 
-    from dni import table1
+    from experiments import table1
     stop = table1.StopRequest(None, threading.Event())
     with stop:
         os.kill(os.getpid(), signal.SIGINT)  # noted by the handler, not raised

@@ -6,9 +6,9 @@ Every row starts from `--preset paper` (section 3.1, nothing of ours) at Table 1
 validation error (the last `--val_size` training images) and training seconds per epoch, with the
 difference to the paper's preset beside it. The test set is not read.
 
-    python -m dni.deviations --jobs 2                # every row, seeds 0 1 2 -> results/deviations.*
-    python -m dni.deviations --models mlp --jobs 2   # the FCN rows only
-    python -m dni.deviations --table_only           # redraw the table from the run folders
+    python -m experiments.deviations --jobs 2                # every row, seeds 0 1 2 -> results/deviations.*
+    python -m experiments.deviations --models mlp --jobs 2   # the FCN rows only
+    python -m experiments.deviations --table_only           # redraw the table from the run folders
 
 The CNN rows use our 16-filter network on both sides: the paper's 128 filters cost hours a run
 on 2 CPU cores, so the width row stays unmeasured until a GPU is at hand.
@@ -22,7 +22,7 @@ import torch
 from dni.cli import OneLineParser, main_guard
 from dni.config import Config
 from dni.runs import write_text
-from dni.table1 import CPU_SETTINGS, add_grid_options, check_counts, mean_std, pending, train_all
+from experiments.table1 import CPU_SETTINGS, add_grid_options, check_counts, mean_std, pending, train_all
 
 # model -> (network depth as in main.py, settings shared by every row of that model)
 NETWORKS = {"mlp": dict(depth=3), "cnn": dict(depth=2, channels=16)}
@@ -83,7 +83,7 @@ def collect(args):
         mean, std = mean_std(errors) if errors else (None, None)
         rows.append(dict(model=model, method=method, row=row, val_error=errors, mean=mean, std=std,
                          seconds_per_epoch=sum(per_epoch) / len(per_epoch) if per_epoch else None))
-    return dict(rows=rows, seeds=list(args.seeds), command="python -m dni.deviations " + " ".join(sys.argv[1:]),
+    return dict(rows=rows, seeds=list(args.seeds), command="python -m experiments.deviations " + " ".join(sys.argv[1:]),
                 torch=torch.__version__)
 
 
@@ -127,7 +127,7 @@ def deviations(args, log=print):
 
 
 def parse_args(argv=None):
-    parser = OneLineParser(prog="python -m dni.deviations", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m experiments.deviations", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(NETWORKS), default=list(NETWORKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     add_grid_options(parser, "deviations")

@@ -1,14 +1,14 @@
 """The paper's Table 1 (section 3.1): test error of FCNs of 3-6 layers and CNNs of 3-4 layers,
 each trained four ways: No Bprop (only the top layer learns), Bprop, DNI and cDNI.
 
-    python -m dni.table1                               # the CPU grid: every cell, seeds 0 1 2
-    python -m dni.table1 --models mlp --jobs 2         # a part of it, two runs at once
-    python -m dni.table1 --dataset fashion_mnist       # -> results/fashion_table1.*
-    python -m dni.table1 --paper --device cuda         # the paper's budget: 500k steps, lr 3e-5
-    python -m dni.table1 --preset paper --models mlp   # the paper's own networks and synthesizers at
+    python -m experiments.table1                               # the CPU grid: every cell, seeds 0 1 2
+    python -m experiments.table1 --models mlp --jobs 2         # a part of it, two runs at once
+    python -m experiments.table1 --dataset fashion_mnist       # -> results/fashion_table1.*
+    python -m experiments.table1 --paper --device cuda         # the paper's budget: 500k steps, lr 3e-5
+    python -m experiments.table1 --preset paper --models mlp   # the paper's own networks and synthesizers at
                                                        # this table's budget -> results/table1_preset_paper.*
-    python -m dni.table1 --quick                       # a 1-2 minute slice (the test's)
-    python -m dni.table1 --table_only                  # redraw tables and figures from the run folders
+    python -m experiments.table1 --quick                       # a 1-2 minute slice (the test's)
+    python -m experiments.table1 --table_only                  # redraw tables and figures from the run folders
 
 Layers are counted as in the paper: every layer with weights, the classifier included. FCN
 "3 layers" is two hidden layers and the classifier (`--model_type mlp --depth 2`); CNN "3
@@ -313,12 +313,14 @@ def train_grid(args, log=print):
 # ---------------------------------------------------------------- the table
 
 def _table_command(line):
-    """A run's command.txt line as typed: 'python -m dni.table1 ...' (workers see the file path),
+    """A run's command.txt line as typed: 'python -m experiments.table1 ...' (workers see the file path),
     'python main.py ...' for a run made by hand and moved into the table (command.txt holds the
-    interpreter's full path)."""
-    for script in ("dni/table1.py", "-m dni.table1"):
-        if script in line:
-            return "python -m dni.table1" + line.split(script, 1)[1]
+    interpreter's full path). Runs trained before the grid left the library keep their own command,
+    'python -m dni.table1 ...'."""
+    for package in ("experiments", "dni"):
+        for script in (f"{package}/table1.py", f"-m {package}.table1"):
+            if script in line:
+                return f"python -m {package}.table1" + line.split(script, 1)[1]
     return re.sub(r"^\S*/python[\d.]*(?= )", "python", line)
 
 
@@ -372,7 +374,7 @@ def collect(args, failures=None):
                 synthesizer_hyperparameters=[dict(h[1:]) for h in sorted(hyper, key=str) if h[0]],
                 hardware=[dict(device=d, processor=p, threads=t, torch=v) for d, p, t, v in sorted(envs, key=str)],
                 machine=platform.machine(), torch=torch.__version__, python=platform.python_version(),
-                command="python -m dni.table1 " + " ".join(sys.argv[1:]), trained_by=sorted(commands),
+                command="python -m experiments.table1 " + " ".join(sys.argv[1:]), trained_by=sorted(commands),
                 layers_note="layers = weight layers incl. the classifier: FCN n = mlp --depth n-1 "
                             "(n-1 hidden + classifier); CNN n = cnn --depth n-1 (n-1 conv + classifier)",
                 paper_note="the paper's Table 1 values could not be confirmed here; none is quoted")
@@ -575,7 +577,7 @@ def make_table(args, log=print):
 # ---------------------------------------------------------------- command line
 
 def add_grid_options(parser, stem):
-    """The options every grid of runs shares (this table, dni.search): where and how runs train."""
+    """The options every grid of runs shares (this table, experiments.search): where and how runs train."""
     parser.add_argument("--device", choices=DEVICES, help="device of every run (default: dni.config's)")
     parser.add_argument("--data_dir", help="where data sets live (default: dni.config's)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default: 1)")
@@ -595,7 +597,7 @@ def check_counts(parser, args, names=("epochs", "threads", "jobs")):
 
 
 def parse_args(argv=None):
-    parser = OneLineParser(prog="python -m dni.table1", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m experiments.table1", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="mnist", choices=list(DATASETS))
     parser.add_argument("--seeds", type=int, nargs="+", help=f"seeds per cell (default: {' '.join(map(str, SEEDS))})")
     parser.add_argument("--models", nargs="+", choices=list(LAYERS), help="networks (default: mlp cnn)")

@@ -1,7 +1,7 @@
 """Throughput of update unlocking: is the DNI pipeline faster than locked backprop on the same workers?
 
-    python -m dni.bench                        # writes results/bench.json and results/bench.md
-    python -m dni.bench --rounds 1 --steps 20 --accuracy_epochs 0   # a quick look
+    python -m experiments.bench                        # writes results/bench.json and results/bench.md
+    python -m experiments.bench --rounds 1 --steps 20 --accuracy_epochs 0   # a quick look
 
 Measures, in one run on one machine (samples per second of training steps only, after
 warm-up; every workload in its own process, so its peak RSS is its own):
@@ -198,9 +198,9 @@ def launch(args, worker, model, method, conditioned, workers, threads, tmp):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), GLOO_SOCKET_IFNAME="lo")
     if worker == "pipeline":
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(workers),
-                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "dni.bench", *flags]
+                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "experiments.bench", *flags]
     else:
-        command = [sys.executable, "-m", "dni.bench", *flags]
+        command = [sys.executable, "-m", "experiments.bench", *flags]
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
@@ -260,7 +260,7 @@ def spread(values):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m dni.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)  # internal: one workload
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="wide", choices=list(MODELS), help=argparse.SUPPRESS)
@@ -335,7 +335,7 @@ def main(argv=None):
                      "load_average_before": load_before, "load_average_after": load_after},
         "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "result", "model", "method",
                                                                         "conditioned")},
-        "command": "python -m dni.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m experiments.bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "wall_seconds": round(time.time() - started, 1),
         "throughput": {key: spread(v) for key, v in raw.items()},
         "peak_rss_mb": rss, "partitions": extra,
@@ -380,7 +380,7 @@ def goals(result, models, args):
 
 def markdown(result, models, args):
     hw = result["hardware"]
-    lines = [f"# dni.bench: update unlocking on {hw['cores']} CPU cores",
+    lines = [f"# experiments.bench: update unlocking on {hw['cores']} CPU cores",
              "",
              f"`{result['command']}`: {hw['cpu']}, {hw['cores']} cores, torch {hw['torch']}, Python {hw['python']}; "
              f"load average {hw['load_average_before'][0]:.1f} before, {hw['load_average_after'][0]:.1f} after "

@@ -3,17 +3,17 @@ depth (0, 1 or 2 hidden layers) and width, synthesizer learning rate and stage l
 for DNI and cDNI on the MNIST FCN (or CNN), a few epochs per run; backprop at each stage learning
 rate beside.
 
-    python -m dni.search                     # the grid: 2 x 3 x 1 x 4 x 3 = 72 runs + 3 backprop, 2 epochs, seed 0
-    python -m dni.search --model_type cnn    # the same for the CNN's conv synthesizers: results/search_cnn.*
-    python -m dni.search --jobs 2            # two runs at once
-    python -m dni.search --quick             # 2 runs of 1 epoch: checks the plumbing
-    python -m dni.search --table_only        # rank the finished runs again
+    python -m experiments.search                     # the grid: 2 x 3 x 1 x 4 x 3 = 72 runs + 3 backprop, 2 epochs, seed 0
+    python -m experiments.search --model_type cnn    # the same for the CNN's conv synthesizers: results/search_cnn.*
+    python -m experiments.search --jobs 2            # two runs at once
+    python -m experiments.search --quick             # 2 runs of 1 epoch: checks the plumbing
+    python -m experiments.search --table_only        # rank the finished runs again
 
 Every run is a dni.train run folder under <results>/search/ (reused when finished with the
 same settings, so the search resumes); writes <results>/search.json and search.md, ranked by
 validation error: each run holds out the last `--val_size` training images (dni.data) and only
 they decide. The test set is not read here at all, so the defaults chosen from this ranking
-leave every test number of dni.table1 unbiased. A run without a validation split cannot be
+leave every test number of experiments.table1 unbiased. A run without a validation split cannot be
 ranked. Unset settings (network depth, widths, schedule, batch) are dni.config's defaults.
 """
 import itertools
@@ -29,7 +29,7 @@ from dni.config import Config
 from dni.errors import DNIError
 from dni.models import OURS
 from dni.runs import write_text
-from dni.table1 import add_grid_options, check_counts, mean_std, pending, train_all
+from experiments.table1 import add_grid_options, check_counts, mean_std, pending, train_all
 
 SYNTH_LAYERS = (0, 1, 2)
 SYNTH_WIDTHS = (1024,)
@@ -114,7 +114,7 @@ def collect(args, failures=None):
                 runs_total=len(rows) * len(args.seeds), defaults_now=defaults_now,
                 network=dict(model_type=args.model_type, depth=defaults.depth, **size, schedule=defaults.schedule,
                              batch_size=defaults.batch_size, val_size=defaults.val_size),
-                torch=torch.__version__, command="python -m dni.search " + " ".join(sys.argv[1:]))
+                torch=torch.__version__, command="python -m experiments.search " + " ".join(sys.argv[1:]))
     return dict(meta=meta, best=best, rows=rows)
 
 
@@ -176,7 +176,7 @@ def search(args, log=print):
 
 
 def parse_args(argv=None):
-    parser = OneLineParser(prog="python -m dni.search", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m experiments.search", description=__doc__.splitlines()[0])
     parser.add_argument("--model_type", choices=list(WIDTH), default="mlp", help="network (default: mlp)")
     parser.add_argument("--synth_layers", type=int, nargs="+", choices=SYNTH_LAYERS,
                         help=f"synthesizer hidden layers (default: {' '.join(map(str, SYNTH_LAYERS))})")

@@ -1,14 +1,14 @@
 """The paper's unlocking experiments (section 3.3, Fig. 7) as run folders, and a JSON file, a markdown
 table and a figure each.
 
-    python -m dni.unlock_experiments update_prob   # Fig. 7 left: results/update_prob.json, .md and .png
-    python -m dni.unlock_experiments unlock        # Fig. 7 right: results/unlock.json, .md and .png
-    python -m dni.unlock_experiments plot          # redraw the tables and figures from the JSON files alone
+    python -m experiments.unlock_experiments update_prob   # Fig. 7 left: results/update_prob.json, .md and .png
+    python -m experiments.unlock_experiments unlock        # Fig. 7 right: results/unlock.json, .md and .png
+    python -m experiments.unlock_experiments plot          # redraw the tables and figures from the JSON files alone
 
 longer budgets, in folders and files of their own:
 
-    python -m dni.unlock_experiments update_prob --epochs 20 --probs 0.2 0.1 0.05 --seeds 0 --name update_prob_long
-    python -m dni.unlock_experiments unlock --epochs 12 --name unlock_long
+    python -m experiments.unlock_experiments update_prob --epochs 20 --probs 0.2 0.1 0.05 --seeds 0 --name update_prob_long
+    python -m experiments.unlock_experiments unlock --epochs 12 --name unlock_long
 
 update_prob: the 4-stage FCN (`--model_type mlp`: 3 hidden stages of 256 units + the classifier)
 trained with backprop, DNI and cDNI at each update probability P and seed, every run for the same
@@ -125,7 +125,7 @@ def update_prob_sweep(args):
               "seeds": args.seeds, "probs": args.probs, "table": table, "runs": runs,
               "wall_seconds": round(time.perf_counter() - start, 1),
               "train_seconds_total": round(sum(r["train_seconds"] for r in runs), 1),
-              "environment": environment(), "command": "python -m dni.unlock_experiments update_prob " + args.argv}
+              "environment": environment(), "command": "python -m experiments.unlock_experiments update_prob " + args.argv}
     write_json(Path(args.results) / f"{args.name}.json", result)
     plot_update_prob(Path(args.results) / f"{args.name}.json")
     print(write_markdown(Path(args.results) / f"{args.name}.json"))
@@ -164,7 +164,7 @@ def unlock_runs(args):
               "budget": {"epochs": args.epochs, "batch_size": args.batch_size, "steps": runs[0]["steps"]},
               "settings": SETTINGS,
               "runs": runs, "wall_seconds": round(time.perf_counter() - start, 1), "environment": environment(),
-              "command": "python -m dni.unlock_experiments unlock " + args.argv}
+              "command": "python -m experiments.unlock_experiments unlock " + args.argv}
     write_json(Path(args.results) / f"{args.name}.json", result)
     plot_unlock(Path(args.results) / f"{args.name}.json")
     print(write_markdown(Path(args.results) / f"{args.name}.json"))
@@ -184,7 +184,7 @@ def unlock_table(result):
 
 def write_markdown(path):
     """Write the table of an update_prob or unlock JSON file beside it (same name, .md), with its budget,
-    hardware, command and files, so docs/unlocking.md copies it (`python -m dni.report`) and never types
+    hardware, command and files, so docs/unlocking.md copies it (`python -m experiments.report`) and never types
     a figure by hand. Returns the table."""
     path = Path(path)
     result = json.loads(path.read_text())
@@ -288,7 +288,7 @@ def plot_unlock(path):
 def main(argv=None):
     import sys
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m dni.unlock_experiments", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.unlock_experiments", description=__doc__.splitlines()[0])
     parser.add_argument("experiment", choices=("update_prob", "unlock", "plot"))
     parser.add_argument("--epochs", type=int, default=4, help="epochs of every run (default: 4 = 936 steps)")
     parser.add_argument("--batch_size", type=int, default=256)

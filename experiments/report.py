@@ -1,17 +1,17 @@
 """The generated sections of README.md and docs/*.md: the results table, made from the run folders'
 summary.json files, and the markdown that the experiment scripts write to results/:
-bench.md (`python -m dni.bench`), table1.md and fashion_table1.md (`python -m dni.table1`),
-rnn_table.md, rnn_table_N<N>.md and rnn_table_f<F>.md (`python -m dni.recurrent_table`),
-search.md and search_cnn.md (`python -m dni.search`), update_prob*.md and unlock*.md
-(`python -m dni.unlock_experiments`). A page's section <!-- name:start --> ... <!-- name:end -->
+bench.md (`python -m experiments.bench`), table1.md and fashion_table1.md (`python -m experiments.table1`),
+rnn_table.md, rnn_table_N<N>.md and rnn_table_f<F>.md (`python -m experiments.recurrent_table`),
+search.md and search_cnn.md (`python -m experiments.search`), update_prob*.md and unlock*.md
+(`python -m experiments.unlock_experiments`). A page's section <!-- name:start --> ... <!-- name:end -->
 gets results/<name>.md (a name may hold a folder: <!-- cnn20/table1:start --> gets
 results/cnn20/table1.md, a table made with --results results/cnn20); the section named results
 gets the table of results/*/summary.json.
 
-    python -m dni.report                      # print the table of results/*/summary.json
-    python -m dni.report --readme README.md   # also rewrite every section between README.md's markers
-    python -m dni.report --docs               # the same for README.md and every docs/*.md
-    python -m dni.report --docs docs/table1.md docs/unlocking.md   # only these pages
+    python -m experiments.report                      # print the table of results/*/summary.json
+    python -m experiments.report --readme README.md   # also rewrite every section between README.md's markers
+    python -m experiments.report --docs               # the same for README.md and every docs/*.md
+    python -m experiments.report --docs docs/table1.md docs/unlocking.md   # only these pages
 
 No figure in a generated section is typed by hand: each comes from a run folder or a results file.
 tests/test_figures.py checks that the pages' sections are what this module makes of results/.

@@ -1,20 +1,20 @@
 """The recurrent DNI results table (paper, section 3.2, Table 2): longest length solved,
 truncated BPTT vs DNI, at T = 2, 3, 4, 5, 8 on Copy and Repeat Copy, over seeds.
 
-    python -m dni.recurrent_table                # the full table, CPU, 1 thread
-    python -m dni.recurrent_table --jobs 2       # two runs at once (one process each)
-    python -m dni.recurrent_table --quick        # a tiny slice (the test's)
-    python -m dni.recurrent_table --device auto  # on a GPU if there is one
-    python -m dni.recurrent_table --length 5 --steps 8000 --jobs 2
+    python -m experiments.recurrent_table                # the full table, CPU, 1 thread
+    python -m experiments.recurrent_table --jobs 2       # two runs at once (one process each)
+    python -m experiments.recurrent_table --quick        # a tiny slice (the test's)
+    python -m experiments.recurrent_table --device auto  # on a GPU if there is one
+    python -m experiments.recurrent_table --length 5 --steps 8000 --jobs 2
                                                  # no curriculum: every run at N = 5, the error there
 
 Choosing the synthetic-gradient factor reads seeds the reported table does not use: train the
 candidates on seeds 100-102, let `--choose` pick the one whose DNI solves the longest lengths on
 average over every cell, then report seeds 0-2 at that factor alone:
 
-    python -m dni.recurrent_table --first_seed 100 --sg_factor F --jobs 2   # for F in 0.1 0.3 0.5 1
-    python -m dni.recurrent_table --first_seed 100 --choose 0.1,0.3,0.5,1   # -> rnn_factor_choice.md
-    python -m dni.recurrent_table --sg_factor <chosen> --jobs 2             # the reported table
+    python -m experiments.recurrent_table --first_seed 100 --sg_factor F --jobs 2   # for F in 0.1 0.3 0.5 1
+    python -m experiments.recurrent_table --first_seed 100 --choose 0.1,0.3,0.5,1   # -> rnn_factor_choice.md
+    python -m experiments.recurrent_table --sg_factor <chosen> --jobs 2             # the reported table
 
 Each run is a dni.recurrent run folder under <out>/rnn/; a run whose summary.json
 holds the same config is reused, so an interrupted table resumes where it stopped.
@@ -56,7 +56,7 @@ PLACE = ("out", "name")
 
 @dataclass
 class TableConfig:
-    """Every default of `python -m dni.recurrent_table`."""
+    """Every default of `python -m experiments.recurrent_table`."""
     quick: bool = field(default=False, metadata=dict(help="a tiny slice: Copy, T=3, one seed, a few windows"))
     seeds: int = field(default=3, metadata=dict(help="seeds per cell", positive=True))
     first_seed: int = field(default=0, metadata=dict(help="the cells' seeds are first_seed .. first_seed + seeds - 1; "
@@ -268,7 +268,7 @@ def make_table(config, argv=(), *, log=print):
                 runs=len(summaries), run_wall_s=round(sum(s["wall_s"] for s in summaries), 1),
                 invocation_wall_s=round(time.perf_counter() - t0, 1), device=env["device"], gpu=env["gpu"],
                 cpu=env["cpu"], threads=config.threads, jobs=config.jobs, torch=env["torch"], git_commit=env["git_commit"],
-                command=shlex.join(["python", "-m", "dni.recurrent_table", *argv]), paper_note=PAPER_NOTE)
+                command=shlex.join(["python", "-m", "experiments.recurrent_table", *argv]), paper_note=PAPER_NOTE)
     table = dict(meta=meta, rows=rows)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{config.stem}.json", table)
@@ -293,7 +293,7 @@ def choose_factor(config, argv=(), *, log=print):
         stem = dataclasses.replace(config, sg_factor=factor, choose="").stem
         path = out / f"{stem}.json"
         if not path.exists():
-            raise DNIError(f"{path} is missing: train it with python -m dni.recurrent_table --first_seed "
+            raise DNIError(f"{path} is missing: train it with python -m experiments.recurrent_table --first_seed "
                            f"{config.first_seed} --sg_factor {factor:g}")
         rows = json.loads(path.read_text())["rows"]
         scores[factor] = statistics.mean(v for row in rows for v in row["dni"])
@@ -303,7 +303,7 @@ def choose_factor(config, argv=(), *, log=print):
              f"{config.first_seed + config.seeds - 1} (files rnn_table*_s{config.first_seed}.json):", "",
              "| factor | mean length solved |", "|---|---|"]
     lines += [f"| {f:g} | {scores[f]:.2f} |" for f in factors]
-    lines += ["", f"Chosen: {chosen:g}. Made by `{shlex.join(['python', '-m', 'dni.recurrent_table', *argv])}`.", ""]
+    lines += ["", f"Chosen: {chosen:g}. Made by `{shlex.join(['python', '-m', 'experiments.recurrent_table', *argv])}`.", ""]
     write_json(out / "rnn_factor_choice.json", dict(scores={f"{f:g}": v for f, v in scores.items()},
                                                     chosen=chosen, first_seed=config.first_seed))
     write_text(out / "rnn_factor_choice.md", "\n".join(lines))
@@ -317,7 +317,7 @@ def main(argv=None):
     for i, arg in enumerate(argv):
         if arg == "--quick" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             argv.insert(i + 1, "True")
-    config = parse_config(TableConfig, argv, prog="python -m dni.recurrent_table",
+    config = parse_config(TableConfig, argv, prog="python -m experiments.recurrent_table",
                           description="Longest length solved, BPTT vs DNI, on Copy / Repeat Copy.")
     return main_guard(choose_factor if config.choose else make_table, config, argv)
 
