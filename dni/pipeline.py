@@ -75,7 +75,7 @@ from dni.errors import DNIError
 from dni.interface import loss_update, stage_update, synthesizer_update
 from dni.models import stage_shapes
 from dni.runs import prepare_run_dir, record_environment, save_checkpoint, write_json
-from dni.train import (Optimizers, build_net, check_finite, evaluate_splits, load_run_data, pick_device, set_seed,
+from dni.parts import (Optimizers, build_net, check_finite, evaluate_splits, load_run_data, pick_device, set_seed,
                        step_schedules)
 
 
@@ -245,7 +245,7 @@ class PipelineWorker:
     """The stages `part` of `net` (and their synthesizers), trained in this process.
 
     `net` is the whole DNINet, built from the same seed on every worker; only the stages in
-    `part` are trained here. `optimizers` is a dni.train.Optimizers of the whole net.
+    `part` are trained here. `optimizers` is a dni.parts.Optimizers of the whole net.
     `train_epoch` runs DNI (method 'dni') or locked model-parallel backprop ('backprop').
     """
 

@@ -48,7 +48,7 @@ from dni.copy_tasks import IGNORE, TASKS, Curriculum, EpisodeStream, make_task
 from dni.errors import DNIError
 from dni.synthesizers import DenseSynthesizer, synthesizer_loss
 from dni.runs import command_line, environment, write_json
-from dni.train import pick_device, set_seed
+from dni.parts import pick_device, set_seed
 
 DEVICES = ("cpu", "cuda", "auto")
 SG_FACTOR = 0.1  # the paper's scale of the synthetic gradient

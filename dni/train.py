@@ -13,14 +13,10 @@ with the same parameters and metrics, bit for bit on CPU, as a run never stopped
 import argparse
 import itertools
 import json
-import math
-import random
-import re
 import signal
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -28,108 +24,15 @@ from tqdm import tqdm
 
 from dni.cli import build_parser, main_guard, parse_config
 from dni.config import Config
-from dni.data import batches, load_data, num_batches, split_validation
+from dni.data import batches, load_data, num_batches
 from dni.errors import DNIError
-from dni.interface import DNINet, backprop_step, dni_step, nobprop_step
-from dni.models import MODELS, stage_shapes
-from dni.runs import (check_resumable, kept_metrics, load_checkpoint, one_line, prepare_run_dir, record_environment,
+from dni.interface import backprop_step, dni_step, nobprop_step
+from dni.parts import Optimizers, build_net, check_finite, evaluate_splits, load_run_data, pick_device, set_seed
+from dni.parts import evaluate  # noqa: F401  not used here; still importable as dni.train.evaluate
+from dni.runs import (check_resumable, kept_metrics, load_checkpoint, prepare_run_dir, record_environment,
                       record_resume, restore, resume_config, rng_states, save_checkpoint, set_rng_states, write_json,
                       write_text)
-from dni.synthesizers import make_synthesizer
-from dni.unlock import UnlockStep, add_input_models, uses_unlock
-
-
-def set_seed(seed):
-    """Seed every generator the run draws from (weights, dropout-free ops, data order)."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device(name):
-    """'auto' | 'cpu' | 'cuda' -> torch.device; asking for CUDA without a GPU is an error."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DNIError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
-    return torch.device(name)
-
-
-def build_net(config, in_shape, num_classes):
-    """The stages of `config.model_type`, with synthesizers when the method is DNI."""
-    stages = MODELS[config.model_type].build(in_shape=in_shape, classes=num_classes, depth=config.depth,
-                                             hidden=config.hidden, channels=config.channels)
-    synthesizers = None
-    if config.method == "dni":
-        context = num_classes if config.conditioned else 0
-        synthesizers = torch.nn.ModuleList(
-            make_synthesizer(shape, kind=config.synth_type, context_features=context,
-                             hidden_layers=config.synth_layers, width=config.synth_width,
-                             conv_width=config.synth_channels, label_map=config.synth_label_map,
-                             position_map=config.synth_position_map)
-            for shape in stage_shapes(stages, in_shape)[:-1])
-    net = DNINet(stages=stages, synthesizers=synthesizers, conditioned=config.conditioned,
-                 num_classes=num_classes)
-    if config.unlock == "complete":  # synthetic-input models I_i (dni.unlock)
-        add_input_models(net, in_shape=in_shape, stage_shapes=stage_shapes(stages, in_shape),
-                         hidden_layers=config.input_model_layers, width=config.input_model_width)
-    if config.model_type == "cnn":  # the same maths, on the layout the CPU's max-pooling is fast on
-        net = net.to(memory_format=torch.channels_last)
-    return net
-
-
-def lr_factor(schedule, total_steps):
-    """Multiplier of the learning rate at a step, for torch's LambdaLR."""
-    if schedule == "constant":
-        return lambda step: 1.0
-    if schedule == "paper":  # 3e-5 divided by 10 at 300k and 400k of 500k iterations
-        return lambda step: 0.1 ** ((step >= 0.6 * total_steps) + (step >= 0.8 * total_steps))
-    return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-
-
-def adam(module, lr):
-    """Adam over one module's parameters; fused: one kernel for all of them (on 1 CPU thread, a third
-    of the for-loop's time for a 1M-parameter stage, which a pipeline worker pays every step)."""
-    return torch.optim.Adam(module.parameters(), lr=lr, fused=True)
-
-
-def step_schedules(schedules):
-    """Step every schedule once. An optimizer that has not stepped yet is expected here (No Bprop's
-    frozen stages never do; a pipeline's boundary synthesizer first steps k batches late), so
-    PyTorch's warning about that order is silenced."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
-        for schedule in schedules:
-            schedule.step()
-
-
-class Optimizers:
-    """One Adam (and its schedule) per stage and per synthesizer, so each can live on its own worker."""
-
-    def __init__(self, net, config, total_steps):
-        factor = lr_factor(config.schedule, total_steps)
-        self.stages = [adam(s, config.lr) for s in net.stages]
-        self.synthesizers = [adam(m, config.sg_lr) for m in (net.synthesizers or [])]
-        self.inputs = [adam(m, config.lr) for m in getattr(net, "input_models", [])]  # synthetic inputs (dni.unlock)
-        self.schedules = [torch.optim.lr_scheduler.LambdaLR(o, factor)
-                          for o in self.stages + self.synthesizers + self.inputs]
-
-    def step_schedules(self):
-        step_schedules(self.schedules)
-
-    def state_dict(self):
-        return {"stages": [o.state_dict() for o in self.stages],
-                "synthesizers": [o.state_dict() for o in self.synthesizers],
-                "inputs": [o.state_dict() for o in self.inputs],
-                "schedules": [s.state_dict() for s in self.schedules]}
-
-    def load_state_dict(self, state):
-        """Inverse of `state_dict`; a ValueError if the counts differ (another model)."""
-        for kind, objects in (("stages", self.stages), ("synthesizers", self.synthesizers),
-                              ("inputs", self.inputs), ("schedules", self.schedules)):
-            if len(state.get(kind, [])) != len(objects):
-                raise ValueError(f"{len(state.get(kind, []))} {kind} optimizer states for {len(objects)} {kind}")
-            for obj, obj_state in zip(objects, state.get(kind, [])):
-                obj.load_state_dict(obj_state)
+from dni.unlock import UnlockStep, uses_unlock
 
 
 def make_train_step(config, net, optimizers):
@@ -141,58 +44,6 @@ def make_train_step(config, net, optimizers):
     if config.method == "nobprop":
         return lambda x, y, _: nobprop_step(net, optimizers.stages, x, y)
     return lambda x, y, _: backprop_step(net, optimizers.stages, x, y)
-
-
-@torch.no_grad()
-def evaluate(net, x, y, batch_size=1000):
-    """Test accuracy (fraction) of the plain forward pass, in eval mode."""
-    was_training = net.training
-    net.eval()
-    correct = sum((net(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum().item()
-                  for i in range(0, len(x), batch_size))
-    net.train(was_training)
-    return correct / len(x)
-
-
-EXPLODED_LOSS = 1e3  # cross-entropy starts at ln(10) = 2.3: far above, the stages have blown up too
-
-
-def check_finite(stats, step):
-    """Stop at the first non-finite loss, naming the stage, the step and the lever to pull.
-
-    A synthesizer loss that overflows while the classifier's loss is sane points at --sg_lr;
-    a non-finite or exploded classifier loss points at --lr (its huge gradients are the
-    synthesizers' targets, so their losses overflow with it)."""
-    loss = stats["loss"]
-    bad_sg = [(i + 1, v) for i, v in enumerate(stats.get("sg_loss", [])) if not math.isfinite(v)]
-    if not bad_sg and math.isfinite(loss):
-        return
-    last = f"stage {len(stats['sg_loss']) + 1} (the classifier)" if stats.get("sg_loss") else "the classifier"
-    what, levers = [], []
-    if not math.isfinite(loss) or loss > EXPLODED_LOSS:
-        what.append(f"the loss of {last} is {loss:.4g}")
-        levers.append("--lr")
-    if bad_sg:
-        what.append(f"the synthesizer loss of stage {bad_sg[0][0]} is {bad_sg[0][1]}")
-        levers.append("--sg_lr")
-    raise DNIError(f"{' and '.join(what)} at step {step}; lower {' or '.join(levers)}")
-
-
-def load_run_data(config, device):
-    """`load_data` with `config.val_size` training images held out (`split_validation`); an
-    unreadable file or folder becomes a one-line DNIError."""
-    try:
-        data = load_data(config.dataset, config.data_dir, device)
-    except OSError as e:
-        raise DNIError(f"cannot read {e.filename or config.data_dir}: {e.strerror or one_line(e)}; "
-                       f"fix its permissions, or delete it and rerun to rebuild --data_dir {config.data_dir}") from None
-    return split_validation(data, config.val_size)
-
-
-def evaluate_splits(net, data):
-    """{"val_acc": ..., "test_acc": ...} after an epoch; no val_acc without a validation split."""
-    accs = {"val_acc": evaluate(net, data.val_x, data.val_y)} if len(data.val_x) else {}
-    return {**accs, "test_acc": evaluate(net, data.test_x, data.test_y)}
 
 
 class Interrupted(Exception):
@@ -238,7 +89,7 @@ def run(config):
         run_dir, checkpoint = Path(config.resume), load_checkpoint(config.resume)
         check_resumable(config, checkpoint, run_dir)
     set_seed(config.seed)
-    data = load_run_data(config, device)
+    data = load_run_data(config, device, load=load_data)  # looked up here, so a test can swap in tensors
     steps_per_epoch = num_batches(len(data.train_x), config.batch_size)
     if steps_per_epoch == 0:
         raise DNIError(f"--batch_size {config.batch_size} is larger than the training set ({len(data.train_x)})")

@@ -41,7 +41,7 @@ from dni.errors import DNIError
 from dni.interface import DNINet, backprop_step, dni_step
 from dni.synthesizers import make_synthesizer
 from dni.runs import write_json, write_text
-from dni.train import Optimizers, build_net
+from dni.parts import Optimizers, build_net
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ from dni.config import Config
 from dni.data import Data, batches, split_validation
 from dni.errors import DNIError
 from dni.synthesizers import ConvSynthesizer, DenseSynthesizer
-from dni.train import build_net
+from dni.parts import build_net
 
 
 def numbered_data(n=600, test=50):

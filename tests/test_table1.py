@@ -17,7 +17,7 @@ from dni.data import load_data
 from dni.interface import nobprop_step
 from dni.models import paper_epochs
 from experiments.table1 import PAPER_ITERATIONS, _table_command, parse_args, run_config, stale_settings
-from dni.train import Optimizers, build_net
+from dni.parts import Optimizers, build_net
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"

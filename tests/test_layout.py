@@ -1,0 +1,133 @@
+"""The layout: dni/ is the library, experiments/ is built on it, never the other way round.
+
+- no module of dni/ imports experiments (any form: import, from-import, relative, importlib);
+- no import cycle among dni/'s modules, counting imports inside functions too (a cycle
+  that only a late import keeps from failing is still two modules that need each other);
+- `import dni` works from outside the repository once `pip install -e .` has run.
+"""
+import ast
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LIBRARY = ROOT / "dni"
+
+
+def module_name(path, root=ROOT):
+    """dni/train.py -> 'dni.train'; dni/__init__.py -> 'dni'."""
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_names(path, root=ROOT):
+    """Every module name `path` imports, at module level or inside a function: `import a.b` gives
+    'a.b'; `from a import b` gives 'a' and 'a.b' (b may be a submodule); relative imports are made
+    absolute; `importlib.import_module("a.b")` and `__import__("a.b")` with a literal give 'a.b'."""
+    name = module_name(path, root)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[:len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str):
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if called in ("import_module", "__import__"):
+                names.add(node.args[0].value)
+    return names
+
+
+def library_modules():
+    return {module_name(p): p for p in sorted(LIBRARY.glob("*.py"))}
+
+
+def test_the_library_imports_no_experiment():
+    offenders = {name: sorted(n for n in imported_names(path) if n == "experiments" or n.startswith("experiments."))
+                 for name, path in library_modules().items()}
+    offenders = {name: found for name, found in offenders.items() if found}
+    assert not offenders, f"dni/ must not import experiments/: {offenders}"
+
+
+def test_the_checker_sees_every_form_of_import(tmp_path):
+    source = tmp_path / "dni" / "probe.py"
+    source.parent.mkdir()
+    source.write_text("import experiments.table1\n"
+                      "def f():\n    from experiments import search\n    from . import train\n"
+                      "    from .runs import write_json\n"
+                      "    importlib.import_module('experiments.bench')\n")
+    names = imported_names(source, root=tmp_path)
+    assert {"experiments.table1", "experiments", "experiments.search", "dni.train", "dni.runs",
+            "experiments.bench"} <= names
+
+
+def find_cycle(graph):
+    """A list [a, b, ..., a] of modules that import each other in a ring, or None."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycle_among_library_modules():
+    modules = library_modules()
+    # Importing dni.x runs the package's __init__ first; that is Python's order, not an edge.
+    graph = {name: {n for n in imported_names(path) if n in modules and n != name and n != "dni"}
+             for name, path in modules.items()}
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_find_cycle_finds_a_ring_and_accepts_a_tree():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+@pytest.mark.skipif(not (ROOT / "pyproject.toml").exists(), reason="no pyproject.toml yet: pip install -e . needs one")
+def test_an_editable_install_imports_dni_from_anywhere(tmp_path):
+    """pip install -e . into a fresh environment (the installed torch seen through
+    --system-site-packages, nothing downloaded), then the library from a folder outside the repo:
+    the package alone, without experiments/ on the path."""
+    env = tmp_path / "venv"
+    venv.create(env, system_site_packages=True)  # its pip and setuptools: the installed ones
+    python = env / ("Scripts" if sys.platform == "win32" else "bin") / "python"
+    install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                              "--no-index", "-e", str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-2000:]
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    code = ("import dni, dni.train, dni.pipeline, dni.recurrent; from pathlib import Path; "
+            f"assert Path(dni.__file__).resolve().parent == Path({str(LIBRARY)!r}), dni.__file__; "
+            "import importlib.util; assert importlib.util.find_spec('experiments') is None; print('ok')")
+    done = subprocess.run([str(python), "-c", code], cwd=outside, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
