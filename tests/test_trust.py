@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import dni.parts
 import dni.train
 from dni.data import load_data
 from dni.train import main
@@ -33,7 +34,7 @@ DATA = ROOT / "data"
 # Every setting the numbers below depend on is pinned, so a change of defaults does not move them.
 TINY = ["--hidden", "32", "--depth", "2", "--synth_layers", "1", "--synth_width", "64", "--batch_size", "512",
         "--num_epochs", "2", "--lr", "1e-3", "--sg_lr", "1e-4", "--schedule", "cosine", "--seed", "0",
-        "--plot", "False", "--data_dir", str(DATA)]
+        "--val_size", "0", "--plot", "False", "--data_dir", str(DATA)]
 STEPS = 2 * (60000 // 512)  # 234: 117 a epoch
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SCRIPTS = {"main.py": {}, "mlp.py": dict(model_type="mlp", method="backprop"),
@@ -359,7 +360,7 @@ def test_interrupted_run_resumes_bit_for_bit(fast, straight, tmp_path, capsys, s
 @pytest.mark.parametrize("where", ["last step of epoch 1", "evaluation of epoch 1", "last step"])
 def test_interrupted_at_the_edges_resumes_bit_for_bit(fast, straight, tmp_path, monkeypatch, where):
     """SIGINT at the awkward places, sent by the run to itself at an exact point."""
-    real_step, real_evaluate, calls = dni.train.dni_step, dni.train.evaluate, []
+    real_step, real_evaluate, calls = dni.train.dni_step, dni.parts.evaluate, []
     at = {"last step of epoch 1": 117, "last step": STEPS}.get(where)
 
     def step(*args):
@@ -374,7 +375,7 @@ def test_interrupted_at_the_edges_resumes_bit_for_bit(fast, straight, tmp_path, 
         return real_evaluate(*args)
 
     monkeypatch.setattr(dni.train, "dni_step", step)
-    monkeypatch.setattr(dni.train, "evaluate", evaluate)
+    monkeypatch.setattr(dni.parts, "evaluate", evaluate)  # what evaluate_splits calls
     out = tmp_path / "run"
     assert inproc("main.py", *TINY, "--out", str(out)) == 130
     assert not (out / "summary.json").exists()
@@ -382,7 +383,7 @@ def test_interrupted_at_the_edges_resumes_bit_for_bit(fast, straight, tmp_path, 
     assert (stopped["epoch"], stopped["batch"]) == {"last step of epoch 1": (1, 117), "evaluation of epoch 1": (2, 0),
                                                     "last step": (2, 117)}[where]
     monkeypatch.setattr(dni.train, "dni_step", real_step)
-    monkeypatch.setattr(dni.train, "evaluate", real_evaluate)
+    monkeypatch.setattr(dni.parts, "evaluate", real_evaluate)
     assert inproc("main.py", "--resume", str(out)) == 0
     assert_same_run(straight, out)
 
