@@ -45,7 +45,7 @@ class ModelSpec:
     `lr` is the stages' Adam learning rate and `num_epochs` the budget, the same for every
     method so that backprop and DNI runs stay comparable. `synth_layers`, `synth_width` (units
     per dense hidden layer), `sg_lr` and `synth_type` are the synthesizers' defaults as (DNI,
-    cDNI), indexed by `conditioned`, chosen on the validation split by `python -m dni.search`.
+    cDNI), indexed by `conditioned`, chosen on the validation split by `python -m experiments.search`.
     Plain DNI wants a nonlinear synthesizer: a linear one of h_i predicts zero wherever the linear
     classifier on top sits at its optimum, while a hidden layer can estimate the label from h_i.
     On the CNN that estimate needs the whole map, which a conv synthesizer (a patch) cannot see,

@@ -24,10 +24,9 @@ sequential `dni_step` (tests/test_pipeline.py checks the parameters).
 
 When the true gradient of batch t arrives, M_{e-1} may have been stepped since it made
 g_hat(t). Then it is asked again, on the kept trigger and context (BatchNorm statistics
-frozen, so they still move once per batch), and trained on that fresh prediction. Training
-on the old g_hat(t) instead, a stale gradient, stops a synthesizer learning at the default
---sg_lr: one step late, the cosine of M_1's prediction with its target after one MNIST
-epoch falls from 0.47 to 0.04; asked again it is 0.43.
+frozen, so they still move once per batch), and trained on that fresh prediction: the
+synthesizer's update (paper, section 2) is the gradient of its loss at its current
+parameters, which the old g_hat(t), made by earlier ones, is not (docs/pipeline.md).
 
 The locked baseline (`--method backprop`) is model-parallel backprop on the same workers
 and partition: worker r forwards, sends h on, and waits for the gradient of batch t to come

@@ -8,10 +8,9 @@ from the future reaches the window. With DNI, a synthesizer M reads the state
 s = [h, c] at the window's end and predicts the gradient of all future loss
 w.r.t. it; that synthetic gradient, scaled by `sg_factor`, is backpropagated
 into the window with the window's own loss. The scale is the paper's 0.1 by
-default; 1 (the undiscounted future loss, finite because the state, and so the
-gradient, is reset where each episode begins) does better at T = 8 and worse at
-short windows, where its target bootstraps through many more windows; 0.5 beats
-truncated BPTT at every T of the README's tables. The gradient that reaches the
+default; 1 is the undiscounted future loss, finite because the state, and so the
+gradient, is reset where each episode begins (docs/recurrent.md compares the
+factors, with their tables and commands). The gradient that reaches the
 window's start state is the bootstrapped target for M at that state, which is
 where the previous window ended (paper, Figure 3 and section 3.2).
 
