@@ -1,0 +1,62 @@
+"""Write results/examples.md, the examples' table, from the JSON files the examples wrote.
+
+    python examples/table.py            # then: python -m dni.report --docs (copies it into docs/examples.md)
+"""
+import argparse
+import json
+from pathlib import Path
+
+METHODS = {"backprop": 0, "dni": 1, "cdni": 2}
+
+
+def rows(results, example):
+    runs = sorted((json.loads(p.read_text()) for p in Path(results).glob(f"{example}_*.json")),
+                  key=lambda r: METHODS[r["config"]["method"]])
+    base = next((r for r in runs if r["config"]["method"] == "backprop"), None)
+    return runs, base
+
+
+def table(results="results/examples"):
+    lines = ["# Examples", "", "Made by `python examples/table.py` from results/examples/*.json "
+             "(the command of each run is in its file).", ""]
+    runs, base = rows(results, "resnet_fashion")
+    if runs:
+        lines += ["## ResNet-18 on Fashion-MNIST", "",
+                  "| method | epochs | val accuracy | test accuracy | test vs backprop | train time |",
+                  "|---|---|---|---|---|---|"]
+        for r in runs:
+            gap = f"{100 * (r['test_acc'] - base['test_acc']):+.2f} pt" if base and r is not base else ""
+            lines.append(f"| {r['config']['method']} | {r['config']['epochs']} | {100 * r['val_acc']:.2f}% | "
+                         f"{100 * r['test_acc']:.2f}% | {gap} | {r['train_seconds']:.0f} s |")
+        lines.append("")
+    runs, base = rows(results, "char_gpt")
+    if runs:
+        c = runs[0]["corpus"]
+        lines += ["## Character-level GPT on Debian's fortunes", "",
+                  f"{runs[0]['parameters']:,} parameters (synthesizers aside); vocabulary {c['vocab']} characters; "
+                  f"train {c['train_chars']:,}, validation {c['val_chars']:,}, test {c['test_chars']:,} characters.", "",
+                  "| method | steps | val bits/char | test bits/char | test vs backprop | train time |",
+                  "|---|---|---|---|---|---|"]
+        for r in runs:
+            gap = f"{r['test_bpc'] - base['test_bpc']:+.3f}" if base and r is not base else ""
+            lines.append(f"| {r['config']['method']} | {r['config']['steps']} | {r['val_bpc']:.3f} | "
+                         f"{r['test_bpc']:.3f} | {gap} | {r['train_seconds']:.0f} s |")
+        lines.append("")
+    every = [json.loads(p.read_text()) for p in sorted(Path(results).glob("*.json"))]
+    machines = sorted({f"{r['hardware']}, torch {r['torch']}" for r in every})
+    lines.append(f"Measured on {'; '.join(machines)}, one run at a time, seed 0; train time excludes evaluation.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--results", default="results/examples")
+    p.add_argument("--out", default="results/examples.md")
+    args = p.parse_args(argv)
+    text = table(args.results)
+    Path(args.out).write_text(text)
+    print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
