@@ -1,6 +1,7 @@
 """Write results/examples.md, the examples' table, from the JSON files the examples wrote.
 
-    python examples/table.py            # then: python -m dni.report --docs (copies it into docs/examples.md)
+    python examples/table.py
+    python -m experiments.report --docs docs/examples.md   # copies it into the page
 """
 import argparse
 import json
