@@ -71,7 +71,7 @@ from tqdm import tqdm
 
 from dni.data import batches, num_batches
 from dni.errors import DNIError
-from dni.interface import loss_update, stage_update, synthesizer_update
+from dni.interface import loss_update, stage_update, synthesize, synthesizer_update
 from dni.models import stage_shapes
 from dni.runs import prepare_run_dir, record_environment, save_checkpoint, write_json
 from dni.parts import (Optimizers, build_net, check_finite, evaluate_splits, load_run_data, pick_device, set_seed,
@@ -103,7 +103,7 @@ def stage_costs(net, in_shape):
             current[0] = i
             h = stage(h)
             if net.synthesizers is not None and i < len(net.synthesizers):
-                net.synthesizers[i](h, net.context(torch.zeros(1, dtype=torch.long, device=h.device)))
+                synthesize(net.synthesizers[i], h, net.context(torch.zeros(1, dtype=torch.long, device=h.device)))
     finally:
         for hook in hooks:
             hook.remove()
@@ -390,7 +390,7 @@ class PipelineWorker:
         synthesizer = self.net.synthesizers[i]
         if updates != self.boundary_updates:  # stepped since it made g_hat(t): ask it again
             with statistics_frozen(synthesizer):
-                g_hat = synthesizer(trigger, context)
+                g_hat = synthesize(synthesizer, trigger, context)
         self._record(log, i, t, synthesizer_update(self.optimizers.synthesizers[i], g_hat, grad))
         self.boundary_updates += 1
 
