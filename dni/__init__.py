@@ -28,10 +28,14 @@ Glossary (paper, section 2):
   from M_{i+1}'s prediction. s, the loss scale, is the batch size for a batch-mean loss.
 
 Modules: dni.interface (the update, `DNI`, the stage-wise `dni_step`), dni.synthesizers.
-Everything else in the package (training runs, tables, benchmarks) is experiments built on these.
+The rest of the package trains with them: dni.models (the paper's networks), dni.data (offline
+MNIST and Fashion-MNIST, the validation split), dni.train and dni.pipeline (the training loop,
+one process or one worker per group of stages), dni.unlock and dni.recurrent (sections 3.3 and 3.2).
+The paper's tables, searches and benchmarks live outside it, in experiments/, and import dni as
+a user would.
 """
 
-# Exports load on first use, so `import dni.cli` or `dni.report` stays as cheap as before.
+# Exports load on first use, so `import dni.cli` (argument parsing) stays free of torch.
 _EXPORTS = {
     "DNI": "dni.interface", "DNINet": "dni.interface", "StepStats": "dni.interface",
     "dni_step": "dni.interface", "backprop_step": "dni.interface", "run_stages": "dni.interface",
