@@ -6,6 +6,7 @@ What is checked:
 - against the oracle, sequential DNI (`dni_step`) with the same seed: with
   --max_in_flight 1 the pipeline's final parameters and optimizer states equal it; with the
   default 2 batches in flight its test accuracy is within 2 points of it (0.6 measured);
+- the locked baseline (model-parallel backprop) ends with exactly mlp.py's parameters;
 - a worker killed mid-run makes the other stop, non-zero, within seconds, with one line;
 - workers started with different settings refuse to start, naming the setting.
 """
@@ -182,3 +183,28 @@ def test_partition_balances_work_and_checks_the_flag():
     for bad in ("2,1", "a,b", "0,4", "4"):
         with pytest.raises(DNIError, match="--partition"):
             parse_partition(bad, 4, 2)
+
+
+# The same small MLP under plain backprop: the baseline every "vs locked" ratio of the benchmark rests on.
+BACKPROP = ["--model_type", "mlp", "--depth", "2", "--hidden", "64", "--method", "backprop", "--batch_size", "200",
+            "--num_epochs", "1", "--val_size", "0", "--plot", "False", "--data_dir", DATA]
+
+
+def test_locked_pipeline_is_exactly_backprop(tmp_path):
+    """Model-parallel backprop on 2 workers (`--pipeline True --method backprop`) ends with the
+    parameters and Adam states of the same run in one process (mlp.py's), one thread each."""
+    locked = start_workers([[*BACKPROP, "--pipeline", "True", "--out", str(tmp_path / "locked")]] * 2, tmp_path)
+    single = subprocess.Popen([sys.executable, "mlp.py", *BACKPROP, "--out", str(tmp_path / "single")], cwd=ROOT,
+                              env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for p, _, err_path in locked:
+        assert p.wait(timeout=120) == 0, err_path.read_text()[-2000:]
+    _, err = single.communicate(timeout=120)
+    assert single.returncode == 0, err[-2000:]
+    pipe = torch.load(tmp_path / "locked" / "checkpoint.pt", weights_only=False)
+    seq = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=False)
+    torch.testing.assert_close(pipe["net"], seq["net"], rtol=0, atol=0)
+    torch.testing.assert_close(pipe["optimizers"]["stages"], seq["optimizers"]["stages"], rtol=0, atol=0)
+    assert pipe["step"] == seq["step"] == 300
+    losses = {name: [m["loss"] for m in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+                     if m["kind"] == "step"] for name in ("locked", "single")}
+    assert losses["locked"] == losses["single"] and len(losses["single"]) == 300
