@@ -1,7 +1,7 @@
 """DNI in a small GPT-style Transformer: character-level language modelling of Debian's fortunes.
 
 A nanoGPT-style model (pre-LayerNorm blocks of causal self-attention and an MLP) with a `dni.DNI`
-between consecutive blocks (marked `# DNI`): each cuts the residual stream (B, T, D) and its
+between consecutive blocks (the statements marked `# DNI`): each cuts the residual stream (B, T, D) and its
 per-position synthesizer predicts the gradient at every position (Jaderberg et al. 2016,
 section 2; `dni.SequenceSynthesizer`). The blocks below an interface learn from its synthetic
 gradient only. The loss is the mean over B * T tokens, so the loss scale is B * T: the

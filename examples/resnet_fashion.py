@@ -1,6 +1,6 @@
 """DNI in torchvision's ResNet-18 on Fashion-MNIST: a synthetic gradient between its residual groups.
 
-The model, loss, optimizer and loop are the user's own; DNI is three lines of it (marked `# DNI`):
+The model, loss, optimizer and loop are the user's own; DNI is the statements marked `# DNI`:
 a `dni.DNI` after layer1, layer2 and layer3, each with a conv synthesizer built from the shape of
 its trigger (Jaderberg et al. 2016, section 3.1). Under cDNI the synthesizers also read the label.
 The layers below each interface learn from its synthetic gradient, never from the true one.
@@ -52,7 +52,7 @@ class ResNet18(nn.Module):
             dni.DNI(shape=s, context_features=classes if self.conditioned else 0) for s in shapes
         ) if method != "backprop" else None
 
-    def forward(self, x, y=None):
+    def forward(self, x, y=None):  # DNI (cDNI: the label)
         n = self.net
         h = n.maxpool(n.relu(n.bn1(n.conv1(x))))  # (B, 64, 7, 7)
         context = F.one_hot(y, self.classes) if self.conditioned and y is not None else None  # DNI (cDNI)
@@ -107,7 +107,7 @@ def main(argv=None):
         order = torch.randperm(len(train_x), generator=generator).to(args.device)
         for i in range(0, len(order) - args.batch_size + 1, args.batch_size):  # full batches only
             x, y = (train_x[order[i:i + args.batch_size]] - MEAN) / STD, train_y[order[i:i + args.batch_size]]
-            loss = F.cross_entropy(model(x, y), y)
+            loss = F.cross_entropy(model(x, y), y)  # DNI (cDNI: the label)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
