@@ -462,8 +462,15 @@ def check_same_settings(config, rank, world, timeout_s):
                            f"launch every worker with the same flags")
 
 
-def agree(rank, timeout_s, what, fn):
-    """Rank 0 runs fn(); its DNIError, if any, stops every worker with the same line."""
+# How long the other workers wait for rank 0 to finish an epoch (logs, evaluation, checkpoint):
+# evaluation is not training, and a slow one must not stop a healthy run, so no --worker_timeout
+# here. A worker that dies meanwhile is still seen at once: its connection closes.
+EVALUATION_TIMEOUT = timedelta(days=7)
+
+
+def agree(rank, timeout_s, what, fn, group=None):
+    """Rank 0 runs fn(); its DNIError, if any, stops every worker with the same line. The others
+    wait for it as long as `group`'s timeout says (the default group's: --worker_timeout)."""
     message, result = None, None
     if rank == 0:
         try:
@@ -472,7 +479,7 @@ def agree(rank, timeout_s, what, fn):
             message = str(e)
     box = [message]
     with collective(rank, what, timeout_s):
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=group)
     if box[0] is not None:
         raise DNIError(box[0] if rank == 0 else f"worker {rank}: stopped because worker 0 did: {box[0]}")
     return result
@@ -565,6 +572,7 @@ def _train(config, rank, world, device):
         return run_dir
 
     run_dir = agree(rank, timeout_s, "preparing the run folder", start_run_dir)
+    unbounded = dist.new_group(timeout=EVALUATION_TIMEOUT)  # for rank 0's evaluation: see agree
     if rank == 0:
         print(f"{config.name}: {sum(p.numel() for p in net.stages.parameters()):,} stage parameters, "
               f"{len(net.stages)} stages on {world} workers ({describe_partition(parts, costs)}), "
@@ -614,7 +622,7 @@ def _train(config, rank, world, device):
                       + "".join(f"{k} {v:.4f} " for k, v in accs.items()) + f"{seconds:.1f}s", flush=True)
                 save_checkpoint(run_dir / "checkpoint.pt", net, optimizers, config, epoch, worker.step)
 
-            agree(rank, timeout_s, f"finishing epoch {epoch}", finish_epoch)
+            agree(rank, timeout_s, f"finishing epoch {epoch}", finish_epoch, group=unbounded)
 
     if rank != 0:
         return None

@@ -208,3 +208,16 @@ def test_locked_pipeline_is_exactly_backprop(tmp_path):
     losses = {name: [m["loss"] for m in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
                      if m["kind"] == "step"] for name in ("locked", "single")}
     assert losses["locked"] == losses["single"] and len(losses["single"]) == 300
+
+
+def test_a_slow_evaluation_does_not_stop_a_healthy_run(tmp_path):
+    """--worker_timeout bounds waiting for a peer's training step, not rank 0's evaluation: here one
+    epoch trains 10 steps and then evaluates 60,000 images on a CNN, far longer than the 5 s allowed."""
+    args = ["--model_type", "cnn", "--depth", "2", "--channels", "32", "--method", "backprop", "--batch_size", "1000",
+            "--num_epochs", "1", "--val_size", "50000", "--worker_timeout", "5", "--plot", "False",
+            "--pipeline", "True", "--data_dir", DATA, "--out", str(tmp_path / "run")]
+    procs = start_workers([args, args], tmp_path)
+    for p, _, err_path in procs:
+        assert p.wait(timeout=300) == 0, err_path.read_text()[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 10 and summary["val_acc"] is not None
