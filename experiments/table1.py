@@ -411,6 +411,32 @@ def _gap_table(table):
         for row in table["rows"]]
 
 
+# Issue 23's goals, read off the gap rows: (method, model, layers, most points above Bprop).
+GOALS = (("cdni", "mlp", (3, 4, 5, 6), 0.2), ("dni", "mlp", (3, 4), 1.0), ("cdni", "cnn", (3, 4), 0.15))
+
+
+def _goal_lines(table):
+    """Markdown lines: each goal held, missed or not measured, with the gaps it rests on."""
+    if "backprop" not in table["meta"]["methods"]:
+        return []
+    lines = ["", "Goals (mean test error over the seeds, points above Bprop):", ""]
+    for method, model, layers, limit in GOALS:
+        gaps = {}
+        for row in table["rows"]:
+            cell, base = row["cells"].get(method), row["cells"]["backprop"]
+            if row["model"] == model and row["layers"] in layers and cell and cell["test_error"] and base["test_error"]:
+                gaps[row["layers"]] = cell["mean"] - base["mean"]
+        name = f"{METHOD_LABEL[method]} within {limit} point of Bprop at {MODEL_LABEL[model]} " + \
+            ", ".join(map(str, layers))
+        if len(gaps) < len(layers):
+            verdict = "not measured" + (f" at every depth (have {', '.join(map(str, sorted(gaps)))})" if gaps else "")
+        else:
+            verdict = "holds" if all(g <= limit for g in gaps.values()) else "missed"
+        lines.append(f"- {name}: {verdict}" + (" (" + ", ".join(f"{MODEL_LABEL[model]} {k}: {v:+.2f}"
+                                                                 for k, v in sorted(gaps.items())) + ")" if gaps else "") + ".")
+    return lines
+
+
 def markdown(table):
     """The table as the README shows it: test error (%) mean ± std over seeds."""
     meta, methods = table["meta"], table["meta"]["methods"]
@@ -426,6 +452,7 @@ def markdown(table):
                      + " | ".join(_cell_text(row["cells"][m], meta["seeds"]) for m in methods)
                      + f" | {paper or 'not confirmed'} |")
     lines += _gap_table(table)
+    lines += _goal_lines(table)
     lines += ["", "Train seconds per run (mean over seeds; the training loop's wall time, evaluation excluded; "
               "on a shared machine it includes waiting for the CPU):", "",
               "| network | layers | " + " | ".join(METHOD_LABEL[m] for m in methods) + " |",

@@ -251,3 +251,19 @@ def test_runs_older_than_a_setting_are_judged_by_what_they_did(tmp_path):
         run_dir.mkdir()
         (run_dir / "config.json").write_text(json.dumps(saved))
         assert stale_settings(run_dir, config) == ({"synth_label_map": (False, True)} if stale else {})
+
+
+def test_goal_lines_say_held_missed_or_not_measured():
+    from experiments.table1 import _goal_lines
+
+    def cell(mean):
+        return {"test_error": [mean] if mean is not None else [], "mean": mean}
+
+    rows = [{"model": "mlp", "layers": n, "cells": {"backprop": cell(1.5), "dni": cell(1.5 + d), "cdni": cell(1.6)}}
+            for n, d in ((3, 0.9), (4, 1.3), (5, 2.0), (6, 2.5))]
+    rows.append({"model": "cnn", "layers": 3, "cells": {"backprop": cell(0.7), "dni": cell(None), "cdni": cell(0.8)}})
+    lines = _goal_lines({"meta": {"methods": ["backprop", "dni", "cdni"]}, "rows": rows})
+    assert "- cDNI within 0.2 point of Bprop at FCN 3, 4, 5, 6: holds (FCN 3: +0.10, FCN 4: +0.10, FCN 5: +0.10, " \
+           "FCN 6: +0.10)." in lines
+    assert "- DNI within 1.0 point of Bprop at FCN 3, 4: missed (FCN 3: +0.90, FCN 4: +1.30)." in lines
+    assert "- cDNI within 0.15 point of Bprop at CNN 3, 4: not measured at every depth (have 3) (CNN 3: +0.10)." in lines
