@@ -31,11 +31,16 @@ def run(args, cwd, timeout=120):
 def test_readme_snippet_runs_outside_the_repository_in_five_lines(tmp_path):
     code = readme_snippet()
     assert len([line for line in code.splitlines() if "# DNI" in line]) <= 5
-    (tmp_path / "snippet.py").write_text(code)
+    # After it, measure how far the layer below the cut moved from its seeded start: it gets no
+    # true gradient, so it moves only if the synthetic gradients it receives are not zero.
+    check = "\ntorch.manual_seed(0)\nstart = Net().below[1].weight\n" \
+            "print(f'below moved {(model.below[1].weight - start).abs().max().item():.3e}')\n"
+    (tmp_path / "snippet.py").write_text(code + check)
     done = run(["snippet.py"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     first, last = map(float, re.search(r"loss (\S+) -> (\S+),", done.stdout).groups())
-    assert last < first / 2, done.stdout  # it learns: the layers below the cut only from synthetic gradients
+    assert last < 0.75 * first, done.stdout  # it learns
+    assert float(re.search(r"below moved (\S+)", done.stdout).group(1)) > 1e-3, done.stdout
 
 
 def fashion_available():
