@@ -7,7 +7,10 @@ section 2; `dni.SequenceSynthesizer`). The blocks below an interface learn from 
 gradient only. The loss is the mean over B * T tokens, so the loss scale is B * T: the
 synthesizers predict per-token gradients (dni/interface.py).
 
-    python examples/char_gpt.py --method backprop     # or dni; --help for the rest
+    python examples/char_gpt.py --method backprop     # or dni, cdni; --help for the rest
+
+Under cDNI (section 2's conditional DNI) every position's synthesizer also reads the one-hot of
+the character that position predicts: the context is (B, T, vocab), one label per position.
 
 Corpus: the plain-text files of Debian's `fortunes` package (/usr/share/games/fortunes, without
 its .dat and .u8 index files; apt-get install fortunes), about 2.6 million characters of English
@@ -72,20 +75,23 @@ class GPT(nn.Module):
     consecutive blocks; in eval mode they are the identity."""
 
     def __init__(self, *, vocab, block_size=128, n_layer=4, d_model=128, n_head=4, dni_between=False,
-                 synth_width=512):
+                 synth_width=512, conditioned=False):
         super().__init__()
         self.tok, self.pos = nn.Embedding(vocab, d_model), nn.Embedding(block_size, d_model)
         self.blocks = nn.ModuleList(Block(d_model, n_head) for _ in range(n_layer))
         self.ln, self.head = nn.LayerNorm(d_model), nn.Linear(d_model, vocab, bias=False)
         self.interfaces = nn.ModuleList(  # DNI: a per-position synthesizer for each (T, D) cut
-            dni.DNI(shape=(block_size, d_model), width=synth_width, loss_scale=lambda h: h.shape[0] * h.shape[1])
+            dni.DNI(shape=(block_size, d_model), width=synth_width, context_features=vocab if conditioned else 0,
+                    loss_scale=lambda h: h.shape[0] * h.shape[1])
             for _ in range(n_layer - 1)) if dni_between else None
+        self.vocab, self.conditioned = vocab, conditioned
 
-    def forward(self, idx):
+    def forward(self, idx, targets=None):  # DNI (cDNI: the targets)
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))  # (B, T, D)
+        context = F.one_hot(targets, self.vocab) if self.conditioned and targets is not None else None  # (B, T, V)
         for i, block in enumerate(self.blocks):
             if self.interfaces is not None and i > 0:
-                x = self.interfaces[i - 1](x)  # DNI
+                x = self.interfaces[i - 1](x, context=context)  # DNI
             x = block(x)
         return self.head(self.ln(x))  # (B, T, vocab)
 
@@ -105,7 +111,7 @@ def bits_per_char(model, data, block_size, batch_size=64):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--method", default="dni", choices=["backprop", "dni"])
+    p.add_argument("--method", default="dni", choices=["backprop", "dni", "cdni"])
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--block_size", type=int, default=128, help="context length T")
@@ -135,7 +141,8 @@ def main(argv=None):
     m = args.eval_chars or None
     val, test = val[:m], test[:m]
     model = GPT(vocab=len(chars), block_size=args.block_size, n_layer=args.n_layer, d_model=args.d_model,
-                n_head=args.n_head, dni_between=args.method == "dni", synth_width=args.synth_width).to(args.device)
+                n_head=args.n_head, dni_between=args.method != "backprop", synth_width=args.synth_width,
+                conditioned=args.method == "cdni").to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)  # holds the synthesizers too
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
     generator = torch.Generator().manual_seed(args.seed)
@@ -145,7 +152,7 @@ def main(argv=None):
         offsets = torch.randint(len(train) - args.block_size, (args.batch_size,), generator=generator)
         window = torch.arange(args.block_size + 1)
         chunk = train[(offsets[:, None] + window).to(args.device)]  # (B, T + 1)
-        logits = model(chunk[:, :-1])
+        logits = model(chunk[:, :-1], chunk[:, 1:])  # DNI (cDNI: the targets)
         loss = F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten())  # mean over B * T tokens
         optimizer.zero_grad()
         loss.backward()

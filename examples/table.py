@@ -45,7 +45,8 @@ def table(results="results/examples"):
         lines.append("")
     every = [json.loads(p.read_text()) for p in sorted(Path(results).glob("*.json"))]
     machines = sorted({f"{r['hardware']}, torch {r['torch']}" for r in every})
-    lines.append(f"Measured on {'; '.join(machines)}, one run at a time, seed 0; train time excludes evaluation.")
+    lines.append(f"Measured on {'; '.join(machines)}, seed 0; train time excludes evaluation, and other jobs shared the "
+                 "2 cores during most runs, so train times are no speed comparison.")
     return "\n".join(lines) + "\n"
 
 
