@@ -221,3 +221,25 @@ def test_a_slow_evaluation_does_not_stop_a_healthy_run(tmp_path):
         assert p.wait(timeout=300) == 0, err_path.read_text()[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 10 and summary["val_acc"] is not None
+
+
+def test_asking_again_under_frozen_statistics_is_exact():
+    """A boundary synthesizer that stepped since it made g_hat(t) is asked again on trigger(t): in
+    train mode (batch statistics, as the first time) without moving its running statistics."""
+    import copy
+    from dni.pipeline import statistics_frozen
+    from dni.synthesizers import DenseSynthesizer
+    torch.manual_seed(0)
+    synthesizer = DenseSynthesizer(features=8, context_features=3, hidden_layers=1, width=16)
+    torch.nn.init.normal_(synthesizer.net[-1].weight)  # a non-zero output, as after some training
+    trigger, context = torch.randn(5, 8), torch.eye(3)[[0, 1, 2, 0, 1]]
+    synthesizer(trigger, context)  # the first ask: the running statistics move once
+    norm = synthesizer.net[1]
+    before = (norm.running_mean.clone(), norm.running_var.clone(), norm.num_batches_tracked.clone())
+    reference = copy.deepcopy(synthesizer)
+    with statistics_frozen(synthesizer):
+        again = synthesizer(trigger, context)
+    assert torch.equal(again, reference(trigger, context))  # the same batch-statistics output, bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(before, (norm.running_mean, norm.running_var,
+                                                           norm.num_batches_tracked)))
+    assert norm.momentum == 0.1  # restored
