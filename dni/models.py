@@ -65,8 +65,8 @@ class ModelSpec:
 MODELS = {
     "mlp": ModelSpec(build=mlp_stages, depth=3, num_epochs=60, lr=3e-4, synth_layers=(1, 1), synth_width=(2048, 1024),
                      sg_lr=(5e-3, 1e-3), synth_type=("dense", "dense")),
-    "cnn": ModelSpec(build=cnn_stages, depth=2, num_epochs=20, lr=3e-3, synth_layers=(1, 1),
-                     synth_width=(1024, 1024), sg_lr=(1e-3, 1e-3), synth_type=("dense", "conv")),
+    "cnn": ModelSpec(build=cnn_stages, depth=2, num_epochs=20, lr=3e-3, synth_layers=(1, 0),
+                     synth_width=(1024, 1024), sg_lr=(1e-3, 3e-4), synth_type=("dense", "conv")),
 }
 
 
