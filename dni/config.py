@@ -37,14 +37,14 @@ class Config:
     batch_size: int = _opt("batch size", default=256, positive=True)
     lr: Optional[float] = _opt("Adam learning rate of the stages, every method (default: mlp 3e-4, cnn 3e-3; "
                                "paper 3e-5)", default=None, positive=True)
-    sg_lr: Optional[float] = _opt("Adam learning rate of the synthesizers (default: 1e-3; mlp DNI 5e-3; paper 3e-5)",
+    sg_lr: Optional[float] = _opt("Adam learning rate of the synthesizers (default: 1e-3; mlp DNI 5e-3, cnn cDNI 3e-4; paper 3e-5)",
                                   default=None, positive=True)
     schedule: Optional[str] = _opt("learning-rate schedule; paper: /10 at 60%% and 80%% of the steps "
                                    "(default: cosine; paper preset: paper)", default=None, choices=SCHEDULES)
     depth: Optional[int] = _opt("hidden stages (default: mlp 3, cnn 2)", default=None, positive=True)
     hidden: int = _opt("units per mlp hidden stage", default=256, positive=True)
     channels: Optional[int] = _opt("filters per cnn stage (default: 16; paper 128)", default=None, positive=True)
-    synth_layers: Optional[int] = _opt("hidden layers in each synthesizer, 0 = linear (default: 1; paper: DNI 1, "
+    synth_layers: Optional[int] = _opt("hidden layers in each synthesizer, 0 = linear (default: 1, cnn cDNI 0; paper: DNI 1, "
                                        "cDNI 0)", default=None, choices=(0, 1, 2))
     synth_width: Optional[int] = _opt("units per dense synthesizer hidden layer (default: 1024; mlp DNI 2048)",
                                       default=None, positive=True)
