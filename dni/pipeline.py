@@ -45,7 +45,12 @@ Design choices, written once:
 - Rank 0 writes the run folder of a sequential run: after every epoch it gathers the step
   statistics and the workers' state_dicts (parameters and optimizer states), evaluates the
   assembled net and writes metrics.jsonl, checkpoint.pt; summary.json and plots at the end.
-- Faults: every wait on another worker has a deadline (--worker_timeout, also the process
+- Messages: every activation and gradient carries the step of its batch, is matched by it
+  (gloo's point-to-point tag) and is checked against it on receipt (`Peers`), so pairing a
+  true gradient with its own batch's trigger never rests on the order of delivery.
+- Faults: every step checks what it computed (stage outputs, synthetic gradients, losses,
+  gradients) and stops at the first non-finite one, naming the worker, the stage and the
+  step. Every wait on another worker has a deadline (--worker_timeout, also the process
   group's timeout); a dead peer is seen at once by its closed connection. Either way the
   worker stops with one line, `error: worker 0: ...`, and exit code 2 (at once, by os._exit:
   see `run_pipeline`); files already written stay as they were. Workers started with
@@ -54,12 +59,14 @@ Design choices, written once:
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import signal
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
 
@@ -168,15 +175,39 @@ def _reason(error):
     return text.split(". ")[0].rstrip(".")
 
 
+# Every message carries the step of the batch it belongs to as one extra element, checked on
+# receipt; a float32 counts integers exactly up to 2**24, so the tag is the step modulo that.
+TAG_MODULUS = 2 ** 24
+
+
+@dataclass
+class Message:
+    """A send or a receive under way between two workers: `payload` is the flat tensor with the
+    step tag appended, `work` torch.distributed's handle; `shape` is the tensor's shape (receives)."""
+    payload: torch.Tensor
+    work: object
+    peer: int
+    what: str
+    step: int
+    shape: tuple = None
+
+    def done(self):
+        return self.work.is_completed()
+
+
 class Peers:
-    """Point-to-point messages to the neighbouring workers, with a deadline on every wait.
+    """Point-to-point messages to the neighbouring workers, tagged by step, with a deadline on every wait.
 
-    Every failure (a peer that died: its connection closes; one that stalls: the deadline
-    passes) becomes a one-line DNIError naming the peer, the message and the step."""
+    A message is matched by its peer and its step (the point-to-point tag, on backends that
+    have tags), and the step it carries is checked when it is read, so an activation or a
+    gradient can never be paired with another batch's. Every failure (a peer that died: its
+    connection closes; one that stalls: the deadline passes; a message of another step)
+    becomes a one-line DNIError naming the peer, the message and the step."""
 
-    def __init__(self, rank, timeout_s, device):
+    def __init__(self, rank, timeout_s, device, tagged=True):
         self.rank, self.timeout_s, self.device = rank, timeout_s, torch.device(device)
         self.timeout = timedelta(seconds=timeout_s)
+        self.tagged = tagged  # NCCL has no point-to-point tags: it delivers in order, and the check stays
         self.waited_s = 0.0  # time spent blocked on other workers: the pipeline's bubbles
 
     def lost(self, peer, what, step, error):
@@ -184,30 +215,51 @@ class Peers:
                         f"it crashed, was stopped or stalled past --worker_timeout {self.timeout_s:g}s; "
                         f"see its log")
 
+    def _tag(self, step):
+        return step % TAG_MODULUS if self.tagged else 0
+
     def send(self, tensor, peer, what, step):
-        """Start sending; returns (tensor, work), to be kept until `done`, so the buffer lives on."""
-        tensor = tensor.contiguous()
+        """Start sending `tensor` of batch `step`; the Message keeps the buffer alive until waited on."""
+        payload = torch.cat([tensor.detach().reshape(-1), tensor.new_full((1,), step % TAG_MODULUS)])
         try:
-            return tensor, dist.isend(tensor, peer)
+            return Message(payload, self.start_send(payload, peer, step), peer, what, step)
         except RuntimeError as e:  # DistBackendError is a RuntimeError
             raise self.lost(peer, what, step, e) from None
 
     def recv(self, shape, peer, what, step):
-        """Post a receive; returns (buffer, work)."""
-        buffer = torch.empty(shape, device=self.device)
+        """Post the receive of the (B, ...) tensor `shape` of batch `step`."""
+        payload = torch.empty(math.prod(shape) + 1, device=self.device)
         try:
-            return buffer, dist.irecv(buffer, peer)
+            return Message(payload, self.start_recv(payload, peer, step), peer, what, step, tuple(shape))
         except RuntimeError as e:
             raise self.lost(peer, what, step, e) from None
 
-    def wait(self, work, peer, what, step):
+    def start_send(self, payload, peer, step):
+        """The transport: torch.distributed, matching by step where the backend has tags."""
+        return dist.isend(payload, peer, tag=self._tag(step))
+
+    def start_recv(self, payload, peer, step):
+        return dist.irecv(payload, peer, tag=self._tag(step))
+
+    def wait(self, message):
+        """Block until `message` is through; a receive returns its tensor, checked to be of its step."""
         start = time.perf_counter()
         try:
-            work.wait(self.timeout)
+            message.work.wait(self.timeout)
         except RuntimeError as e:
-            raise self.lost(peer, what, step, e) from None
+            raise self.lost(message.peer, message.what, message.step, e) from None
         finally:
             self.waited_s += time.perf_counter() - start
+        return None if message.shape is None else open_message(message, self.rank)
+
+
+def open_message(message, rank):
+    """The tensor a received Message carries, after checking the step it was sent for."""
+    sent_for = int(message.payload[-1].item())
+    if sent_for != message.step % TAG_MODULUS:
+        raise DNIError(f"worker {rank}: the {message.what} from worker {message.peer} received as step "
+                       f"{message.step} was sent for step {sent_for}; messages were paired across batches")
+    return message.payload[:-1].view(message.shape)
 
 
 @contextlib.contextmanager
@@ -246,14 +298,15 @@ class PipelineWorker:
     `net` is the whole DNINet, built from the same seed on every worker; only the stages in
     `part` are trained here. `optimizers` is a dni.parts.Optimizers of the whole net.
     `train_epoch` runs DNI (method 'dni') or locked model-parallel backprop ('backprop').
+    `peers` carries the messages (default: `Peers` over torch.distributed; tests inject others).
     """
 
     def __init__(self, *, net, optimizers, parts, rank, method, in_shape, batch_size, max_in_flight,
-                 timeout_s=60.0, device="cpu"):
+                 timeout_s=60.0, device="cpu", peers=None):
         self.net, self.optimizers, self.parts, self.part = net, optimizers, parts, parts[rank]
         self.rank, self.world, self.method = rank, len(parts), method
         self.max_in_flight, self.batch_size = max_in_flight, batch_size
-        self.peers = Peers(rank, timeout_s, device)
+        self.peers = peers or Peers(rank, timeout_s, device, tagged=torch.device(device).type != "cuda")
         shapes = [tuple(in_shape)] + stage_shapes(net.stages, in_shape)  # shapes[i]: input of stage i
         self.in_shape = (batch_size, *shapes[self.part.start])  # (B, ...) received from worker r-1
         self.out_shape = (batch_size, *shapes[self.part.stop])  # (B, ...) sent to worker r+1
@@ -327,31 +380,45 @@ class PipelineWorker:
 
     def _flush(self, outbox, keep):
         """Forget sends that are done; wait for the oldest while more than `keep` are under way."""
-        while outbox and (len(outbox) > keep or outbox[0][2].is_completed()):
-            tensor, peer, work, what, step = outbox.popleft()
-            self.peers.wait(work, peer, what, step)
+        while outbox and (len(outbox) > keep or outbox[0].done()):
+            self.peers.wait(outbox.popleft())
 
     def _send(self, outbox, tensor, peer, what):
-        tensor, work = self.peers.send(tensor, peer, what, self.step + 1)
-        outbox.append((tensor, peer, work, what, self.step + 1))
+        outbox.append(self.peers.send(tensor, peer, what, self.step + 1))
+
+    def _check_finite(self, checks, step):
+        """Stop at the step where a non-finite value appears, naming this worker and the stage.
+
+        `checks` lists (what, lever, tensor) in the order they were computed this step; one
+        synchronisation a step. The other workers then lose this one at once (its connection
+        closes) and stop too."""
+        flags = torch.stack([torch.isfinite(v).all() for _, _, v in checks])
+        if bool(flags.all()):
+            return
+        what, lever, _ = checks[int((~flags).nonzero()[0])]
+        raise DNIError(f"worker {self.rank}: {what} is not finite at step {step}; {lever}")
+
+    def _received(self, h):
+        """The check of an activation from worker r-1 (a non-finite one is reported there too)."""
+        return f"the activation from worker {self.rank - 1}", f"worker {self.rank - 1} stops with the cause", h
 
     def _train_dni(self, source, steps, log):
         net, opt, k = self.net, self.optimizers, self.max_in_flight
         s, e, last_stage = self.part.start, self.part.stop, self.num_stages - 1
         up, down = self.rank - 1, self.rank + 1
-        inbox = deque()  # (buffer, work): h_{s-1} of the coming batches, received ahead
-        waiting = deque()  # (t, step, g_hat, trigger, context, updates, grad, work): awaiting the true gradient
-        outbox = deque()  # (tensor, peer, work, what, step): sends under way
+        inbox = deque()  # Messages: h_{s-1} of the coming batches, received ahead
+        waiting = deque()  # (t, step, g_hat, trigger, context, updates, Message): awaiting the true gradient
+        outbox = deque()  # Messages: sends under way
         if not self.first:
             for t in range(min(k, steps)):
                 inbox.append(self.peers.recv(self.in_shape, up, "activation", self.step + t + 1))
         for t, (x, y) in zip(range(steps), source):
-            step = self.step + 1
+            step, checks = self.step + 1, []
             if self.first:
                 h = x
             else:
-                h, work = inbox.popleft()
-                self.peers.wait(work, up, "activation", step)
+                h = self.peers.wait(inbox.popleft())
+                checks.append(self._received(h))
                 if t + k < steps:
                     inbox.append(self.peers.recv(self.in_shape, up, "activation", step + k))
             context, g_prev = net.context(y), None
@@ -359,22 +426,30 @@ class PipelineWorker:
                 if i < last_stage:
                     h, g_hat, input_grad = stage_update(net.stages[i], opt.stages[i], net.synthesizers[i], h,
                                                         context, needs_input_grad=i > 0)
+                    checks += [(f"the output of stage {i + 1}", "lower --lr", h),
+                               (f"the synthetic gradient of stage {i + 1}", "lower --sg_lr", g_hat.detach())]
                 else:
                     logits, loss, input_grad = loss_update(net.stages[i], opt.stages[i], h, y,
                                                            needs_input_grad=i > 0)
                     log["loss"][t], log["correct"][t] = loss, (logits.argmax(1) == y).sum()
+                    checks.append((f"the loss of stage {i + 1} (the classifier)", "lower --lr", loss))
+                if i > 0:
+                    checks.append((f"the gradient into stage {i + 1}", "lower --lr", input_grad))
                 if i > s:  # a boundary inside this worker: the true gradient is here at once
-                    self._record(log, i - 1, t, synthesizer_update(opt.synthesizers[i - 1], g_prev, input_grad))
+                    result = synthesizer_update(opt.synthesizers[i - 1], g_prev, input_grad)
+                    self._record(log, i - 1, t, result)
+                    checks.append((f"the synthesizer loss of stage {i}", "lower --sg_lr", result[0]))
                 elif i > 0:  # the previous worker's synthesizer learns from this
                     self._send(outbox, input_grad, up, "gradient")
                 g_prev = g_hat if i < last_stage else None
+            self._check_finite(checks, step)
             if not self.last:
                 self._send(outbox, h, down, "activation")
                 waiting.append((t, step, g_prev, h, context, self.boundary_updates,
-                                *self.peers.recv(self.out_shape, down, "gradient", step)))
+                                self.peers.recv(self.out_shape, down, "gradient", step)))
             # Train the boundary synthesizer on every true gradient that is here, and on the
             # oldest one (waiting for it) while k batches are in flight: the pipeline's bound.
-            while waiting and (len(waiting) >= k or waiting[0][-1].is_completed()):
+            while waiting and (len(waiting) >= k or waiting[0][-1].done()):
                 self._learn_boundary(waiting.popleft(), log)
             self._flush(outbox, keep=2 * k)
             self._step_schedules()
@@ -383,16 +458,21 @@ class PipelineWorker:
         self._flush(outbox, keep=0)
 
     def _learn_boundary(self, entry, log):
-        """Train this worker's last synthesizer on the true gradient of batch t from worker r+1."""
-        t, step, g_hat, trigger, context, updates, grad, work = entry
-        self.peers.wait(work, self.rank + 1, "gradient", step)
+        """Train this worker's last synthesizer on the true gradient of batch t from worker r+1
+        (the message is checked to be batch t's)."""
+        t, step, g_hat, trigger, context, updates, message = entry
+        grad = self.peers.wait(message)
         i = self.part.stop - 1
         synthesizer = self.net.synthesizers[i]
         if updates != self.boundary_updates:  # stepped since it made g_hat(t): ask it again
             with statistics_frozen(synthesizer):
                 g_hat = synthesize(synthesizer, trigger, context)
-        self._record(log, i, t, synthesizer_update(self.optimizers.synthesizers[i], g_hat, grad))
+        result = synthesizer_update(self.optimizers.synthesizers[i], g_hat, grad)
+        self._record(log, i, t, result)
         self.boundary_updates += 1
+        self._check_finite([(f"the gradient from worker {self.rank + 1}", f"worker {self.rank + 1} stops with the "
+                             "cause", grad), (f"the synthesizer loss of stage {i + 1}", "lower --sg_lr", result[0])],
+                           step)
 
     def _train_locked(self, source, steps, log):
         """Model-parallel backprop: nothing overlaps, every worker waits for the gradient."""
@@ -400,26 +480,29 @@ class PipelineWorker:
         up, down = self.rank - 1, self.rank + 1
         outbox = deque()
         for t, (x, y) in zip(range(steps), source):
-            step = self.step + 1
+            step, checks = self.step + 1, []
             if self.first:
                 a = x
             else:
-                a, work = self.peers.recv(self.in_shape, up, "activation", step)
-                self.peers.wait(work, up, "activation", step)
+                a = self.peers.wait(self.peers.recv(self.in_shape, up, "activation", step))
+                checks.append(self._received(a))
                 a.requires_grad_()  # the received buffer is a leaf: its .grad goes back to worker r-1
             for i in self.part:
                 opt.stages[i].zero_grad(set_to_none=True)
             h = a
             for i in self.part:
                 h = net.stages[i](h)
+                checks.append((f"the output of stage {i + 1}", "lower --lr", h.detach()))
             if self.last:
                 loss = F.cross_entropy(h, y)
+                checks.append((f"the loss of stage {self.part.stop} (the classifier)", "lower --lr", loss.detach()))
+                self._check_finite(checks, step)
                 loss.backward()
                 log["loss"][t], log["correct"][t] = loss.detach(), (h.detach().argmax(1) == y).sum()
             else:
+                self._check_finite(checks, step)
                 self._send(outbox, h.detach(), down, "activation")
-                grad, work = self.peers.recv(self.out_shape, down, "gradient", step)
-                self.peers.wait(work, down, "gradient", step)  # the lock: batch t+1 waits for this
+                grad = self.peers.wait(self.peers.recv(self.out_shape, down, "gradient", step))  # the lock
                 h.backward(grad)
             if not self.first:
                 self._send(outbox, a.grad, up, "gradient")

@@ -8,6 +8,7 @@ What is checked:
   default 2 batches in flight its test accuracy is within 2 points of it (0.6 measured);
 - the locked baseline (model-parallel backprop) ends with exactly mlp.py's parameters;
 - a worker killed mid-run makes the other stop, non-zero, within seconds, with one line;
+- a non-finite value stops the worker where it appears at that step, and the other with it;
 - workers started with different settings refuse to start, naming the setting.
 """
 import json
@@ -154,6 +155,25 @@ def test_killed_worker_stops_the_other_with_one_line(tmp_path):
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any(m["kind"] == "epoch" for m in metrics)
     assert json.loads((run_dir / "config.json").read_text())["pipeline"] is True
+
+
+def test_a_non_finite_value_stops_every_worker_at_its_step(tmp_path):
+    """An absurd learning rate: the worker where a value first overflows stops at that step (not at
+    the end of the epoch), naming its stage; the other stops within seconds; one line each."""
+    args = [*SMALL, "--lr", "1e30", "--pipeline", "True", "--plot", "False", "--worker_timeout", "60",
+            "--out", str(tmp_path / "run")]
+    procs = start_workers([args, args], tmp_path)
+    codes = [p.wait(timeout=60) for p, _, _ in procs]
+    lines = [stderr_lines(err) for _, _, err in procs]
+    assert codes == [2, 2] and all(len(worker_lines) == 1 for worker_lines in lines), lines
+    causes = [re.match(r"error: worker (\d): .* of stage (\d) .*is not finite at step (\d+); lower --", worker[0])
+              for worker in lines]
+    cause = next(c for c in causes if c)
+    assert int(cause.group(3)) < 300  # stopped at the step, before the epoch's end (step 300)
+    other = lines[1 - int(cause.group(1))][0]
+    assert other.startswith(f"error: worker {1 - int(cause.group(1))}: lost worker {cause.group(1)} ("), other
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert metrics == ""  # no epoch ended: nothing half-written
 
 
 def test_workers_with_different_settings_refuse_to_start(tmp_path):
