@@ -90,14 +90,20 @@ def step_schedules(schedules):
 
 
 class Optimizers:
-    """One Adam (and its schedule) per stage and per synthesizer, so each can live on its own worker."""
+    """One Adam (and its schedule) per stage and per synthesizer, so each can live on its own worker.
 
-    def __init__(self, net, config, total_steps):
+    `owned`: the stage indices whose optimizers this process builds (a pipeline worker's share;
+    stage i's synthesizer goes with it); the others are None. Default: all."""
+
+    def __init__(self, net, config, total_steps, owned=None):
         factor = lr_factor(config.schedule, total_steps)
-        self.stages = [adam(s, config.lr) for s in net.stages]
-        self.synthesizers = [adam(m, config.sg_lr) for m in (net.synthesizers or [])]
+
+        def build(i, module, lr):
+            return adam(module, lr) if owned is None or i in owned else None
+        self.stages = [build(i, s, config.lr) for i, s in enumerate(net.stages)]
+        self.synthesizers = [build(i, m, config.sg_lr) for i, m in enumerate(net.synthesizers or [])]
         self.inputs = [adam(m, config.lr) for m in getattr(net, "input_models", [])]  # synthetic inputs (dni.unlock)
-        self.schedules = [torch.optim.lr_scheduler.LambdaLR(o, factor)
+        self.schedules = [None if o is None else torch.optim.lr_scheduler.LambdaLR(o, factor)
                           for o in self.stages + self.synthesizers + self.inputs]
 
     def step_schedules(self):

@@ -34,17 +34,22 @@ back before it can backward, step and take batch t+1.
 
 Design choices, written once:
 - Labels are never sent: every worker draws the same batch order from the same seeded
-  generator (`dni.data.batches`), and every worker builds the whole net from the same seed,
-  so the initial weights equal a sequential run's.
+  generator (`dni.data.batches`). Every worker builds the whole net from the same seed, so
+  the initial weights equal a sequential run's, then keeps only its share: its stages and
+  synthesizers (the others move to the meta device: shapes without storage), their
+  optimizer states, and the data it reads (worker 0 the images; the last worker, and every
+  worker under cDNI, the labels; `share_of_data`).
 - A DNI sits after every stage, as in sequential DNI, so the model, its state_dict and its
   maths do not depend on the number of workers; the partition only says who computes what.
   The partition is balanced by multiply-adds per example of each stage plus its
   synthesizer (`stage_costs`), or given by `--partition 2,2` (stages per worker).
 - torch.distributed carries activations and gradients (isend/irecv, so they overlap with
   compute): gloo on CPU, NCCL on CUDA (one GPU per worker).
-- Rank 0 writes the run folder of a sequential run: after every epoch it gathers the step
-  statistics and the workers' state_dicts (parameters and optimizer states), evaluates the
-  assembled net and writes metrics.jsonl, checkpoint.pt; summary.json and plots at the end.
+- Rank 0 writes the run folder of a sequential run. After every epoch the workers evaluate
+  the net together, pipelined as in training (`PipelineWorker.evaluate`); rank 0 gathers the
+  step statistics, the accuracies and the workers' state_dicts (parameters and optimizer
+  states: CPU copies, held only to write them) and writes metrics.jsonl and checkpoint.pt;
+  summary.json and plots at the end.
 - Messages: every activation and gradient carries the step of its batch, is matched by it
   (gloo's point-to-point tag) and is checked against it on receipt (`Peers`), so pairing a
   true gradient with its own batch's trigger never rests on the order of delivery.
@@ -76,13 +81,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dni.data import batches, num_batches
+from dni.data import Data, batches, num_batches
 from dni.errors import DNIError
 from dni.interface import loss_update, stage_update, synthesize, synthesizer_update
 from dni.models import stage_shapes
 from dni.runs import prepare_run_dir, record_environment, save_checkpoint, write_json
-from dni.parts import (Optimizers, build_net, check_finite, evaluate_splits, load_run_data, pick_device, set_seed,
-                       step_schedules)
+from dni.parts import Optimizers, build_net, check_finite, load_run_data, pick_device, set_seed, step_schedules
 
 
 # ---------------------------------------------------------------- partition
@@ -296,13 +300,14 @@ class PipelineWorker:
     """The stages `part` of `net` (and their synthesizers), trained in this process.
 
     `net` is the whole DNINet, built from the same seed on every worker; only the stages in
-    `part` are trained here. `optimizers` is a dni.parts.Optimizers of the whole net.
+    `part` are trained here, and with `release_others` only they (and their synthesizers) keep
+    their storage. `optimizers` is a dni.parts.Optimizers of the net (at least of `part`).
     `train_epoch` runs DNI (method 'dni') or locked model-parallel backprop ('backprop').
     `peers` carries the messages (default: `Peers` over torch.distributed; tests inject others).
     """
 
     def __init__(self, *, net, optimizers, parts, rank, method, in_shape, batch_size, max_in_flight,
-                 timeout_s=60.0, device="cpu", peers=None):
+                 timeout_s=60.0, device="cpu", peers=None, release_others=False):
         self.net, self.optimizers, self.parts, self.part = net, optimizers, parts, parts[rank]
         self.rank, self.world, self.method = rank, len(parts), method
         self.max_in_flight, self.batch_size = max_in_flight, batch_size
@@ -318,6 +323,11 @@ class PipelineWorker:
         self.schedules.update({("synthesizers", i): optimizers.schedules[self.num_stages + i] for i in self.synths})
         self.step = 0  # batches trained so far, over all epochs
         self.boundary_updates = 0  # steps of this worker's last synthesizer so far
+        if release_others:  # hold only this worker's share: the other stages keep their shapes, not their storage
+            for kind in ("stages", "synthesizers"):
+                for i, module in enumerate(getattr(net, kind) or []):
+                    if i not in self.part:
+                        module.to("meta")
 
     def owns(self, key):
         """Whether a state_dict key of the net (stages.3.0.weight, synthesizers.2.net.0.bias) is trained here."""
@@ -331,21 +341,44 @@ class PipelineWorker:
                 "synthesizers": {i: _to_cpu(self.optimizers.synthesizers[i].state_dict()) for i in self.synths},
                 "schedules": {key: s.state_dict() for key, s in self.schedules.items()}}
 
-    def load_states(self, states):
-        """Rank 0: load every worker's `local_state`, so the net and optimizers here are the whole run."""
-        merged = self.net.state_dict()
-        for r, state in enumerate(states):
-            if r == self.rank:
-                continue
-            merged.update(state["net"])
-            for i, sd in state["stages"].items():
-                self.optimizers.stages[i].load_state_dict(sd)
-            for i, sd in state["synthesizers"].items():
-                self.optimizers.synthesizers[i].load_state_dict(sd)
-            for (kind, i), sd in state["schedules"].items():
-                offset = self.num_stages if kind == "synthesizers" else 0
-                self.optimizers.schedules[offset + i].load_state_dict(sd)
-        self.net.load_state_dict(merged)
+    def held_bytes(self):
+        """Bytes of parameters (and buffers) and of optimizer state this worker holds."""
+        def size(tensors):
+            return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t) and t.device.type != "meta")
+        params = size(self.net.parameters()) + size(self.net.buffers())
+        optimizers = [self.optimizers.stages[i] for i in self.part] + [self.optimizers.synthesizers[i] for i in self.synths]
+        state = size(v for o in optimizers for per_param in o.state.values() for v in per_param.values())
+        return {"parameters": params, "optimizer": state}
+
+    @torch.no_grad()
+    def evaluate(self, x, y, n, batch_size=1000):
+        """Accuracy of the net on n examples, forward through the workers in eval mode, as
+        `dni.parts.evaluate` does in one process: worker 0 reads the images `x`, the last worker
+        the labels `y`. Returns the fraction on the last worker, None on the others."""
+        stages = [self.net.stages[i] for i in self.part]
+        modes = [stage.training for stage in stages]
+        correct, outbox = torch.zeros((), dtype=torch.long), deque()
+        try:
+            for stage in stages:
+                stage.eval()
+            for j, start in enumerate(range(0, n, batch_size), start=1):
+                b = min(batch_size, n - start)
+                if self.first:
+                    h = x[start:start + b]
+                else:
+                    h = self.peers.wait(self.peers.recv((b, *self.in_shape[1:]), self.rank - 1, "evaluation", j))
+                for stage in stages:
+                    h = stage(h)
+                if self.last:
+                    correct += (h.argmax(1) == y[start:start + b]).sum().cpu()
+                else:
+                    outbox.append(self.peers.send(h, self.rank + 1, "evaluation", j))
+                    self._flush(outbox, keep=2)
+            self._flush(outbox, keep=0)
+        finally:
+            for stage, mode in zip(stages, modes):
+                stage.train(mode)
+        return correct.item() / n if self.last else None
 
     def train_epoch(self, source, steps):
         """Train on `steps` batches of `source` (an iterator of (x, y); x is used by worker 0 only).
@@ -513,6 +546,50 @@ class PipelineWorker:
         self._flush(outbox, keep=0)
 
 
+class _Assembled:
+    """The whole net's or optimizers' state, put together on rank 0 from every worker's share, in
+    the shape `save_checkpoint` writes for a sequential run (it calls `state_dict()`)."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
+
+
+def assemble(net, states):
+    """Rank 0: every worker's `local_state` -> (net, optimizers) for `save_checkpoint`, the same dicts
+    a sequential run's DNINet and dni.parts.Optimizers give. Only the CPU copies are held, for the write."""
+    owned = {key: value for state in states for key, value in state["net"].items()}
+    num_stages, num_synths = len(net.stages), len(net.synthesizers or [])
+
+    def pick(kind, count):
+        return [next(state[kind][i] for state in states if i in state[kind]) for i in range(count)]
+
+    def schedule(kind, i):
+        return next(state["schedules"][(kind, i)] for state in states if (kind, i) in state["schedules"])
+    optimizers = {"stages": pick("stages", num_stages), "synthesizers": pick("synthesizers", num_synths),
+                  "inputs": [], "schedules": [schedule("stages", i) for i in range(num_stages)]
+                  + [schedule("synthesizers", i) for i in range(num_synths)]}
+    return _Assembled({key: owned[key] for key in net.state_dict()}), _Assembled(optimizers)
+
+
+def share_of_data(data, *, images, labels):
+    """The part of `data` a worker reads: the images (worker 0) and the labels (the last worker, and
+    any whose synthesizers are conditioned). The rest become (N, 0) tensors that hold no bytes but
+    keep the batch order, which every worker draws for itself."""
+    def keep(tensor, wanted):
+        return tensor if wanted else tensor.new_empty((len(tensor), 0))
+    return Data(train_x=keep(data.train_x, images), train_y=keep(data.train_y, labels),
+                test_x=keep(data.test_x, images), test_y=keep(data.test_y, labels), num_classes=data.num_classes,
+                val_x=keep(data.val_x, images), val_y=keep(data.val_y, labels))
+
+
+def data_bytes(data):
+    return sum(t.numel() * t.element_size() for t in (data.train_x, data.train_y, data.val_x, data.val_y,
+                                                       data.test_x, data.test_y))
+
+
 def _to_cpu(obj):
     if torch.is_tensor(obj):
         return obj.cpu()
@@ -635,17 +712,22 @@ def _train(config, rank, world, device):
     check_same_settings(config, rank, world, timeout_s)
     set_seed(config.seed)  # the same seed everywhere: the same initial net on every worker
     data = load_run_data(config, device)
-    net = build_net(config, data.in_shape, data.num_classes).to(device)
-    costs = stage_costs(net, data.in_shape)
+    in_shape = data.in_shape
+    net = build_net(config, in_shape, data.num_classes).to(device)
+    costs = stage_costs(net, in_shape)
     parts = (parse_partition(config.partition, len(net.stages), world) if config.partition
              else balanced_partition(costs, world))
     steps_per_epoch = num_batches(len(data.train_x), config.batch_size)
     if steps_per_epoch == 0:
         raise DNIError(f"--batch_size {config.batch_size} is larger than the training set ({len(data.train_x)})")
-    optimizers = Optimizers(net, config, config.num_epochs * steps_per_epoch)
+    # Each worker keeps its share: its stages, synthesizers and optimizer states, and the data it reads.
+    first, last = rank == 0, rank == world - 1
+    data = share_of_data(data, images=first, labels=last or (config.conditioned and config.method == "dni"))
+    optimizers = Optimizers(net, config, config.num_epochs * steps_per_epoch, owned=parts[rank])
     worker = PipelineWorker(net=net, optimizers=optimizers, parts=parts, rank=rank, method=config.method,
-                            in_shape=data.in_shape, batch_size=config.batch_size,
-                            max_in_flight=config.max_in_flight, timeout_s=timeout_s, device=device)
+                            in_shape=in_shape, batch_size=config.batch_size,
+                            max_in_flight=config.max_in_flight, timeout_s=timeout_s, device=device,
+                            release_others=True)
     order = torch.Generator().manual_seed(config.seed)
     backend = dist.get_backend()
 
@@ -661,7 +743,7 @@ def _train(config, rank, world, device):
               f"{len(net.stages)} stages on {world} workers ({describe_partition(parts, costs)}), "
               f"{config.num_epochs} epochs on {device} ({backend}) -> {run_dir}", flush=True)
 
-    seconds, accs, num_synths = 0.0, {}, len(net.stages) - 1
+    seconds, accs, held, num_synths = 0.0, {}, None, len(net.stages) - 1
     with (open(run_dir / "metrics.jsonl", "a") if rank == 0 else contextlib.nullcontext()) as metrics:
         for epoch in range(1, config.num_epochs + 1):
             net.train()
@@ -672,15 +754,20 @@ def _train(config, rank, world, device):
                               mininterval=1.0)
             first_step = worker.step
             log = worker.train_epoch(source, steps_per_epoch)
+            log["accs"] = {}  # set on the last worker, which sees the labels
+            if len(data.val_y):
+                log["accs"]["val_acc"] = worker.evaluate(data.val_x, data.val_y, len(data.val_y))
+            log["accs"]["test_acc"] = worker.evaluate(data.test_x, data.test_y, len(data.test_y))
+            log["held_bytes"] = {**worker.held_bytes(), "data": data_bytes(data)}
             logs = [None] * world if rank == 0 else None
+            # Unbounded: the last worker ends its evaluation after worker 0 (see EVALUATION_TIMEOUT).
             with collective(rank, f"gathering statistics of epoch {epoch}", timeout_s):
-                dist.gather_object(log, logs, dst=0)
+                dist.gather_object(log, logs, dst=0, group=unbounded)
                 states = [None] * world if rank == 0 else None
-                dist.gather_object(worker.local_state(), states, dst=0)
+                dist.gather_object(worker.local_state(), states, dst=0, group=unbounded)
 
             def finish_epoch():
-                nonlocal seconds, accs
-                worker.load_states(states)
+                nonlocal seconds, accs, held
                 seconds += max(entry["seconds"] for entry in logs)  # training only: no evaluation
                 last = logs[-1]
                 sg_loss = {i: v for entry in logs for i, v in entry["sg_loss"].items()}
@@ -695,7 +782,7 @@ def _train(config, rank, world, device):
                     metrics.write(json.dumps(stats) + "\n")
                     total_loss += stats["loss"]
                     total_sg += sum(stats.get("sg_loss", [0.0])) / len(stats.get("sg_loss", [0.0]))
-                accs = evaluate_splits(net, data)
+                accs, held = logs[-1]["accs"], [entry["held_bytes"] for entry in logs]
                 line = {"kind": "epoch", "epoch": epoch, "step": worker.step,
                         "train_loss": total_loss / steps_per_epoch, "sg_loss": total_sg / steps_per_epoch,
                         **accs, "seconds": seconds}
@@ -703,7 +790,7 @@ def _train(config, rank, world, device):
                 metrics.flush()
                 print(f"epoch {epoch} step {worker.step} loss {line['train_loss']:.4f} sg_loss {line['sg_loss']:.1e} "
                       + "".join(f"{k} {v:.4f} " for k, v in accs.items()) + f"{seconds:.1f}s", flush=True)
-                save_checkpoint(run_dir / "checkpoint.pt", net, optimizers, config, epoch, worker.step)
+                save_checkpoint(run_dir / "checkpoint.pt", *assemble(net, states), config, epoch, worker.step)
 
             agree(rank, timeout_s, f"finishing epoch {epoch}", finish_epoch, group=unbounded)
 
@@ -716,7 +803,7 @@ def _train(config, rank, world, device):
                "device": str(device),
                "pipeline": {"workers": world, "backend": backend, "max_in_flight": config.max_in_flight,
                             "partition": [[p.start, p.stop] for p in parts],
-                            "stage_macs": costs}}
+                            "stage_macs": costs, "held_bytes": held}}
     write_json(run_dir / "summary.json", summary)
     if config.plot:
         from dni.plots import plot_run

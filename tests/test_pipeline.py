@@ -122,6 +122,32 @@ def test_one_batch_in_flight_is_exactly_sequential_dni(runs):
     assert pipe["step"] == seq["step"] == 300
 
 
+def tensor_bytes(obj):
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def test_each_worker_holds_only_its_share(runs):
+    """Parameters and optimizer states split between the workers (their sums are the sequential
+    run's); worker 0 holds the images, worker 1 only the labels (cDNI: worker 0 too)."""
+    tmp, _ = runs
+    held = json.loads((tmp / "lockstep" / "summary.json").read_text())["pipeline"]["held_bytes"]
+    seq = torch.load(tmp / "sequential" / "checkpoint.pt", weights_only=False)
+    whole = {"parameters": tensor_bytes(seq["net"]),
+             "optimizer": tensor_bytes([seq["optimizers"]["stages"], seq["optimizers"]["synthesizers"]])}
+    for kind in ("parameters", "optimizer"):
+        assert sum(worker[kind] for worker in held) == whole[kind], (kind, held, whole)
+        assert all(0 < worker[kind] < whole[kind] for worker in held)
+    labels = 8 * (60_000 + 10_000)  # int64, training and test labels (--val_size 0)
+    assert held[1]["data"] == labels
+    assert held[0]["data"] == labels + 4 * 784 * (60_000 + 10_000)  # float32 images, and labels for cDNI
+
+
 def test_pipeline_learns_like_sequential_dni(runs):
     tmp, _ = runs
     pipe = json.loads((tmp / "pipeline" / "summary.json").read_text())
@@ -228,6 +254,8 @@ def test_locked_pipeline_is_exactly_backprop(tmp_path):
     losses = {name: [m["loss"] for m in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
                      if m["kind"] == "step"] for name in ("locked", "single")}
     assert losses["locked"] == losses["single"] and len(losses["single"]) == 300
+    held = json.loads((tmp_path / "locked" / "summary.json").read_text())["pipeline"]["held_bytes"]
+    assert [worker["data"] for worker in held] == [4 * 784 * 70_000, 8 * 70_000]  # images | labels, nothing twice
 
 
 def test_a_slow_evaluation_does_not_stop_a_healthy_run(tmp_path):
