@@ -85,7 +85,7 @@ from dni.data import Data, batches, num_batches
 from dni.errors import DNIError
 from dni.interface import loss_update, stage_update, synthesize, synthesizer_update
 from dni.models import stage_shapes
-from dni.runs import prepare_run_dir, record_environment, save_checkpoint, write_json
+from dni.runs import git_commit, prepare_run_dir, record_environment, save_checkpoint, write_json
 from dni.parts import Optimizers, build_net, check_finite, load_run_data, pick_device, set_seed, step_schedules
 
 
@@ -608,12 +608,15 @@ def config_digest(settings):
 
 
 def check_same_settings(config, rank, world, timeout_s):
-    """All-gather every worker's settings; refuse to start, on every worker, if any differ."""
+    """All-gather every worker's settings and git commit; refuse to start, on every worker, if any differ."""
     mine = config.to_dict()
     gathered = [None] * world
     with collective(rank, "comparing settings", timeout_s):
-        dist.all_gather_object(gathered, (config_digest(mine), mine))
-    for other, (digest, settings) in enumerate(gathered):
+        dist.all_gather_object(gathered, (config_digest(mine), mine, git_commit()))
+    for other, (digest, settings, commit) in enumerate(gathered):
+        if None not in (commit, gathered[0][2]) and commit != gathered[0][2]:  # hosts on other checkouts
+            raise DNIError(f"worker {rank}: workers run different code (worker {other} at commit {commit[:12]}, "
+                           f"worker 0 at {gathered[0][2][:12]}); check out the same commit on every host")
         if digest != gathered[0][0]:
             fields = sorted(k for k in set(settings) | set(gathered[0][1])
                             if settings.get(k) != gathered[0][1].get(k))

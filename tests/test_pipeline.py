@@ -212,6 +212,23 @@ def test_workers_with_different_settings_refuse_to_start(tmp_path):
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
+def test_workers_on_other_commits_refuse_to_start(monkeypatch):
+    """Hosts that checked out other commits would train one mixed run: each worker refuses."""
+    import dni.pipeline
+    config = Config()
+    theirs = (dni.pipeline.config_digest(config.to_dict()), config.to_dict(), "0123456789abcdef")
+
+    def all_gather_object(gathered, mine):  # worker 1 answers from another commit
+        gathered[:] = [mine, theirs]
+    monkeypatch.setattr(dni.pipeline.dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(dni.pipeline, "git_commit", lambda: "fedcba9876543210")
+    with pytest.raises(DNIError, match=r"^worker 0: workers run different code \(worker 1 at commit 0123456789ab, "
+                                       r"worker 0 at fedcba987654\); check out the same commit"):
+        dni.pipeline.check_same_settings(config, 0, 2, 5.0)
+    monkeypatch.setattr(dni.pipeline, "git_commit", lambda: "0123456789abcdef")  # the same commit: no complaint
+    dni.pipeline.check_same_settings(config, 0, 2, 5.0)
+
+
 def test_pipeline_without_launcher_says_how_to_launch(monkeypatch):
     for name in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
