@@ -307,18 +307,40 @@ def load_cifar10(root):
 DATASETS = {"mnist": load_mnist, "fashion_mnist": load_fashion_mnist, "cifar10": load_cifar10}
 
 
-def load_data(name, root="data", device="cpu"):
-    """Load dataset `name` (a key of DATASETS) from `root` as float images in [0, 1] on `device`."""
+def load_data(name, root="data", device="cpu", images=True):
+    """Load dataset `name` (a key of DATASETS) from `root` as float images in [0, 1] on `device`.
+
+    `images` False: the images are `placeholder`s of their shape, for a process that reads only
+    the labels (a pipeline worker past the first)."""
     if name not in DATASETS:
         raise DNIError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     train_x, train_y, test_x, test_y = DATASETS[name](os.fspath(root))
+    wanted = images
 
     def images(x):  # move as uint8 (4x less to copy), then scale on the device; x/255 is exact IEEE division
+        if not wanted:
+            return placeholder(x.shape, torch.float32, device)
         return x.to(device).float().div_(255)  # (N, C, H, W) float32
 
     return Data(train_x=images(train_x), train_y=train_y.to(device, torch.int64),
                 test_x=images(test_x), test_y=test_y.to(device, torch.int64),
                 num_classes=10)  # every dataset here has 10 classes
+
+
+def placeholder(shape, dtype, device="cpu"):
+    """A tensor of `shape` that holds one zero and no more (every element is that one): for data
+    a process does not read, whose length and shape it still needs (the batch order, in_shape)."""
+    return torch.zeros((), dtype=dtype, device=device).expand(shape)
+
+
+def held_bytes(tensors):
+    """Bytes of memory `tensors` hold, each storage counted once (views and placeholders share)."""
+    storages = {}
+    for t in tensors:
+        if t.device.type != "meta":
+            storage = t.untyped_storage()
+            storages[(t.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
 
 
 def split_validation(data, val_size):

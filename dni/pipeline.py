@@ -81,7 +81,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dni.data import Data, batches, num_batches
+from dni.data import Data, batches, held_bytes, load_data, num_batches, placeholder
 from dni.errors import DNIError
 from dni.interface import loss_update, stage_update, synthesize, synthesizer_update
 from dni.models import stage_shapes
@@ -343,12 +343,9 @@ class PipelineWorker:
 
     def held_bytes(self):
         """Bytes of parameters (and buffers) and of optimizer state this worker holds."""
-        def size(tensors):
-            return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t) and t.device.type != "meta")
-        params = size(self.net.parameters()) + size(self.net.buffers())
         optimizers = [self.optimizers.stages[i] for i in self.part] + [self.optimizers.synthesizers[i] for i in self.synths]
-        state = size(v for o in optimizers for per_param in o.state.values() for v in per_param.values())
-        return {"parameters": params, "optimizer": state}
+        state = [v for o in optimizers for per_param in o.state.values() for v in per_param.values() if torch.is_tensor(v)]
+        return {"parameters": held_bytes([*self.net.parameters(), *self.net.buffers()]), "optimizer": held_bytes(state)}
 
     @torch.no_grad()
     def evaluate(self, x, y, n, batch_size=1000):
@@ -576,18 +573,17 @@ def assemble(net, states):
 
 def share_of_data(data, *, images, labels):
     """The part of `data` a worker reads: the images (worker 0) and the labels (the last worker, and
-    any whose synthesizers are conditioned). The rest become (N, 0) tensors that hold no bytes but
-    keep the batch order, which every worker draws for itself."""
+    any whose synthesizers are conditioned). The rest become placeholders of their shape, which
+    hold no data but keep the batch order (every worker draws it for itself) and the shapes."""
     def keep(tensor, wanted):
-        return tensor if wanted else tensor.new_empty((len(tensor), 0))
+        return tensor if wanted else placeholder(tensor.shape, tensor.dtype, tensor.device)
     return Data(train_x=keep(data.train_x, images), train_y=keep(data.train_y, labels),
                 test_x=keep(data.test_x, images), test_y=keep(data.test_y, labels), num_classes=data.num_classes,
                 val_x=keep(data.val_x, images), val_y=keep(data.val_y, labels))
 
 
 def data_bytes(data):
-    return sum(t.numel() * t.element_size() for t in (data.train_x, data.train_y, data.val_x, data.val_y,
-                                                       data.test_x, data.test_y))
+    return held_bytes([data.train_x, data.train_y, data.val_x, data.val_y, data.test_x, data.test_y])
 
 
 def _to_cpu(obj):
@@ -714,7 +710,9 @@ def _train(config, rank, world, device):
     timeout_s = config.worker_timeout
     check_same_settings(config, rank, world, timeout_s)
     set_seed(config.seed)  # the same seed everywhere: the same initial net on every worker
-    data = load_run_data(config, device)
+    first, last = rank == 0, rank == world - 1
+    # Only worker 0 reads the images: the others load the labels and the images' shapes.
+    data = load_run_data(config, device, load=lambda *where: load_data(*where, images=first))
     in_shape = data.in_shape
     net = build_net(config, in_shape, data.num_classes).to(device)
     costs = stage_costs(net, in_shape)
@@ -724,7 +722,6 @@ def _train(config, rank, world, device):
     if steps_per_epoch == 0:
         raise DNIError(f"--batch_size {config.batch_size} is larger than the training set ({len(data.train_x)})")
     # Each worker keeps its share: its stages, synthesizers and optimizer states, and the data it reads.
-    first, last = rank == 0, rank == world - 1
     data = share_of_data(data, images=first, labels=last or (config.conditioned and config.method == "dni"))
     optimizers = Optimizers(net, config, config.num_epochs * steps_per_epoch, owned=parts[rank])
     worker = PipelineWorker(net=net, optimizers=optimizers, parts=parts, rank=rank, method=config.method,

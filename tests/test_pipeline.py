@@ -144,8 +144,9 @@ def test_each_worker_holds_only_its_share(runs):
         assert sum(worker[kind] for worker in held) == whole[kind], (kind, held, whole)
         assert all(0 < worker[kind] < whole[kind] for worker in held)
     labels = 8 * (60_000 + 10_000)  # int64, training and test labels (--val_size 0)
-    assert held[1]["data"] == labels
-    assert held[0]["data"] == labels + 4 * 784 * (60_000 + 10_000)  # float32 images, and labels for cDNI
+    images = 4 * 784 * (60_000 + 10_000)  # float32
+    assert 0 <= held[1]["data"] - labels < 64, held  # the images' placeholders hold a number each
+    assert held[0]["data"] == labels + images  # and labels for cDNI
 
 
 def test_pipeline_learns_like_sequential_dni(runs):
@@ -272,7 +273,8 @@ def test_locked_pipeline_is_exactly_backprop(tmp_path):
                      if m["kind"] == "step"] for name in ("locked", "single")}
     assert losses["locked"] == losses["single"] and len(losses["single"]) == 300
     held = json.loads((tmp_path / "locked" / "summary.json").read_text())["pipeline"]["held_bytes"]
-    assert [worker["data"] for worker in held] == [4 * 784 * 70_000, 8 * 70_000]  # images | labels, nothing twice
+    images, labels = 4 * 784 * 70_000, 8 * 70_000  # float32 images, int64 labels: training and test
+    assert 0 <= held[0]["data"] - images < 64 and 0 <= held[1]["data"] - labels < 64, held  # placeholders: one number
 
 
 def test_a_slow_evaluation_does_not_stop_a_healthy_run(tmp_path):
