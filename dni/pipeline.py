@@ -323,11 +323,8 @@ class PipelineWorker:
         self.schedules.update({("synthesizers", i): optimizers.schedules[self.num_stages + i] for i in self.synths})
         self.step = 0  # batches trained so far, over all epochs
         self.boundary_updates = 0  # steps of this worker's last synthesizer so far
-        if release_others:  # hold only this worker's share: the other stages keep their shapes, not their storage
-            for kind in ("stages", "synthesizers"):
-                for i, module in enumerate(getattr(net, kind) or []):
-                    if i not in self.part:
-                        module.to("meta")
+        if release_others:
+            release_others_of(net, self.part)
 
     def owns(self, key):
         """Whether a state_dict key of the net (stages.3.0.weight, synthesizers.2.net.0.bias) is trained here."""
@@ -569,6 +566,15 @@ def assemble(net, states):
                   "inputs": [], "schedules": [schedule("stages", i) for i in range(num_stages)]
                   + [schedule("synthesizers", i) for i in range(num_synths)]}
     return _Assembled({key: owned[key] for key in net.state_dict()}), _Assembled(optimizers)
+
+
+def release_others_of(net, part):
+    """Free the stages and synthesizers of `net` outside `part` (stage indices): they move to the
+    meta device, keeping their shapes and names but no storage."""
+    for kind in ("stages", "synthesizers"):
+        for i, module in enumerate(getattr(net, kind) or []):
+            if i not in part:
+                module.to("meta")
 
 
 def share_of_data(data, *, images, labels):
