@@ -43,6 +43,11 @@ TUNED = ("lr", "sg_lr", "synth_layers")
 WIDTH = {"mlp": "synth_width", "cnn": "synth_channels"}  # what the search's "width" sets: dense units, conv filters
 
 
+
+def made_by(argv):
+    """The command that trains the runs of a table: the one given, less --table_only (a redraw)."""
+    return "python -m experiments.search " + " ".join(a for a in argv if a != "--table_only")
+
 def run_name(method, synth_layers, synth_width, sg_lr, lr, seed):
     if method == "backprop":
         return f"backprop_lr{lr:g}_s{seed}"
@@ -114,7 +119,8 @@ def collect(args, failures=None):
                 runs_total=len(rows) * len(args.seeds), defaults_now=defaults_now,
                 network=dict(model_type=args.model_type, depth=defaults.depth, **size, schedule=defaults.schedule,
                              batch_size=defaults.batch_size, val_size=defaults.val_size),
-                torch=torch.__version__, command="python -m experiments.search " + " ".join(sys.argv[1:]))
+                torch=torch.__version__, command=made_by(sys.argv[1:]),
+                redrawn="--table_only" in sys.argv[1:])
     return dict(meta=meta, best=best, rows=rows)
 
 
@@ -148,7 +154,8 @@ def markdown(table):
         "Defaults in dni/models.py now: " + "; ".join(
             f"{m}: " + ", ".join(f"{k} {v}" for k, v in d.items()) for m, d in meta["defaults_now"].items()) + ".",
         "Network: " + ", ".join(f"{k} {v}" for k, v in meta["network"].items()) + f"; torch {meta['torch']}.",
-        f"Made by `{meta['command'].strip()}`.", ""]
+        f"Made by `{meta['command'].strip()}`" + (" (this table redrawn by --table_only)"
+                                                   if meta.get("redrawn") else "") + ".", ""]
     return "\n".join(lines)
 
 
