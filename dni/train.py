@@ -13,6 +13,7 @@ with the same parameters and metrics, bit for bit on CPU, as a run never stopped
 import argparse
 import itertools
 import json
+import os
 import signal
 import sys
 import threading
@@ -208,7 +209,12 @@ def main(argv=None, *, prog, description, **defaults):
         given = given_flags(argv, prog=prog, description=description, defaults=defaults)
         config = main_guard(resume_config, config.resume, {**defaults, **given})
     try:
-        return main_guard(run, config)
+        summary = main_guard(run, config)
     except Interrupted as stop:
         print(stop, file=sys.stderr, flush=True)
         sys.exit(stop.exit_code)
+    if config.pipeline:  # a finished worker: gloo's threads can abort the interpreter's teardown
+        sys.stdout.flush()  # ("terminate called without an active exception"), so leave without it
+        sys.stderr.flush()
+        os._exit(0)
+    return summary

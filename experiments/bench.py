@@ -537,6 +537,9 @@ def main(argv=None):
         result = WORKERS[args.worker](args)
         if result is not None:
             Path(args.result).write_text(json.dumps(result))
+        if args.worker in ("pipeline", "pipelining", "pipelining_accuracy"):  # see dni.train.main: gloo's threads
+            sys.stdout.flush()  # can abort the interpreter's teardown after the work is done
+            os._exit(0)
         return
 
     cores = os.cpu_count()
