@@ -12,9 +12,9 @@ Numbers in a .json file count only where the paragraph names the file: MNIST acc
 three, and a check that accepts any of them catches nothing.
 
 Generated sections (<!-- name:start --> ... <!-- name:end -->) are skipped by the scan, and instead
-must be exactly what `python -m experiments.report` makes of results/ today. Figures quoted from outside
-results/ (published reproductions) pass only through EXTERNAL, each entry naming its source, and
-only in a paragraph that names that source.
+must be exactly what `python -m experiments.report` makes of results/ today. Figures quoted from
+published reproductions are held like any other: results/published.md lists each with its source
+(`python -m experiments.published`).
 """
 import json
 import re
@@ -30,19 +30,6 @@ RESULT_PATH = re.compile(r"results/[\w./-]*\w")
 METRIC_KEY = re.compile(r"acc|err")
 GENERATED = re.compile(r"<!-- ([\w./]+):start -->.*?<!-- \1:end -->", re.S)
 TEXT_SUFFIXES = (".md", ".json", ".txt")
-
-# Percentages quoted from outside results/: (figure, source named in the same paragraph) -> what it is.
-EXTERNAL = {
-    ("2.0%", "kbullaughey/dni-synthetic-gradients"):
-        "README.md: backprop FCN (two hidden layers of 256) 2.0% training error by epoch 21; cDNI 2.0% error by "
-        "epoch 80",
-    ("2.8%", "kbullaughey/dni-synthetic-gradients"): "README.md: DNI 2.8% error after 249 epochs",
-    ("2.7%", "kbullaughey/dni-synthetic-gradients"): "README.md: DNI still not below 2.7% by 770 epochs",
-    ("84.47%", "eugenium/DGL"): "dni_comparisons/backprop.log, epoch 2000: test top1 84.47",
-    ("64.74%", "eugenium/DGL"): "dni_comparisons/dni.log, epoch 2000: test top1 64.74",
-    ("80.86%", "eugenium/DGL"): "dni_comparisons/cdni.log, last line (epoch 1990): test top1 80.86",
-}
-
 
 def paragraphs(text):
     """(first line number, paragraph) for every blank-line-delimited block, generated sections blanked
@@ -115,7 +102,7 @@ class Results:
         return any(f"{x:.{decimals}f}" == figure for v in values for x in (v, 100 * v, 100 - v, 100 * (1 - v)))
 
 
-def unsourced(page, results, external=EXTERNAL):
+def unsourced(page, results):
     """'page:line: figure' for every percentage of `page` outside its generated sections that no
     results file holds."""
     found = []
@@ -125,8 +112,6 @@ def unsourced(page, results, external=EXTERNAL):
             figure = match.group(1)
             text = f"{figure}%"
             if text in results.percent_texts or any(results.holds(figure, p) for p in named):
-                continue
-            if any(f == text and source in block for f, source in external):
                 continue
             found.append(f"{Path(page).name}:{line + block[:match.start()].count(chr(10))}: {text}")
     return found
@@ -151,11 +136,10 @@ def test_checker_flags_a_typed_figure_and_accepts_a_sourced_one(tmp_path):
         "FCN 6 1.63% (results/table.md); 1.6% there.\n\n"  # bare number in a named .md; wrong precision
         "The pipeline waits 3%.\n\n"                       # the same text in a results file: held
         "<!-- t:start -->\n| 12.34% |\n<!-- t:end -->\n\n"  # generated: not scanned here
-        "kbullaughey/dni-synthetic-gradients: 2.8% error.\n\n"  # an external figure beside its source
-        "Our DNI: 2.8% error.\n")                          # the same figure without its source
+        "Our DNI: 2.8% error.\n")                          # in no results file
     found = unsourced(page, Results(results))
     assert found == ["page.md:5: 97.29%", "page.md:7: 97.31%", "page.md:9: 97.28%", "page.md:11: 1.31%",
-                     "page.md:13: 1.6%", "page.md:23: 2.8%"]
+                     "page.md:13: 1.6%", "page.md:21: 2.8%"]
 
 
 def test_paragraph_line_numbers_survive_generated_sections():
