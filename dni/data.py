@@ -315,15 +315,14 @@ def load_data(name, root="data", device="cpu", images=True):
     if name not in DATASETS:
         raise DNIError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     train_x, train_y, test_x, test_y = DATASETS[name](os.fspath(root))
-    wanted = images
 
-    def images(x):  # move as uint8 (4x less to copy), then scale on the device; x/255 is exact IEEE division
-        if not wanted:
+    def scaled(x):  # move as uint8 (4x less to copy), then scale on the device; x/255 is exact IEEE division
+        if not images:
             return placeholder(x.shape, torch.float32, device)
         return x.to(device).float().div_(255)  # (N, C, H, W) float32
 
-    return Data(train_x=images(train_x), train_y=train_y.to(device, torch.int64),
-                test_x=images(test_x), test_y=test_y.to(device, torch.int64),
+    return Data(train_x=scaled(train_x), train_y=train_y.to(device, torch.int64),
+                test_x=scaled(test_x), test_y=test_y.to(device, torch.int64),
                 num_classes=10)  # every dataset here has 10 classes
 
 

@@ -338,11 +338,10 @@ class PipelineWorker:
                 "synthesizers": {i: _to_cpu(self.optimizers.synthesizers[i].state_dict()) for i in self.synths},
                 "schedules": {key: s.state_dict() for key, s in self.schedules.items()}}
 
-    def held_bytes(self):
-        """Bytes of parameters (and buffers) and of optimizer state this worker holds."""
+    def held_bytes(self, data):
+        """`held_by` this worker: its share of the net and optimizer states, and `data`."""
         optimizers = [self.optimizers.stages[i] for i in self.part] + [self.optimizers.synthesizers[i] for i in self.synths]
-        state = [v for o in optimizers for per_param in o.state.values() for v in per_param.values() if torch.is_tensor(v)]
-        return {"parameters": held_bytes([*self.net.parameters(), *self.net.buffers()]), "optimizer": held_bytes(state)}
+        return held_by(self.net, optimizers, data)
 
     @torch.no_grad()
     def evaluate(self, x, y, n, batch_size=1000):
@@ -577,10 +576,13 @@ def release_others_of(net, part):
                 module.to("meta")
 
 
-def share_of_data(data, *, images, labels):
-    """The part of `data` a worker reads: the images (worker 0) and the labels (the last worker, and
-    any whose synthesizers are conditioned). The rest become placeholders of their shape, which
-    hold no data but keep the batch order (every worker draws it for itself) and the shapes."""
+def share_of_data(data, *, rank, world, conditioned):
+    """The part of `data` worker `rank` of `world` reads: the images (worker 0) and the labels (the
+    last worker, and every worker when the synthesizers are `conditioned`). The rest become
+    placeholders of their shape, which hold no data but keep the batch order (every worker draws
+    it for itself) and the shapes."""
+    images, labels = rank == 0, rank == world - 1 or conditioned
+
     def keep(tensor, wanted):
         return tensor if wanted else placeholder(tensor.shape, tensor.dtype, tensor.device)
     return Data(train_x=keep(data.train_x, images), train_y=keep(data.train_y, labels),
@@ -588,8 +590,12 @@ def share_of_data(data, *, images, labels):
                 val_x=keep(data.val_x, images), val_y=keep(data.val_y, labels))
 
 
-def data_bytes(data):
-    return held_bytes([data.train_x, data.train_y, data.val_x, data.val_y, data.test_x, data.test_y])
+def held_by(net, optimizers, data):
+    """Bytes of parameters (and buffers) of `net`, of the state of `optimizers` and of `data` that a
+    process holds; each storage counted once, released (meta) modules and placeholders not at all."""
+    state = [v for o in optimizers for per_param in o.state.values() for v in per_param.values() if torch.is_tensor(v)]
+    return {"parameters": held_bytes([*net.parameters(), *net.buffers()]), "optimizer": held_bytes(state),
+            "data": held_bytes([data.train_x, data.train_y, data.val_x, data.val_y, data.test_x, data.test_y])}
 
 
 def _to_cpu(obj):
@@ -716,7 +722,7 @@ def _train(config, rank, world, device):
     timeout_s = config.worker_timeout
     check_same_settings(config, rank, world, timeout_s)
     set_seed(config.seed)  # the same seed everywhere: the same initial net on every worker
-    first, last = rank == 0, rank == world - 1
+    first = rank == 0
     # Only worker 0 reads the images: the others load the labels and the images' shapes.
     data = load_run_data(config, device, load=lambda *where: load_data(*where, images=first))
     in_shape = data.in_shape
@@ -728,7 +734,7 @@ def _train(config, rank, world, device):
     if steps_per_epoch == 0:
         raise DNIError(f"--batch_size {config.batch_size} is larger than the training set ({len(data.train_x)})")
     # Each worker keeps its share: its stages, synthesizers and optimizer states, and the data it reads.
-    data = share_of_data(data, images=first, labels=last or (config.conditioned and config.method == "dni"))
+    data = share_of_data(data, rank=rank, world=world, conditioned=config.conditioned and config.method == "dni")
     optimizers = Optimizers(net, config, config.num_epochs * steps_per_epoch, owned=parts[rank])
     worker = PipelineWorker(net=net, optimizers=optimizers, parts=parts, rank=rank, method=config.method,
                             in_shape=in_shape, batch_size=config.batch_size,
@@ -764,7 +770,7 @@ def _train(config, rank, world, device):
             if len(data.val_y):
                 log["accs"]["val_acc"] = worker.evaluate(data.val_x, data.val_y, len(data.val_y))
             log["accs"]["test_acc"] = worker.evaluate(data.test_x, data.test_y, len(data.test_y))
-            log["held_bytes"] = {**worker.held_bytes(), "data": data_bytes(data)}
+            log["held_bytes"] = worker.held_bytes(data)
             logs = [None] * world if rank == 0 else None
             # Unbounded: the last worker ends its evaluation after worker 0 (see EVALUATION_TIMEOUT).
             with collective(rank, f"gathering statistics of epoch {epoch}", timeout_s):

@@ -43,13 +43,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dni.config import Config
-from dni.data import batches, held_bytes, load_data, num_batches
+from dni.data import batches, load_data, num_batches
 from dni.errors import DNIError
 from dni.interface import DNINet, backprop_step, dni_step
 from dni.synthesizers import make_synthesizer
 from dni.runs import write_json, write_text
 from dni.parts import Optimizers, build_net, evaluate, load_run_data, set_seed
-from dni.pipeline import (PipelineWorker, balanced_partition, data_bytes, init_workers, release_others_of,
+from dni.pipeline import (PipelineWorker, balanced_partition, held_by, init_workers, release_others_of,
                           share_of_data, stage_costs)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,14 +101,6 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def held(net, optimizers, data):
-    """Bytes of parameters (and buffers), of optimizer state and of data this process holds."""
-    state = [v for o in optimizers if o is not None for per_param in o.state.values() for v in per_param.values()
-             if torch.is_tensor(v)]
-    return {"parameters": held_bytes([*net.parameters(), *net.buffers()]), "optimizer": held_bytes(state),
-            "data": data_bytes(data)}
-
-
 # ---------------------------------------------------------------- workloads (each in its own process)
 
 def single_worker(args):
@@ -131,7 +123,7 @@ def single_worker(args):
     train(args.steps)
     seconds = time.perf_counter() - start
     return {"samples_per_s": args.steps * args.batch_size / seconds, "peak_rss_mb": [peak_rss_mb()],
-            "held": [held(net, optimizers.stages + optimizers.synthesizers, data)]}
+            "held": [held_by(net, optimizers.stages + optimizers.synthesizers, data)]}
 
 
 def pipeline_worker(args):
@@ -143,7 +135,7 @@ def pipeline_worker(args):
     data = load_data("mnist", args.data_dir, images=rank == 0)
     net = make_net(args.model, args.method, args.conditioned)
     parts = balanced_partition(stage_costs(net, data.in_shape), world)
-    data = share_of_data(data, images=rank == 0, labels=rank == world - 1 or args.conditioned)
+    data = share_of_data(data, rank=rank, world=world, conditioned=args.conditioned)
     optimizers = Optimizers(net, Config(method=args.method, conditioned=args.conditioned, schedule="constant"), 1,
                             owned=parts[rank])
     worker = PipelineWorker(net=net, optimizers=optimizers, parts=parts, rank=rank, method=args.method,
@@ -157,7 +149,7 @@ def pipeline_worker(args):
     log = worker.train_epoch(source, args.steps)
     dist.barrier()  # every worker done, every gradient back
     seconds = time.perf_counter() - start
-    mine = (peak_rss_mb(), log["waited_s"] / log["seconds"], {**worker.held_bytes(), "data": data_bytes(data)})
+    mine = (peak_rss_mb(), log["waited_s"] / log["seconds"], worker.held_bytes(data))
     gathered = [None] * world
     dist.all_gather_object(gathered, mine)
     dist.destroy_process_group()
@@ -253,7 +245,7 @@ def pipelining_worker(args):
     net = make_net(args.model, "backprop", False)
     parts = balanced_partition(stage_costs(net, data.in_shape), world)
     release_others_of(net, parts[rank])
-    data = share_of_data(data, images=rank == 0, labels=rank == world - 1)
+    data = share_of_data(data, rank=rank, world=world, conditioned=False)
     optimizers = Optimizers(net, Config(method="backprop", schedule="constant"), 1, owned=parts[rank])
     worker = TorchPipelineWorker(net=net, optimizers=optimizers, parts=parts, rank=rank, schedule=args.method,
                                  microbatches=args.n_microbatches)
@@ -269,7 +261,7 @@ def pipelining_worker(args):
     seconds = time.perf_counter() - start
     blocked = None if waited is None else (worker.waited_s - waited) / seconds
     gathered = [None] * world
-    mine = held(net, [optimizers.stages[i] for i in parts[rank]], data)
+    mine = held_by(net, [optimizers.stages[i] for i in parts[rank]], data)
     dist.all_gather_object(gathered, (peak_rss_mb(), blocked, losses if worker.last else None, mine))
     dist.destroy_process_group()
     if rank != 0:
