@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dni.cli import OneLineParser
 from dni.config import Config
 from dni.data import batches, load_data, num_batches
 from dni.errors import DNIError
@@ -486,7 +487,7 @@ def pipelining_rows(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m experiments.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)  # internal: one workload
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="wide", choices=list(MODELS), help=argparse.SUPPRESS)
