@@ -54,7 +54,7 @@ class Config:
                                      "the flattened maps (default: cnn DNI dense, cDNI conv; mlp: dense)",
                                      default=None, choices=SYNTH_TYPES)
     synth_label_map: Optional[bool] = _opt("cDNI dense synthesizers: the label also reaches the output through a "
-                                           "linear map (default: True; paper False)", default=None)
+                                           "linear map (default: False, as the paper: it did not earn its place on validation)", default=None)
     synth_position_map: Optional[bool] = _opt("conv synthesizers: a learnt per-position bias and, under cDNI, a "
                                               "linear map of the label to the output (default: True; paper False)",
                                               default=None)
@@ -127,6 +127,14 @@ class Config:
 
     def to_dict(self):
         return asdict(self)
+
+
+def label_map_acts(settings):
+    """Whether `--synth_label_map` changes the run `settings` describe: only a cDNI synthesizer
+    that is dense (every FCN one, a CNN one with --synth_type dense) has the map; elsewhere the
+    recorded value is inert and two runs differing only in it are the same run."""
+    return bool(settings.get("method") == "dni" and settings.get("conditioned")) \
+        and (settings.get("model_type") == "mlp" or settings.get("synth_type") == "dense")
 
 
 def saved_settings(saved):

@@ -70,7 +70,10 @@ MODELS = {
 }
 
 
-OURS = dict(schedule="cosine", channels=16, synth_channels=32, synth_label_map=True, synth_position_map=True)
+# The label map of cDNI's dense synthesizers (DenseSynthesizer's `label_map`) is not ours any more:
+# on the FCN's validation split it did not earn its place (docs/deviations.md), so our preset
+# leaves it out as the paper does.
+OURS = dict(schedule="cosine", channels=16, synth_channels=32, synth_label_map=False, synth_position_map=True)
 
 
 def our_preset(model_type, conditioned):

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from dni.cli import OneLineParser, main_guard
-from dni.config import DEVICES, METHODS as CONFIG_METHODS, Config, saved_settings
+from dni.config import DEVICES, METHODS as CONFIG_METHODS, Config, label_map_acts, saved_settings
 from dni.data import num_batches
 from dni.errors import DNIError
 from dni.models import MODELS, PRESETS, paper_epochs
@@ -165,7 +165,8 @@ def stale_settings(run_dir, config):
     saved = saved_settings(json.loads((run_dir / "config.json").read_text()))
     wanted = config.to_dict()
     ignored = NOT_MATHS | (PIPELINE_ONLY if not (saved.get("pipeline") or wanted.get("pipeline")) else set()) \
-        | (SYNTH_ONLY if "dni" not in (saved.get("method"), wanted.get("method")) else set())
+        | (SYNTH_ONLY if "dni" not in (saved.get("method"), wanted.get("method")) else set()) \
+        | ({"synth_label_map"} if not (label_map_acts(saved) or label_map_acts(wanted)) else set())
     return {k: (saved[k], wanted[k]) for k in sorted(saved.keys() & wanted.keys() - ignored)
             if saved[k] != wanted[k]}
 
@@ -359,7 +360,8 @@ def collect(args, failures=None):
                 envs.add((env.get("device"), env.get("gpu") or env.get("cpu"), env.get("threads"), env.get("torch")))
                 hyper.add((False,) + tuple((k, config.get(k)) for k in STAGE_KEYS[model]))
                 if config["method"] == "dni":
-                    hyper.add((True,) + tuple((k, config.get(k)) for k in SYNTH_KEYS[model]))
+                    hyper.add((True,) + tuple((k, config.get(k)) for k in SYNTH_KEYS[model]
+                                               if k != "synth_label_map" or label_map_acts(config)))
                 if (run_dir / "command.txt").exists():
                     commands.add(_table_command((run_dir / "command.txt").read_text().splitlines()[0]))
             if cell["test_error"]:

@@ -242,15 +242,19 @@ def test_runs_older_than_a_setting_are_judged_by_what_they_did(tmp_path):
         run_dir.mkdir()
         (run_dir / "config.json").write_text(json.dumps(saved))
         assert stale_settings(run_dir, config) == ({"synth_type": ("conv", "dense")} if stale else {})
-    # cDNI dense synthesizers gained the label map: an FCN cDNI run from before is stale, a CNN one
-    # (conv synthesizers, which always had it) is not.
-    for model, stale in (("mlp", True), ("cnn", False)):
+    # Before --synth_label_map no dense cDNI synthesizer had the label map, which our preset again
+    # leaves out: such an FCN run is fresh, one made while the map was the default is stale; a CNN
+    # cDNI run (conv synthesizers, which have no such map) stays fresh whatever it recorded.
+    for model, saved_map, stale in (("mlp", None, False), ("mlp", True, True), ("cnn", None, False),
+                                    ("cnn", True, False)):
         config = run_config(args, model, 3, "cdni", 0)
         saved = {k: v for k, v in config.to_dict().items() if k != "synth_label_map"}
-        run_dir = tmp_path / f"{model}_cdni"
+        if saved_map is not None:
+            saved["synth_label_map"] = saved_map
+        run_dir = tmp_path / f"{model}_cdni_{saved_map}"
         run_dir.mkdir()
         (run_dir / "config.json").write_text(json.dumps(saved))
-        assert stale_settings(run_dir, config) == ({"synth_label_map": (False, True)} if stale else {})
+        assert stale_settings(run_dir, config) == ({"synth_label_map": (True, False)} if stale else {})
 
 
 def test_goal_lines_say_held_missed_or_not_measured():
