@@ -22,7 +22,7 @@ import torch
 from dni.cli import OneLineParser, main_guard
 from dni.config import Config
 from dni.runs import write_text
-from experiments.table1 import CPU_SETTINGS, add_grid_options, check_counts, mean_std, pending, train_all
+from experiments.table1 import CPU_SETTINGS, add_grid_options, check_counts, mean_std, pending, train_all, typed_command
 
 # model -> (network depth as in main.py, settings shared by every row of that model)
 NETWORKS = {"mlp": dict(depth=3), "cnn": dict(depth=2, channels=16)}
@@ -70,21 +70,24 @@ def grid(args):
 
 
 def collect(args):
-    rows = []
+    """The table dict from the finished run folders of the grid: a row missing some seeds keeps
+    the ones it has and says how many."""
+    rows, commands = [], set()
     for model, method, row, change in grid(args):
         errors, per_epoch = [], []
         for seed in args.seeds:
-            config = run_config(args, model, method, row, change, seed)
-            path = Path(config.out) / "summary.json"
-            if path.exists():
-                summary = json.loads(path.read_text())
+            run_dir = Path(run_config(args, model, method, row, change, seed).out)
+            if (run_dir / "summary.json").exists():
+                summary = json.loads((run_dir / "summary.json").read_text())
                 errors.append(round(100 * (1 - summary["val_acc"]), 4))
                 per_epoch.append(summary["seconds"] / summary["epochs"])
+                if (run_dir / "command.txt").exists():
+                    commands.add(typed_command((run_dir / "command.txt").read_text().splitlines()[0]))
         mean, std = mean_std(errors) if errors else (None, None)
         rows.append(dict(model=model, method=method, row=row, val_error=errors, mean=mean, std=std,
                          seconds_per_epoch=sum(per_epoch) / len(per_epoch) if per_epoch else None))
-    return dict(rows=rows, seeds=list(args.seeds), command="python -m experiments.deviations " + " ".join(sys.argv[1:]),
-                torch=torch.__version__)
+    return dict(rows=rows, seeds=list(args.seeds), commands=sorted(commands),
+                command="python -m experiments.deviations " + " ".join(sys.argv[1:]), torch=torch.__version__)
 
 
 def markdown(table):
@@ -98,12 +101,17 @@ def markdown(table):
     base = {(r["model"], r["method"]): r["mean"] for r in table["rows"] if r["row"] == "paper preset"}
     for r in table["rows"]:
         ref = base.get((r["model"], r["method"]))
-        error = "—" if r["mean"] is None else f"{r['mean']:.2f}" + (f" ± {r['std']:.2f}" if r["std"] is not None else "")
+        error = "not measured" if r["mean"] is None else \
+            f"{r['mean']:.2f}" + (f" ± {r['std']:.2f}" if r["std"] is not None else "")
+        if r["val_error"] and len(r["val_error"]) < len(table["seeds"]):
+            error += f" ({len(r['val_error'])} of {len(table['seeds'])} seeds)"
         gap = "" if r["mean"] is None or ref is None or r["row"] == "paper preset" else f"{r['mean'] - ref:+.2f}"
         speed = "—" if r["seconds_per_epoch"] is None else f"{r['seconds_per_epoch']:.1f}"
         lines.append(f"| {label[r['model']]} | {'cDNI' if r['method'] == 'cdni' else 'DNI'} | {r['row']} | "
                      f"{error} | {gap} | {speed} |")
-    lines += ["", f"Made by `{table['command'].strip()}`; torch {table['torch']}. The test set is not read.", ""]
+    trained = ", ".join(f"`{c}`" for c in table.get("commands", []))
+    lines += ["", (f"Runs trained by {trained}; " if trained else "") + f"table made by `{table['command'].strip()}`; "
+              f"torch {table['torch']}. The test set is not read.", ""]
     return "\n".join(lines)
 
 

@@ -313,16 +313,13 @@ def train_grid(args, log=print):
 
 # ---------------------------------------------------------------- the table
 
-def _table_command(line):
-    """A run's command.txt line as typed: 'python -m experiments.table1 ...' (workers see the file path),
-    'python main.py ...' for a run made by hand and moved into the table (command.txt holds the
-    interpreter's full path). Runs trained before the grid left the library keep their own command,
-    'python -m dni.table1 ...'."""
-    for package in ("experiments", "dni"):
-        for script in (f"{package}/table1.py", f"-m {package}.table1"):
-            if script in line:
-                return f"python -m {package}.table1" + line.split(script, 1)[1]
-    return re.sub(r"^\S*/python[\d.]*(?= )", "python", line)
+def typed_command(line):
+    """A run's command.txt line as typed: 'python -m experiments.table1 ...' for a grid's run (pool
+    workers see the module's file path; runs trained before the grids left the library keep
+    'python -m dni.table1 ...'), 'python main.py ...' for a run made by hand (command.txt holds
+    the interpreter's full path)."""
+    line = re.sub(r"^\S*/python[\d.]*(?= )", "python", line)
+    return re.sub(r"(?<= )\S*?\b(experiments|dni)/(\w+)\.py(?= |$)", r"-m \1.\2", line)
 
 
 def mean_std(values):
@@ -363,7 +360,7 @@ def collect(args, failures=None):
                     hyper.add((True,) + tuple((k, config.get(k)) for k in SYNTH_KEYS[model]
                                                if k != "synth_label_map" or label_map_acts(config)))
                 if (run_dir / "command.txt").exists():
-                    commands.add(_table_command((run_dir / "command.txt").read_text().splitlines()[0]))
+                    commands.add(typed_command((run_dir / "command.txt").read_text().splitlines()[0]))
             if cell["test_error"]:
                 cell["mean"], cell["std"] = mean_std(cell["test_error"])
             row["cells"][method] = cell

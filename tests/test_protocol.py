@@ -3,6 +3,7 @@ alone, and the paper's own model one flag away (`--preset paper`)."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,3 +125,18 @@ def test_each_deviation_row_changes_one_setting_of_the_papers_preset(tmp_path):
             allowed = set(change) if isinstance(change, dict) else {change}
             assert (row == "paper preset") == (not moved) and moved <= allowed, (row, moved)
         assert config["val_size"] == 10000 and config["num_epochs"] == 10
+
+
+def test_deviation_rows_say_how_many_seeds_they_hold_and_which_command_trained_them(tmp_path):
+    from experiments import deviations
+    args = deviations.parse_args(["--results", str(tmp_path), "--models", "mlp"])
+    for seed, acc in ((0, 0.98), (1, 0.97)):  # the paper preset's row has two of three seeds
+        run_dir = Path(deviations.run_config(args, "mlp", "dni", "paper preset", {}, seed).out)
+        run_dir.mkdir(parents=True)
+        (run_dir / "summary.json").write_text(json.dumps({"val_acc": acc, "test_acc": 0.5, "seconds": 20.0,
+                                                          "epochs": 10}))
+        (run_dir / "command.txt").write_text("/venv/bin/python /repo/experiments/deviations.py --models mlp\n")
+    text = deviations.markdown(deviations.collect(args))
+    assert "| FCN 4 | DNI | paper preset | 2.50 ± 0.71 (2 of 3 seeds) |" in text
+    assert "| FCN 4 | DNI | our sg_lr | not measured |" in text
+    assert "Runs trained by `python -m experiments.deviations --models mlp`" in text

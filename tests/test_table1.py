@@ -16,7 +16,7 @@ from dni.config import Config
 from dni.data import load_data
 from dni.interface import nobprop_step
 from dni.models import paper_epochs
-from experiments.table1 import PAPER_ITERATIONS, _table_command, parse_args, run_config, stale_settings
+from experiments.table1 import PAPER_ITERATIONS, typed_command, parse_args, run_config, stale_settings
 from dni.parts import Optimizers, build_net
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,9 +109,10 @@ def test_a_slice_in_a_root_of_its_own_shows_only_that_slice(tmp_path):
     ("/venv/bin/python /repo/dni/table1.py --quick --jobs 2", "python -m dni.table1 --quick --jobs 2"),  # an older run
     ("/root/.pyenv/versions/3.11.7/bin/python main.py --seed 0 --out /tmp/c3", "python main.py --seed 0 --out /tmp/c3"),
     ("/usr/bin/python3.11 main.py --model_type cnn", "python main.py --model_type cnn"),
+    ("/venv/bin/python /work/run/experiments/deviations.py --models mlp", "python -m experiments.deviations --models mlp"),
 ])
 def test_the_table_names_each_run_s_command_as_typed(line, typed):
-    assert _table_command(line) == typed
+    assert typed_command(line) == typed
 
 
 def test_cells_trained_in_the_root_stay_in_its_table(quick, tmp_path):
