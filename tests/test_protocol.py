@@ -140,3 +140,14 @@ def test_deviation_rows_say_how_many_seeds_they_hold_and_which_command_trained_t
     assert "| FCN 4 | DNI | paper preset | 2.50 ± 0.71 (2 of 3 seeds) |" in text
     assert "| FCN 4 | DNI | our sg_lr | not measured |" in text
     assert "Runs trained by `python -m experiments.deviations --models mlp`" in text
+
+
+def test_unlock_sweeps_hold_out_the_split_and_retrain_runs_made_without_it():
+    from argparse import Namespace
+    from experiments.unlock_experiments import base_config, same_settings
+    config = base_config(Namespace(epochs=4, batch_size=256, data_dir="data"), method="dni", seed=0, out="x")
+    assert config.val_size == 10_000 and not config.synth_label_map
+    saved = config.to_dict()
+    assert same_settings(saved, config)
+    before_the_split = {k: v for k, v in saved.items() if k != "val_size"}  # trained on all 60k
+    assert not same_settings(before_the_split, config)
