@@ -317,8 +317,10 @@ def typed_command(line):
     """A run's command.txt line as typed: 'python -m experiments.table1 ...' for a grid's run (pool
     workers see the module's file path; runs trained before the grids left the library keep
     'python -m dni.table1 ...'), 'python main.py ...' for a run made by hand (command.txt holds
-    the interpreter's full path)."""
+    the interpreter's full path). A grid run from a second checkout into this one's results/
+    (`--results /elsewhere/results`) reads as run here."""
     line = re.sub(r"^\S*/python[\d.]*(?= )", "python", line)
+    line = re.sub(r" --results /\S*/results(?= |$)", "", line)  # another checkout's results/: the default's place
     return re.sub(r"(?<= )\S*?\b(experiments|dni)/(\w+)\.py(?= |$)", r"-m \1.\2", line)
 
 
@@ -336,7 +338,7 @@ def collect(args, failures=None):
         row = dict(model=model, layers=layers, depth=layers - 1, label=f"{MODEL_LABEL[model]} {layers}",
                    cells={}, paper={m: PAPER.get((args.dataset, model, layers, m)) for m in methods})
         for method in methods:
-            cell = dict(seeds=[], test_error=[], seconds=[], epochs=None, steps=None, failed={})
+            cell = dict(seeds=[], test_error=[], val_error=[], seconds=[], epochs=None, steps=None, failed={})
             for seed in args.seeds:
                 total += 1
                 name = run_name(model, layers, method, seed)
@@ -350,6 +352,8 @@ def collect(args, failures=None):
                 env = json.loads((run_dir / "env.json").read_text()) if (run_dir / "env.json").exists() else {}
                 cell["seeds"].append(seed)
                 cell["test_error"].append(round(100 * (1 - summary["test_acc"]), 4))
+                if summary.get("val_acc") is not None:  # what a later choice may read; the table shows test
+                    cell["val_error"].append(round(100 * (1 - summary["val_acc"]), 4))
                 cell["seconds"].append(summary["seconds"])
                 cell["epochs"], cell["steps"] = summary["epochs"], summary["steps"]
                 seconds += summary["seconds"]

@@ -110,6 +110,9 @@ def test_a_slice_in_a_root_of_its_own_shows_only_that_slice(tmp_path):
     ("/root/.pyenv/versions/3.11.7/bin/python main.py --seed 0 --out /tmp/c3", "python main.py --seed 0 --out /tmp/c3"),
     ("/usr/bin/python3.11 main.py --model_type cnn", "python main.py --model_type cnn"),
     ("/venv/bin/python /work/run/experiments/deviations.py --models mlp", "python -m experiments.deviations --models mlp"),
+    ("/venv/bin/python /w/run/experiments/table1.py --jobs 2 --results /w/main/results --retrain_stale",
+     "python -m experiments.table1 --jobs 2 --retrain_stale"),
+    ("/venv/bin/python /repo/experiments/table1.py --results results/cnn20", "python -m experiments.table1 --results results/cnn20"),
 ])
 def test_the_table_names_each_run_s_command_as_typed(line, typed):
     assert typed_command(line) == typed
@@ -125,6 +128,8 @@ def test_cells_trained_in_the_root_stay_in_its_table(quick, tmp_path):
     assert [(r["model"], r["layers"]) for r in table["rows"]] == [("mlp", 3), ("cnn", 3)]
     assert table["meta"]["methods"] == ["backprop", "dni", "cdni"]
     assert table["rows"][0]["cells"]["dni"]["test_error"] and not table["rows"][1]["cells"]["backprop"]["test_error"]
+    dni_cell = table["rows"][0]["cells"]["dni"]  # validation error beside test error: what a later choice reads
+    assert len(dni_cell["val_error"]) == len(dni_cell["test_error"]) and dni_cell["val_error"] != dni_cell["test_error"]
 
 
 @pytest.mark.parametrize("args, message", [
