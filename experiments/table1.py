@@ -334,6 +334,7 @@ def collect(args, failures=None):
     failures = failures or {}
     cells, methods = table_scope(args)
     rows, envs, hyper, commands, seconds, done, total = [], set(), set(), set(), 0.0, 0, 0
+    held_out = set()  # --val_size of each finished run: 0 for runs made before the split
     for model, layers in cells:
         row = dict(model=model, layers=layers, depth=layers - 1, label=f"{MODEL_LABEL[model]} {layers}",
                    cells={}, paper={m: PAPER.get((args.dataset, model, layers, m)) for m in methods})
@@ -363,6 +364,7 @@ def collect(args, failures=None):
                 if config["method"] == "dni":
                     hyper.add((True,) + tuple((k, config.get(k)) for k in SYNTH_KEYS[model]
                                                if k != "synth_label_map" or label_map_acts(config)))
+                held_out.add(config.get("val_size", 0))
                 if (run_dir / "command.txt").exists():
                     commands.add(typed_command((run_dir / "command.txt").read_text().splitlines()[0]))
             if cell["test_error"]:
@@ -371,7 +373,7 @@ def collect(args, failures=None):
         rows.append(row)
     meta = dict(dataset=args.dataset, budget=budget(args) or "cpu", preset=args.preset, seeds=list(args.seeds),
                 methods=methods,
-                runs_done=done, runs_total=total, partial=done < total,
+                runs_done=done, runs_total=total, partial=done < total, val_sizes=sorted(held_out),
                 train_seconds_total=round(seconds, 1),
                 hyperparameters=[dict(h[1:]) for h in sorted(hyper, key=str) if not h[0]],
                 synthesizer_hyperparameters=[dict(h[1:]) for h in sorted(hyper, key=str) if h[0]],
@@ -382,6 +384,19 @@ def collect(args, failures=None):
                             "(n-1 hidden + classifier); CNN n = cnn --depth n-1 (n-1 conv + classifier)",
                 paper_note="the paper's Table 1 values could not be confirmed here; none is quoted")
     return dict(meta=meta, rows=rows)
+
+
+def _training_set(val_sizes):
+    """The table's training-set line, from what its runs held out (`--val_size`)."""
+    if val_sizes == [0]:
+        return ("- Training set: all 60,000 training images: these runs were made before the validation split "
+                "(their defaults were ranked on test error); nothing may be chosen from them.")
+    if len(val_sizes) > 1:
+        return (f"- Training set: MIXED, runs held out {' and '.join(map(str, val_sizes))} training images "
+                "(0: made before the validation split).")
+    held = val_sizes[0] if val_sizes else 10_000
+    return (f"- Training set: the first {60_000 - held:,} training images; the last {held:,} are the validation "
+            "split, read by no number here (`--val_size`).")
 
 
 def _cell_text(cell, seeds):
@@ -479,8 +494,7 @@ def markdown(table):
          if meta.get("preset") == "paper" else
          "- Model: our networks and synthesizers (`--preset ours`, dni/models.py; docs/deviations.md lists how they "
          "differ from the paper's)") + ".",
-        "- Training set: the first 50,000 training images; the last 10,000 are the validation split, "
-        "read by no number here (`--val_size`).",
+        _training_set(meta.get("val_sizes", [])),
         "- Paper: its Table 1 values could not be confirmed where this table was made, so none is quoted.",
         "- Settings (" + ("the paper's budget" if meta["budget"] == "paper" else
                            f"{meta['budget']} budget, far below the paper's 500k iterations") + "): "

@@ -277,3 +277,10 @@ def test_goal_lines_say_held_missed_or_not_measured():
            "FCN 6: +0.10)." in lines
     assert "- DNI within 1.0 point of Bprop at FCN 3, 4: missed (FCN 3: +0.90, FCN 4: +1.30)." in lines
     assert "- cDNI within 0.15 point of Bprop at CNN 3, 4: not measured at every depth (have 3) (CNN 3: +0.10)." in lines
+
+
+def test_the_training_set_line_says_what_the_runs_held_out():
+    from experiments.table1 import _training_set
+    assert "first 50,000" in _training_set([10_000]) and "validation split" in _training_set([10_000])
+    assert "all 60,000" in _training_set([0]) and "nothing may be chosen" in _training_set([0])
+    assert "MIXED" in _training_set([0, 10_000])
