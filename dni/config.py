@@ -54,7 +54,8 @@ class Config:
                                      "the flattened maps (default: cnn DNI dense, cDNI conv; mlp: dense)",
                                      default=None, choices=SYNTH_TYPES)
     synth_label_map: Optional[bool] = _opt("cDNI dense synthesizers: the label also reaches the output through a "
-                                           "linear map (default: False, as the paper: it did not earn its place on validation)", default=None)
+                                           "linear map (default: False, as the paper; docs/deviations.md)",
+                                           default=None)
     synth_position_map: Optional[bool] = _opt("conv synthesizers: a learnt per-position bias and, under cDNI, a "
                                               "linear map of the label to the output (default: True; paper False)",
                                               default=None)
