@@ -46,7 +46,7 @@ from dni.cli import OneLineParser, main_guard
 from dni.config import DEVICES, METHODS as CONFIG_METHODS, Config, label_map_acts, saved_settings
 from dni.data import num_batches
 from dni.errors import DNIError
-from dni.models import MODELS, PRESETS, paper_epochs
+from dni.models import MODELS, PRESETS, TRAIN_SIZES, paper_epochs
 from dni.runs import write_text
 
 LAYERS = {"mlp": (3, 4, 5, 6), "cnn": (3, 4)}  # the paper's rows; layers = depth + 1
@@ -364,7 +364,7 @@ def collect(args, failures=None):
                 if config["method"] == "dni":
                     hyper.add((True,) + tuple((k, config.get(k)) for k in SYNTH_KEYS[model]
                                                if k != "synth_label_map" or label_map_acts(config)))
-                held_out.add(config.get("val_size", 0))
+                held_out.add(config["val_size"])
                 if (run_dir / "command.txt").exists():
                     commands.add(typed_command((run_dir / "command.txt").read_text().splitlines()[0]))
             if cell["test_error"]:
@@ -386,16 +386,17 @@ def collect(args, failures=None):
     return dict(meta=meta, rows=rows)
 
 
-def _training_set(val_sizes):
+def _training_set(val_sizes, dataset):
     """The table's training-set line, from what its runs held out (`--val_size`)."""
+    total = TRAIN_SIZES[dataset]
     if val_sizes == [0]:
-        return ("- Training set: all 60,000 training images: these runs were made before the validation split "
+        return (f"- Training set: all {total:,} training images: these runs were made before the validation split "
                 "(their defaults were ranked on test error); nothing may be chosen from them.")
     if len(val_sizes) > 1:
         return (f"- Training set: MIXED, runs held out {' and '.join(map(str, val_sizes))} training images "
                 "(0: made before the validation split).")
-    held = val_sizes[0] if val_sizes else 10_000
-    return (f"- Training set: the first {60_000 - held:,} training images; the last {held:,} are the validation "
+    held = val_sizes[0] if val_sizes else Config.val_size
+    return (f"- Training set: the first {total - held:,} training images; the last {held:,} are the validation "
             "split, read by no number here (`--val_size`).")
 
 
@@ -494,7 +495,7 @@ def markdown(table):
          if meta.get("preset") == "paper" else
          "- Model: our networks and synthesizers (`--preset ours`, dni/models.py; docs/deviations.md lists how they "
          "differ from the paper's)") + ".",
-        _training_set(meta.get("val_sizes", [])),
+        _training_set(meta.get("val_sizes", []), meta["dataset"]),
         "- Paper: its Table 1 values could not be confirmed where this table was made, so none is quoted.",
         "- Settings (" + ("the paper's budget" if meta["budget"] == "paper" else
                            f"{meta['budget']} budget, far below the paper's 500k iterations") + "): "

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from dni.config import Config, saved_settings
+from dni.models import TRAIN_SIZES
 from dni.runs import write_json, write_text
 
 METHODS = {"backprop": dict(method="backprop"), "dni": dict(method="dni"),
@@ -232,10 +233,10 @@ def _log_error_axis(ax):
 
 
 def _split(settings):
-    held = settings.get("val_size", 0)
+    held, total = settings.get("val_size", 0), TRAIN_SIZES[settings["dataset"]]
     if not held:
-        return "trained on all 60,000 training images (made before the validation split)."
-    return (f"trained on the first {60_000 - held:,} training images (the last {held:,} are the validation split, "
+        return f"trained on all {total:,} training images (made before the validation split)."
+    return (f"trained on the first {total - held:,} training images (the last {held:,} are the validation split, "
             "not read here: nothing is chosen); test error after the last step.")
 
 

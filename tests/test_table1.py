@@ -281,6 +281,6 @@ def test_goal_lines_say_held_missed_or_not_measured():
 
 def test_the_training_set_line_says_what_the_runs_held_out():
     from experiments.table1 import _training_set
-    assert "first 50,000" in _training_set([10_000]) and "validation split" in _training_set([10_000])
-    assert "all 60,000" in _training_set([0]) and "nothing may be chosen" in _training_set([0])
-    assert "MIXED" in _training_set([0, 10_000])
+    assert "first 50,000" in _training_set([10_000], "mnist") and "validation split" in _training_set([10_000], "mnist")
+    assert "all 60,000" in _training_set([0], "mnist") and "nothing may be chosen" in _training_set([0], "mnist")
+    assert "MIXED" in _training_set([0, 10_000], "mnist")
