@@ -12,7 +12,7 @@ Choosing the synthetic-gradient factor reads seeds the reported table does not u
 candidates on seeds 100-102, let `--choose` pick the one whose DNI solves the longest lengths on
 average over every cell, then report seeds 0-2 at that factor alone:
 
-    python -m experiments.recurrent_table --first_seed 100 --sg_factor F --jobs 2   # for F in 0.1 0.3 0.5 1
+    python -m experiments.recurrent_table --first_seed 100 --dni_only --sg_factor F --jobs 2   # F: 0.1 0.3 0.5 1
     python -m experiments.recurrent_table --first_seed 100 --choose 0.1,0.3,0.5,1   # -> rnn_factor_choice.md
     python -m experiments.recurrent_table --sg_factor <chosen> --jobs 2             # the reported table
 
@@ -61,6 +61,8 @@ class TableConfig:
     seeds: int = field(default=3, metadata=dict(help="seeds per cell", positive=True))
     first_seed: int = field(default=0, metadata=dict(help="the cells' seeds are first_seed .. first_seed + seeds - 1; "
                                                           "settings are chosen on seeds no reported table uses (100)"))
+    dni_only: bool = field(default=False, metadata=dict(help="train and show only the DNI runs (all that --choose "
+                                                             "reads); the BPTT columns say 'not run'"))
     choose: str = field(default="", metadata=dict(help="comma-separated factors: train nothing, pick the factor "
                                                        "whose DNI solves longest on average in the tables of these "
                                                        "seeds, write <out>/rnn_factor_choice.md"))
@@ -86,11 +88,12 @@ class TableConfig:
 
 def cells(config):
     """(task, T, method) of every cell of the table, and the per-run config overrides."""
+    methods = ["dni"] if config.dni_only else list(METHODS)
     if config.quick:
-        return ([("copy", 3, m) for m in METHODS],
+        return ([("copy", 3, m) for m in methods],
                 dict(steps=60, hidden=16, min_scored=50, length=config.length, stagger=config.stagger,
                      sg_factor=config.sg_factor, seed_count=1))
-    return ([(task, T, m) for task in TASK_NAMES for T in TRUNCATIONS for m in METHODS],
+    return ([(task, T, m) for task in TASK_NAMES for T in TRUNCATIONS for m in methods],
             dict(steps=config.steps, length=config.length, hidden=config.hidden, stagger=config.stagger,
                  sg_factor=config.sg_factor, seed_count=config.seeds))
 
@@ -112,6 +115,11 @@ def run_or_reuse(run_config, log):
 
 def _mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _cell(row, key, format_values, **kwargs):
+    """One method's cell of `row`, or 'not run' where the table trained the other method only."""
+    return format_values(row[key], **kwargs) if key in row else "not run"
 
 
 def _format(values, digits=1):
@@ -151,7 +159,8 @@ def _fixed_length_lines(table):
         "| --- | --- | --- | --- |",
     ]
     for row in table["rows"]:
-        cells = [_format([bits for _, bits in row[f"{m}_next"]], digits=2) for m in METHODS]
+        cells = [_cell(row, f"{m}_next", lambda pairs: _format([bits for _, bits in pairs], digits=2))
+                 for m in METHODS]
         lines.append(f"| {TASK_NAMES[row['task']]} | {row['T']} | {cells[0]} | {cells[1]} |")
     return lines + [""]
 
@@ -171,8 +180,8 @@ def _curriculum_lines(table):
     ]
     for row in table["rows"]:
         paper = [("n/c" if row["paper"][m] is None else str(row["paper"][m])) for m in METHODS]
-        lines.append(f"| {TASK_NAMES[row['task']]} | {row['T']} | {_format(row['bptt'])} | "
-                     f"{_format(row['dni'])} | {paper[0]} | {paper[1]} |")
+        lines.append(f"| {TASK_NAMES[row['task']]} | {row['T']} | {_cell(row, 'bptt', _format)} | "
+                     f"{_cell(row, 'dni', _format)} | {paper[0]} | {paper[1]} |")
     lines += [
         "",
         "Where training stopped: the length N each run was still learning and its error there "
@@ -182,8 +191,8 @@ def _curriculum_lines(table):
         "| --- | --- | --- | --- |",
     ]
     for row in table["rows"]:
-        lines.append(f"| {TASK_NAMES[row['task']]} | {row['T']} | {_format_next(row['bptt_next'])} | "
-                     f"{_format_next(row['dni_next'])} |")
+        lines.append(f"| {TASK_NAMES[row['task']]} | {row['T']} | {_cell(row, 'bptt_next', _format_next)} | "
+                     f"{_cell(row, 'dni_next', _format_next)} |")
     return lines + ["", meta["paper_note"]]
 
 
@@ -222,6 +231,8 @@ def plot_table(table, path):
     for ax, task in zip(axes[0], tasks):
         rows = [r for r in table["rows"] if r["task"] == task]
         for method, color in zip(METHODS, ("tab:gray", "tab:blue")):
+            if method not in rows[0]:
+                continue
             Ts = [r["T"] for r in rows]
             ax.plot(Ts, [_mean_std(values(r, method))[0] for r in rows], "-o", color=color, label=method.upper())
             for r in rows:

@@ -332,3 +332,12 @@ def test_the_factor_is_chosen_on_seeds_the_reported_table_does_not_use(tmp_path,
         with pytest.raises(SystemExit) as exit_info:
             table_main([*argv, "--out", str(tmp_path)])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_dni_only_table_trains_no_bptt_run_and_says_so(tmp_path):
+    table = table_main(["--quick", "--dni_only", "True", "--first_seed", "100", "--out", str(tmp_path)])
+    assert {path.name for path in (tmp_path / "rnn").iterdir()} == {"copy_T3_dni_s100"}
+    assert "bptt" not in table["rows"][0] and len(table["rows"][0]["dni"]) == 1
+    markdown = (tmp_path / "rnn_table_s100.md").read_text()
+    assert f"| Copy | 3 | not run | {table['rows'][0]['dni'][0]}.0 ± 0.0" in markdown
+    assert (tmp_path / "rnn_table_s100.png").exists()
