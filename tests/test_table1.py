@@ -272,11 +272,16 @@ def test_goal_lines_say_held_missed_or_not_measured():
     rows = [{"model": "mlp", "layers": n, "cells": {"backprop": cell(1.5), "dni": cell(1.5 + d), "cdni": cell(1.6)}}
             for n, d in ((3, 0.9), (4, 1.3), (5, 2.0), (6, 2.5))]
     rows.append({"model": "cnn", "layers": 3, "cells": {"backprop": cell(0.7), "dni": cell(None), "cdni": cell(0.8)}})
-    lines = _goal_lines({"meta": {"methods": ["backprop", "dni", "cdni"]}, "rows": rows})
+    meta = {"methods": ["backprop", "dni", "cdni"], "dataset": "mnist", "budget": "cpu", "val_sizes": [10_000],
+            "hyperparameters": [{"num_epochs": 10}]}
+    lines = _goal_lines({"meta": meta, "rows": rows})
     assert "- cDNI within 0.2 point of Bprop at FCN 3, 4, 5, 6: holds (FCN 3: +0.10, FCN 4: +0.10, FCN 5: +0.10, " \
            "FCN 6: +0.10)." in lines
     assert "- DNI within 1.0 point of Bprop at FCN 3, 4: missed (FCN 3: +0.90, FCN 4: +1.30)." in lines
     assert "- cDNI within 0.15 point of Bprop at CNN 3, 4: not measured at every depth (have 3) (CNN 3: +0.10)." in lines
+    # the goals are set on MNIST, at the grid's epochs, under the split: no other table is judged by them
+    for other in ({"dataset": "fashion_mnist"}, {"val_sizes": [0]}, {"hyperparameters": [{"num_epochs": 20}]}):
+        assert _goal_lines({"meta": {**meta, **other}, "rows": rows}) == []
 
 
 def test_the_training_set_line_says_what_the_runs_held_out():
