@@ -117,9 +117,9 @@ def _mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _cell(row, key, format_values, **kwargs):
+def _cell(row, key, format_values):
     """One method's cell of `row`, or 'not run' where the table trained the other method only."""
-    return format_values(row[key], **kwargs) if key in row else "not run"
+    return format_values(row[key]) if key in row else "not run"
 
 
 def _format(values, digits=1):
