@@ -307,6 +307,10 @@ def choose_factor(config, argv=(), *, log=print):
             raise DNIError(f"{path} is missing: train it with python -m experiments.recurrent_table --first_seed "
                            f"{config.first_seed} --sg_factor {factor:g}")
         rows = json.loads(path.read_text())["rows"]
+        if any(len(row["dni"]) != config.seeds for row in rows):
+            raise DNIError(f"{path} does not hold {config.seeds} seeds per cell: remake it with python -m "
+                           f"experiments.recurrent_table --first_seed {config.first_seed} --seeds {config.seeds} "
+                           f"--dni_only --sg_factor {factor:g}")
         scores[factor] = statistics.mean(v for row in rows for v in row["dni"])
     chosen = max(factors, key=lambda f: (scores[f], -f))
     lines = ["# Recurrent DNI: the synthetic-gradient factor, chosen on seeds the table does not report", "",

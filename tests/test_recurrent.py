@@ -328,7 +328,8 @@ def test_the_factor_is_chosen_on_seeds_the_reported_table_does_not_use(tmp_path,
     assert chosen == 0.1 and json.loads((tmp_path / "rnn_factor_choice.json").read_text())["chosen"] == 0.1
     assert "| 0.1 | 4.33 |" in (tmp_path / "rnn_factor_choice.md").read_text()
     for argv, message in ((["--choose", "0.5,0.1"], "give --first_seed"),
-                          (["--first_seed", "100", "--choose", "0.5,1"], "rnn_table_f1_s100.json is missing")):
+                          (["--first_seed", "100", "--choose", "0.5,1"], "rnn_table_f1_s100.json is missing"),
+                          (["--first_seed", "100", "--seeds", "2", "--choose", "0.5,0.1"], "does not hold 2 seeds")):
         with pytest.raises(SystemExit) as exit_info:
             table_main([*argv, "--out", str(tmp_path)])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
