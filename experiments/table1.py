@@ -440,9 +440,8 @@ def _goal_lines(table):
     (Fashion-MNIST, longer budgets, runs made before the split) are judged by none."""
     meta = table["meta"]
     grid_epochs = {settings["num_epochs"] for settings in CPU_SETTINGS.values()}
-    if ("backprop" not in meta["methods"] or meta.get("dataset") != "mnist" or meta.get("budget") != "cpu"
-            or 0 in meta.get("val_sizes", [0])
-            or any(settings.get("num_epochs") not in grid_epochs for settings in meta.get("hyperparameters", []))):
+    if ("backprop" not in meta["methods"] or meta["dataset"] != "mnist" or meta["budget"] != "cpu"
+            or 0 in meta["val_sizes"] or any(s["num_epochs"] not in grid_epochs for s in meta["hyperparameters"])):
         return []
     lines = ["", "Goals (mean test error over the seeds, points above Bprop):", ""]
     for method, model, layers, limit in GOALS:
