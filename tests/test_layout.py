@@ -6,8 +6,11 @@
 - `import dni` works from outside the repository once `pip install -e .` has run.
 """
 import ast
+import shutil
+import site
 import subprocess
 import sys
+import tomllib
 import venv
 from pathlib import Path
 
@@ -113,21 +116,43 @@ def test_find_cycle_finds_a_ring_and_accepts_a_tree():
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
 
 
+def copy_of_the_project(dest):
+    """pyproject.toml, README.md and the packages pyproject lists, copied to `dest`: pip writes
+    its egg-info and build files beside the sources, and the checkout must stay as it is."""
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    dest.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, dest / name)
+    for package in {p.split(".")[0] for p in listed}:
+        shutil.copytree(ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
 @pytest.mark.skipif(not (ROOT / "pyproject.toml").exists(), reason="no pyproject.toml yet: pip install -e . needs one")
 def test_an_editable_install_imports_dni_from_anywhere(tmp_path):
-    """pip install -e . into a fresh environment (the installed torch seen through
-    --system-site-packages, nothing downloaded), then the library from a folder outside the repo:
-    the package alone, without experiments/ on the path."""
+    """pip install -e into a fresh environment, nothing downloaded, then the library from a folder
+    outside the project: the package alone, without experiments/ on the path.
+
+    The new environment sees the packages of the Python running this test (install.sh's: torch,
+    and a setuptools that builds editable wheels by itself) through a .pth file, not the host's
+    system site-packages, which may hold another setuptools (a venv's own starts at 65.5, with no
+    bdist_wheel). A path in a .pth file is only searched, so editable installs of that Python do
+    not leak in. It installs a copy of the project, so nothing is written into the checkout."""
+    project = copy_of_the_project(tmp_path / "project")
     env = tmp_path / "venv"
-    venv.create(env, system_site_packages=True)  # its pip and setuptools: the installed ones
+    venv.create(env, system_site_packages=False, with_pip=False)
     python = env / ("Scripts" if sys.platform == "win32" else "bin") / "python"
+    site_dir = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    ours = [p for p in site.getsitepackages() + [site.getusersitepackages()] if Path(p).is_dir()]
+    (Path(site_dir) / "zz_running_python.pth").write_text("\n".join(ours) + "\n")
     install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                              "--no-index", "-e", str(ROOT)], capture_output=True, text=True, timeout=600)
+                              "--no-index", "-e", str(project)], capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stderr[-2000:]
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    code = ("import dni, dni.train, dni.pipeline, dni.recurrent; from pathlib import Path; "
-            f"assert Path(dni.__file__).resolve().parent == Path({str(LIBRARY)!r}), dni.__file__; "
+    code = ("import dni, dni.interface, dni.synthesizers; from pathlib import Path; "
+            f"assert Path(dni.__file__).resolve().parent == Path({str(project / 'dni')!r}), dni.__file__; "
             "import importlib.util; assert importlib.util.find_spec('experiments') is None; print('ok')")
     done = subprocess.run([str(python), "-c", code], cwd=outside, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

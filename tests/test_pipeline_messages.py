@@ -1,8 +1,10 @@
 """The pipeline's messages (dni/pipeline.py) under a transport that delays and reorders them.
 
 K pipeline workers run as threads of one process and talk through `Transport`, which
-delivers every message after a random delay, so messages arrive in another order than they
-were sent, and matches a receive to the message of its step (the point-to-point tag).
+delivers every message after a random delay and matches a receive to the message of its step
+(the point-to-point tag). Random delays may or may not reorder messages, so the reordering a
+test relies on is forced: a seeded schedule holds chosen messages back until the next one on
+their channel is posted, then delivers the two in swapped order.
 Every message carries its step; the worker checks it on receipt. What is checked:
 - with 1, 2 and 4 batches in flight, every synthesizer on a worker boundary learns once from
   each batch, from the gradient sent for that batch;
@@ -53,8 +55,9 @@ class Work:
 class Transport:
     """Mailboxes keyed by (sender, receiver, step), each message delivered after a random delay."""
 
-    def __init__(self, *, max_delay_s=0.0, eager=False, swap=None, seed=0, timeout_s=30.0):
+    def __init__(self, *, max_delay_s=0.0, eager=False, swap=None, hold=(), seed=0, timeout_s=30.0):
         self.box, self.lock, self.rng = {}, threading.Lock(), random.Random(seed)
+        self.hold, self.held = set(hold), {}  # (sender, receiver, step) delivered after step + 1
         self.timeout_s = timeout_s  # the workers' deadline on every wait
         self.max_delay_s, self.eager = max_delay_s, eager
         self.swap = swap  # step: the gradients of this step and the next are delivered as each other's
@@ -64,12 +67,20 @@ class Transport:
         if self.swap is not None and src > dst and step in (self.swap, self.swap + 1):  # a gradient
             step = self.swap + 1 if step == self.swap else self.swap
 
-        def deliver():
+        def deliver(key=(src, dst, step), payload=payload.clone()):
             with self.lock:
-                self.box[(src, dst, step)] = payload.clone()
-                self.delivered.append((src, dst, step))
+                self.box[key] = payload
+                self.delivered.append(key)
         with self.lock:
+            if (src, dst, step) in self.hold:  # wait for the next message of this channel
+                self.held[(src, dst, step)] = deliver
+                return
+            earlier = self.held.pop((src, dst, step - 1), None)
             delay = self.rng.uniform(0, self.max_delay_s)
+        if earlier:  # the forced swap: this message first, then the one held back for it
+            deliver()
+            earlier()
+            return
         threading.Timer(delay, deliver).start() if delay else deliver()
 
     def peers(self, rank):
@@ -144,17 +155,22 @@ def run_pipeline(transport, k, data, method="dni"):
     return results, sorted(pairs), errors
 
 
+# Activations of worker 0 held back for the next one: with two or more batches in flight worker 0
+# sends batch s + 1 before batch s reaches worker 1 (it waits only for batch s - 1's gradient).
+HOLD = {(0, 1, 3), (0, 1, 8)}
+
+
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_every_synthesizer_learns_from_its_own_batch_under_delays_and_reordering(k):
     data = make_data()
-    shaken = Transport(max_delay_s=0.03, seed=k)
+    # With one batch in flight nothing can overtake (worker 0 waits for each batch's gradient).
+    shaken = Transport(max_delay_s=0.03, seed=k, hold=HOLD if k > 1 else ())
     results, pairs, errors = run_pipeline(shaken, k, data)
     assert not errors, errors
     # Workers 0 and 1 each end on a boundary: one update per batch, trigger and target of the same step.
     assert pairs == [(rank, step, step) for rank in (0, 1) for step in range(1, STEPS + 1)]
-    if k > 1:  # with one batch in flight nothing can overtake; with more, messages did arrive out of order
-        channels = {(src, dst) for src, dst, _ in shaken.delivered}
-        assert any([s for a, b, s in shaken.delivered if (a, b) == c] != list(range(1, STEPS + 1)) for c in channels)
+    for src, dst, step in (HOLD if k > 1 else ()):  # the schedule did reorder: s + 1 arrived before s
+        assert shaken.delivered.index((src, dst, step + 1)) < shaken.delivered.index((src, dst, step))
     in_order, _, errors = run_pipeline(Transport(), k, data)
     assert not errors, errors
     for rank in results:
