@@ -77,6 +77,8 @@ class TableConfig:
     threads: int = field(default=1, metadata=dict(help="torch CPU threads per run", positive=True))
     jobs: int = field(default=1, metadata=dict(help="runs at once, one process each", positive=True))
     out: str = field(default="results", metadata=dict(help="writes <out>/rnn_table.* and <out>/rnn/<run>/"))
+    table_only: bool = field(default=False, metadata=dict(help="train nothing: tabulate the finished runs (a missing "
+                                                               "one is an error)"))
 
     @property
     def stem(self):
@@ -98,8 +100,8 @@ def cells(config):
                  sg_factor=config.sg_factor, seed_count=config.seeds))
 
 
-def run_or_reuse(run_config, log):
-    """The summary of `run_config`'s run folder if it already holds this config, else a fresh run.
+def finished(run_config):
+    """The summary of `run_config`'s run folder if it holds a finished run of this config, else None.
     A setting added since the run was made (absent from its config) counts as its value then
     (LEGACY), or else as unchanged; PLACE, and for a BPTT run the DNI_ONLY settings, are ignored."""
     summary_path = Path(run_config.out) / run_config.name / "summary.json"
@@ -108,9 +110,31 @@ def run_or_reuse(run_config, log):
         wanted = dataclasses.asdict(run_config)
         ignored = {key: wanted[key] for key in PLACE + (() if run_config.dni else DNI_ONLY)}
         if {**wanted, **LEGACY, **summary.get("config", {}), **ignored} == wanted:
-            log(f"reuse {summary_path.parent}: solved {summary['solved']}")
             return summary
+    return None
+
+
+def run_or_reuse(run_config, log):
+    """The summary of `run_config`'s finished run, or of a fresh one."""
+    summary = finished(run_config)
+    if summary is not None:
+        log(f"reuse {Path(run_config.out) / run_config.name}: solved {summary['solved']}")
+        return summary
     return run(run_config, log=log)
+
+
+def table_command(argv):
+    """The table's command as typed, less what does not change it (--table_only, --jobs)."""
+    argv, kept = list(argv), []
+    while argv:
+        arg = argv.pop(0)
+        name, _, value = arg.partition("=")
+        if name in ("--table_only", "--jobs"):
+            if not value and argv and not argv[0].startswith("--"):
+                argv.pop(0)
+            continue
+        kept.append(arg)
+    return shlex.join(["python", "-m", "experiments.recurrent_table", *kept])
 
 
 def _mean_std(values):
@@ -205,9 +229,7 @@ def write_markdown(table, path):
     lines += [
         f"Compute: {meta['run_wall_s'] / 60:.1f} min of training in all ({meta['runs']} runs) on "
         f"{meta['gpu'] or meta['cpu'] or meta['device']} ({meta['device']}, {meta['threads']} thread(s) per run, "
-        f"{meta['jobs']} run(s) at once, "
-        f"torch {meta['torch']}, commit {(meta['git_commit'] or 'unknown')[:7]}); "
-        f"this invocation took {meta['invocation_wall_s'] / 60:.1f} min.",
+        f"torch {meta['torch']}, commit {(meta['git_commit'] or 'unknown')[:7]}).",
         f"Command: `{meta['command']}`",
         "",
     ]
@@ -254,7 +276,13 @@ def make_table(config, argv=(), *, log=print):
     run_configs = [RecurrentConfig(task=task, truncation=T, dni=METHODS[method], seed=seed, device=config.device,
                                    threads=config.threads, out=str(out / "rnn"), **overrides)
                    for task, T, method in grid for seed in range(config.first_seed, config.first_seed + seed_count)]
-    if config.jobs == 1:
+    if config.table_only:
+        summaries = [finished(c) for c in run_configs]
+        missing = [c.name for c, s in zip(run_configs, summaries) if s is None]
+        if missing:
+            raise DNIError(f"{len(missing)} run(s) of this table are not finished, e.g. {out / 'rnn' / missing[0]}; "
+                           f"train them with {table_command(argv)}")
+    elif config.jobs == 1:
         summaries = [run_or_reuse(c, log) for c in run_configs]
     else:
         with ProcessPoolExecutor(config.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -277,15 +305,15 @@ def make_table(config, argv=(), *, log=print):
                 batch_size=first["batch_size"], lr=first["lr"], sg_lr=dni["sg_lr"], sg_factor=dni["sg_factor"],
                 symbols=first["symbols"], max_repeats=first["max_repeats"], threshold=first["threshold"],
                 runs=len(summaries), run_wall_s=round(sum(s["wall_s"] for s in summaries), 1),
-                invocation_wall_s=round(time.perf_counter() - t0, 1), device=env["device"], gpu=env["gpu"],
-                cpu=env["cpu"], threads=config.threads, jobs=config.jobs, torch=env["torch"], git_commit=env["git_commit"],
-                command=shlex.join(["python", "-m", "experiments.recurrent_table", *argv]), paper_note=PAPER_NOTE)
+                device=env["device"], gpu=env["gpu"],
+                cpu=env["cpu"], threads=config.threads, torch=env["torch"], git_commit=env["git_commit"],
+                command=table_command(argv), paper_note=PAPER_NOTE)
     table = dict(meta=meta, rows=rows)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{config.stem}.json", table)
     write_markdown(table, out / f"{config.stem}.md")
     plot_table(table, out / f"{config.stem}.png")
-    log(f"wrote {out / config.stem}.md ({meta['invocation_wall_s'] / 60:.1f} min)")
+    log(f"wrote {out / config.stem}.md ({(time.perf_counter() - t0) / 60:.1f} min)")
     return table
 
 

@@ -44,9 +44,22 @@ WIDTH = {"mlp": "synth_width", "cnn": "synth_channels"}  # what the search's "wi
 
 
 
+GRID_FLAGS = ("--synth_layers", "--synth_widths", "--sg_lrs", "--lrs", "--methods", "--epochs", "--seeds", "--quick")
+
+
 def made_by(argv):
-    """The command that trains the runs of a table: the one given, less --table_only (a redraw)."""
-    return "python -m experiments.search " + " ".join(a for a in argv if a != "--table_only")
+    """The command that trains the runs of a table: the one given, less what does not change the
+    table (--table_only, a redraw; --jobs)."""
+    argv, kept = list(argv), []
+    while argv:
+        arg = argv.pop(0)
+        if arg == "--table_only":
+            continue
+        if arg == "--jobs":
+            argv.pop(0) if argv else None
+            continue
+        kept.append(arg)
+    return " ".join(["python -m experiments.search", *kept])
 
 def run_name(method, synth_layers, synth_width, sg_lr, lr, seed):
     if method == "backprop":
@@ -92,7 +105,7 @@ def validation_error(run_dir):
 
 def collect(args, failures=None):
     """Every point's validation error over seeds, ranked within each method; and the current defaults."""
-    failures, rows = failures or {}, []
+    failures, rows, recorded = failures or {}, [], set()  # recorded: epochs as the run folders say
     for method, synth_layers, synth_width, sg_lr, lr in points(args):
         errors, seconds, failed = [], [], []
         for seed in args.seeds:
@@ -101,6 +114,7 @@ def collect(args, failures=None):
                 failed.append(failures[run_dir.name])
             if (run_dir / "summary.json").exists():
                 error, secs = validation_error(run_dir)
+                recorded.add(json.loads((run_dir / "summary.json").read_text())["epochs"])
                 errors.append(error)
                 seconds.append(secs)
         mean, std = mean_std(errors) if errors else (None, None)
@@ -115,12 +129,11 @@ def collect(args, failures=None):
     defaults_now = {m: {k: getattr(Config(model_type=args.model_type, **METHODS[m]), k) for k in tuned}
                     for m in args.methods if m != "backprop"}
     size = dict(hidden=defaults.hidden) if args.model_type == "mlp" else dict(channels=defaults.channels)
-    meta = dict(epochs=args.epochs, seeds=list(args.seeds), runs_done=sum(len(r["val_error"]) for r in rows),
+    meta = dict(epochs="/".join(map(str, sorted(recorded))) or "no", seeds=list(args.seeds), runs_done=sum(len(r["val_error"]) for r in rows),
                 runs_total=len(rows) * len(args.seeds), defaults_now=defaults_now,
                 network=dict(model_type=args.model_type, depth=defaults.depth, **size, schedule=defaults.schedule,
                              batch_size=defaults.batch_size, val_size=defaults.val_size),
-                torch=torch.__version__, command=made_by(sys.argv[1:]),
-                redrawn="--table_only" in sys.argv[1:])
+                torch=torch.__version__, command=made_by(args.argv))
     return dict(meta=meta, best=best, rows=rows)
 
 
@@ -154,8 +167,7 @@ def markdown(table):
         "Defaults in dni/models.py now: " + "; ".join(
             f"{m}: " + ", ".join(f"{k} {v}" for k, v in d.items()) for m, d in meta["defaults_now"].items()) + ".",
         "Network: " + ", ".join(f"{k} {v}" for k, v in meta["network"].items()) + f"; torch {meta['torch']}.",
-        f"Made by `{meta['command'].strip()}`" + (" (this table redrawn by --table_only)"
-                                                   if meta.get("redrawn") else "") + ".", ""]
+        f"Made by `{meta['command'].strip()}`; `--table_only` redraws it from the run folders.", ""]
     return "\n".join(lines)
 
 
@@ -197,7 +209,15 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", help=f"default: {' '.join(map(str, SEEDS))}")
     parser.add_argument("--quick", action="store_true", help="2 runs of 1 epoch, written as search_quick.*")
     add_grid_options(parser, "search")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    stored = Path(args.results) / ("search" if args.model_type == "mlp" else f"search_{args.model_type}")
+    if args.table_only and not any(a.split("=")[0] in GRID_FLAGS for a in argv) \
+            and stored.with_suffix(".json").exists():  # a bare redraw: the grid the table was made with
+        typed = json.loads(stored.with_suffix(".json").read_text())["meta"]["command"].split()[3:]
+        argv = typed + [a for a in argv if a not in typed]
+        args = parser.parse_args(argv)
+    args.argv = argv
     widths = list(SYNTH_WIDTHS) if args.model_type == "mlp" else [OURS["synth_channels"]]
     defaults = QUICK if args.quick else dict(synth_layers=list(SYNTH_LAYERS), synth_widths=widths,
                                              sg_lrs=list(SG_LRS), lrs=list(LRS), methods=list(METHODS),

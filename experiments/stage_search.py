@@ -25,7 +25,6 @@ import itertools
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -104,8 +103,7 @@ def collect(args):
                 headline=choose_headline(rows), table1=choose_table1(rows),
                 runs_done=sum(v is not None for r in rows for errs in r["val_error"].values() for v in errs),
                 runs_total=len(rows) * len(args.methods) * len(args.seeds),
-                command="python -m experiments.stage_search " + " ".join(
-                    a for a in sys.argv[1:] if a != "--table_only") if sys.argv[1:] else "")
+                command=f"python -m experiments.stage_search --model_type {args.model_type} --jobs 2")
 
 
 def choose_headline(rows):
@@ -158,7 +156,8 @@ def markdown(table):
               if h else "main.py's stage lr and budget: not chosen yet (runs missing).",
               f"Table 1's stage lr at {TABLE1_EPOCHS} epochs: **lr {t['lr']:g}** (score {t['score']:.3f})."
               if t else f"Table 1's stage lr at {TABLE1_EPOCHS} epochs: not chosen yet (runs missing).", "",
-              f"Made by `{table['command']}`." if table["command"] else "", ""]
+              f"Made by `{table['command']}` (run by run, cheapest budgets first: `--budgets 10`, then 20, then 60); "
+              "`--table_only` redraws it from the run folders.", ""]
     return "\n".join(lines)
 
 
