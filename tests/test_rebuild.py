@@ -1,0 +1,71 @@
+"""results/ as committed: every table rebuilds from its run folders, and the tree stays light.
+
+- each table under results/ is listed in experiments/rebuild.py with a command that makes it
+  without training; run as typed in a scratch copy of results/, it gives the committed table
+  byte for byte (so a table cannot hold a number its run folders do not);
+- the tracked files under results/ weigh at most 40 MB, and every finished run folder is thin
+  (experiments/thin.py: every 10th step row, rounded; no per-run plot that no page shows).
+"""
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from experiments import rebuild, thin
+
+ROOT = Path(__file__).resolve().parent.parent
+MEASUREMENTS = {"results/api_speed.md", "results/bench.md"}  # timings: measured again, never rebuilt
+LIMIT_MB = 40
+
+
+def tracked(under="results"):
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", under], cwd=ROOT, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout: what is committed cannot be told")
+    return [ROOT / p for p in listed.decode().split("\0") if p]
+
+
+def test_every_table_has_a_rebuild_command():
+    runs = {p.parent for p in ROOT.glob("results/**/summary.json")}
+    tables = {p.relative_to(ROOT).as_posix() for p in ROOT.glob("results/**/*.md")
+              if not any(parent in runs for parent in p.parents)}
+    assert tables - MEASUREMENTS - set(rebuild.REBUILDS) == set()
+
+
+def test_every_table_rebuilds_byte_for_byte(tmp_path):
+    where = rebuild.scratch_copy(tmp_path)
+    tables = [t for t in rebuild.REBUILDS if (ROOT / t).exists()]
+    # Two at once: each is a process of its own, and no two write the same file.
+    families = {}
+    for table in tables:  # tables one command family writes to the same files go one after another
+        families.setdefault(" ".join(rebuild.REBUILDS[table].split()[:3]), []).append(table)
+
+    def run_family(members):
+        return [(t, *rebuild.rebuild(t, where)) for t in members]
+
+    with ThreadPoolExecutor(2) as pool:
+        done = [r for family in pool.map(run_family, families.values()) for r in family]
+    failed = {t: tail.strip().splitlines()[-1:] for t, code, tail in done if code}
+    assert not failed, failed
+    differ = [t for t in tables if (where / t).read_bytes() != (ROOT / t).read_bytes()]
+    assert not differ, f"rebuilt differently (python -m experiments.rebuild {' '.join(differ)} shows how): {differ}"
+
+
+def test_results_are_light_and_thin():
+    files = tracked()
+    size = sum(p.stat().st_size for p in files if p.exists()) / 2 ** 20
+    assert size <= LIMIT_MB, f"results/ holds {size:.1f} MB; python -m experiments.thin results"
+    fat = [(p, why) for p, why in thin.what_is_fat(ROOT / "results") if p in set(files)]
+    assert not fat, f"{len(fat)} committed file(s) not thin, e.g. {fat[0]}; python -m experiments.thin results"
+
+
+def test_thinning_keeps_epoch_rows_and_every_tenth_step():
+    rows = [{"kind": "step", "epoch": 1, "step": s, "loss": 1 / 3, "sg_loss": [2 / 3]} for s in range(1, 26)]
+    rows.insert(12, {"kind": "epoch", "epoch": 1, "step": 12, "test_acc": 0.123456789})
+    kept = thin.thin_rows(rows)
+    assert [r["step"] for r in kept if r["kind"] == "step"] == [1, 10, 20, 25]
+    assert {"kind": "epoch", "epoch": 1, "step": 12, "test_acc": 0.123456789} in kept
+    assert kept[0]["loss"] == 0.3333 and kept[0]["sg_loss"] == [0.6667]
+    assert thin.thin_rows(kept) == kept
