@@ -114,7 +114,7 @@ def collect(args, failures=None):
                 failed.append(failures[run_dir.name])
             if (run_dir / "summary.json").exists():
                 error, secs = validation_error(run_dir)
-                recorded.add(json.loads((run_dir / "summary.json").read_text())["epochs"])
+                recorded.add(json.loads((run_dir / "summary.json").read_text()).get("epochs", "?"))
                 errors.append(error)
                 seconds.append(secs)
         mean, std = mean_std(errors) if errors else (None, None)
@@ -129,7 +129,7 @@ def collect(args, failures=None):
     defaults_now = {m: {k: getattr(Config(model_type=args.model_type, **METHODS[m]), k) for k in tuned}
                     for m in args.methods if m != "backprop"}
     size = dict(hidden=defaults.hidden) if args.model_type == "mlp" else dict(channels=defaults.channels)
-    meta = dict(epochs="/".join(map(str, sorted(recorded))) or "no", seeds=list(args.seeds), runs_done=sum(len(r["val_error"]) for r in rows),
+    meta = dict(epochs="/".join(map(str, sorted(recorded, key=str))) or "no", seeds=list(args.seeds), runs_done=sum(len(r["val_error"]) for r in rows),
                 runs_total=len(rows) * len(args.seeds), defaults_now=defaults_now,
                 network=dict(model_type=args.model_type, depth=defaults.depth, **size, schedule=defaults.schedule,
                              batch_size=defaults.batch_size, val_size=defaults.val_size),
