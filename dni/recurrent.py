@@ -46,7 +46,7 @@ from tqdm import tqdm
 from dni.copy_tasks import IGNORE, TASKS, Curriculum, EpisodeStream, make_task
 from dni.errors import DNIError
 from dni.synthesizers import DenseSynthesizer, synthesizer_loss
-from dni.runs import command_line, environment, write_json
+from dni.runs import command_line, environment, save_diff, write_json
 from dni.parts import pick_device, set_seed
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -310,7 +310,9 @@ def run(config, *, log=print):
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "config.json", dataclasses.asdict(config))
     (folder / "command.txt").write_text(command_line() + "\n")
-    write_json(folder / "env.json", environment(device))
+    env = environment(device)
+    write_json(folder / "env.json", env)
+    save_diff(folder, env)
     with open(folder / "metrics.jsonl", "w") as f:
         summary = train(config, log=log, metrics=lambda row: f.write(json.dumps(row) + "\n"))
     plot_run(folder)

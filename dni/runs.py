@@ -86,6 +86,18 @@ def environment(device):
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
 
 
+def save_diff(run_dir, env):
+    """A run from a modified tree keeps its edits: `git diff HEAD` as diff.patch beside env.json,
+    so the commit plus this patch is the code that made it."""
+    if env.get("git_dirty"):
+        try:
+            diff = subprocess.run(["git", "diff", "HEAD"], capture_output=True, text=True,
+                                  cwd=Path(__file__).parent, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return
+        write_text(Path(run_dir) / "diff.patch", diff)
+
+
 def command_line():
     return shlex.join([sys.executable] + sys.argv)
 
@@ -94,7 +106,9 @@ def record_environment(run_dir, config, device):
     """config.json, command.txt and env.json of a new run."""
     write_json(run_dir / "config.json", config.to_dict())
     (run_dir / "command.txt").write_text(command_line() + "\n")
-    write_json(run_dir / "env.json", environment(device))
+    env = environment(device)
+    write_json(run_dir / "env.json", env)
+    save_diff(run_dir, env)
 
 
 def record_resume(run_dir, device, step):

@@ -25,6 +25,7 @@ import torch
 from dni.cli import OneLineParser, main_guard
 from dni.config import Config
 from dni.runs import write_text
+from experiments.provenance import modified_tree_line
 from experiments.table1 import CPU_SETTINGS, add_grid_options, check_counts, mean_std, pending, train_all, typed_command
 
 # model -> (network depth as in main.py, settings shared by every row of that model)
@@ -74,7 +75,7 @@ def grid(args):
 def collect(args):
     """The table dict from the finished run folders of the grid: a row missing some seeds keeps
     the ones it has and says how many."""
-    rows, commands = [], set()
+    rows, commands, run_dirs = [], set(), []
     for model, method, row, change in grid(args):
         errors, per_epoch = [], []
         for seed in args.seeds:
@@ -83,12 +84,13 @@ def collect(args):
                 summary = json.loads((run_dir / "summary.json").read_text())
                 errors.append(round(100 * (1 - summary["val_acc"]), 4))
                 per_epoch.append(summary["seconds"] / summary["epochs"])
+                run_dirs.append(run_dir)
                 if (run_dir / "command.txt").exists():
                     commands.add(typed_command((run_dir / "command.txt").read_text().splitlines()[0]))
         mean, std = mean_std(errors) if errors else (None, None)
         rows.append(dict(model=model, method=method, row=row, val_error=errors, mean=mean, std=std,
                          seconds_per_epoch=sum(per_epoch) / len(per_epoch) if per_epoch else None))
-    return dict(rows=rows, seeds=list(args.seeds), commands=sorted(commands),
+    return dict(rows=rows, seeds=list(args.seeds), commands=sorted(commands), modified_tree=modified_tree_line(run_dirs),
                 command="python -m experiments.deviations " + " ".join(sys.argv[1:]), torch=torch.__version__)
 
 
@@ -113,7 +115,8 @@ def markdown(table):
                      f"{error} | {gap} | {speed} |")
     trained = ", ".join(f"`{c}`" for c in table.get("commands", []))
     lines += ["", (f"Runs trained by {trained}; " if trained else "") + f"table made by `{table['command'].strip()}`; "
-              f"torch {table['torch']}. The test set is not read.", ""]
+              f"torch {table['torch']}. The test set is not read.",
+              *([table["modified_tree"]] if table.get("modified_tree") else []), ""]
     return "\n".join(lines)
 
 

@@ -37,6 +37,7 @@ from dni.cli import main_guard, parse_config
 from dni.errors import DNIError
 from dni.recurrent import DEVICES, RecurrentConfig, factor_tag, run
 from dni.runs import write_json, write_text
+from experiments.provenance import modified_tree_line
 
 TRUNCATIONS = (2, 3, 4, 5, 8)
 TASK_NAMES = {"copy": "Copy", "repeat_copy": "Repeat Copy"}
@@ -231,6 +232,7 @@ def write_markdown(table, path):
         f"{meta['gpu'] or meta['cpu'] or meta['device']} ({meta['device']}, {meta['threads']} thread(s) per run, "
         f"torch {meta['torch']}, commit {(meta['git_commit'] or 'unknown')[:7]}).",
         f"Command: `{meta['command']}`",
+        *([meta["modified_tree"]] if meta.get("modified_tree") else []),
         "",
     ]
     write_text(Path(path), "\n".join(lines))
@@ -307,7 +309,8 @@ def make_table(config, argv=(), *, log=print):
                 runs=len(summaries), run_wall_s=round(sum(s["wall_s"] for s in summaries), 1),
                 device=env["device"], gpu=env["gpu"],
                 cpu=env["cpu"], threads=config.threads, torch=env["torch"], git_commit=env["git_commit"],
-                command=table_command(argv), paper_note=PAPER_NOTE)
+                command=table_command(argv), paper_note=PAPER_NOTE,
+                modified_tree=modified_tree_line(Path(c.out) / c.name for c in run_configs))
     table = dict(meta=meta, rows=rows)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{config.stem}.json", table)

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from dni.runs import write_text
+from experiments.provenance import modified_tree_line
 
 METHOD_ORDER = {"backprop": 0, "dni": 1, "cdni": 2}
 
@@ -44,7 +45,7 @@ def method_name(summary):
     return "cdni" if summary.get("conditioned") else summary["method"]
 
 
-def results_table(summaries):
+def results_table(summaries, results_dir="results"):
     """Markdown: test accuracy of each run, with the gap to backprop of the same model and data."""
     baseline = {(s["dataset"], s["model_type"], s["epochs"]): s["test_acc"]
                 for s in summaries if s["method"] == "backprop"}
@@ -61,6 +62,9 @@ def results_table(summaries):
     # The machine comes from the runs' env.json, so the table reads the same wherever it is rebuilt.
     machines = ", ".join(sorted({s["env"]["cpu"] for s in summaries if s["env"].get("cpu")})) or platform.machine()
     rows.append(f"\nMeasured on {machines} ({hardware}); train time excludes evaluation.")
+    modified = modified_tree_line(Path(results_dir) / s["run"] for s in summaries)
+    if modified:
+        rows.append(modified)
     return "\n".join(rows)
 
 
@@ -84,7 +88,7 @@ def rewrite_readme(readme, section, text):
 def section_source(name, results="results"):
     """The text a section called `name` should hold, made from `results`; None if nothing there makes it."""
     if name == "results":
-        return results_table(load_summaries(results))
+        return results_table(load_summaries(results), results)
     path = Path(results) / f"{name}.md"
     return section_text(path) if path.exists() else None
 
@@ -114,7 +118,7 @@ def main(argv=None):
     parser.add_argument("--docs", nargs="*", default=None,
                         help="rewrite the generated sections of these pages (none named: README.md and docs/*.md)")
     args = parser.parse_args(argv)
-    print(results_table(load_summaries(args.results)))
+    print(results_table(load_summaries(args.results), args.results))
     pages = ([args.readme] if args.readme else []) + (
         (args.docs or default_pages()) if args.docs is not None else [])
     for page in pages:

@@ -29,6 +29,7 @@ from dni.config import Config
 from dni.errors import DNIError
 from dni.models import OURS
 from dni.runs import write_text
+from experiments.provenance import modified_tree_line
 from experiments.table1 import add_grid_options, check_counts, mean_std, pending, train_all
 
 SYNTH_LAYERS = (0, 1, 2)
@@ -105,7 +106,7 @@ def validation_error(run_dir):
 
 def collect(args, failures=None):
     """Every point's validation error over seeds, ranked within each method; and the current defaults."""
-    failures, rows, recorded = failures or {}, [], set()  # recorded: epochs as the run folders say
+    failures, rows, recorded, run_dirs = failures or {}, [], set(), []  # recorded: epochs as the run folders say
     for method, synth_layers, synth_width, sg_lr, lr in points(args):
         errors, seconds, failed = [], [], []
         for seed in args.seeds:
@@ -115,6 +116,7 @@ def collect(args, failures=None):
             if (run_dir / "summary.json").exists():
                 error, secs = validation_error(run_dir)
                 recorded.add(json.loads((run_dir / "summary.json").read_text()).get("epochs", "?"))
+                run_dirs.append(run_dir)
                 errors.append(error)
                 seconds.append(secs)
         mean, std = mean_std(errors) if errors else (None, None)
@@ -133,7 +135,7 @@ def collect(args, failures=None):
                 runs_total=len(rows) * len(args.seeds), defaults_now=defaults_now,
                 network=dict(model_type=args.model_type, depth=defaults.depth, **size, schedule=defaults.schedule,
                              batch_size=defaults.batch_size, val_size=defaults.val_size),
-                torch=torch.__version__, command=made_by(args.argv))
+                torch=torch.__version__, command=made_by(args.argv), modified_tree=modified_tree_line(run_dirs))
     return dict(meta=meta, best=best, rows=rows)
 
 
@@ -167,6 +169,7 @@ def markdown(table):
         "Defaults in dni/models.py now: " + "; ".join(
             f"{m}: " + ", ".join(f"{k} {v}" for k, v in d.items()) for m, d in meta["defaults_now"].items()) + ".",
         "Network: " + ", ".join(f"{k} {v}" for k, v in meta["network"].items()) + f"; torch {meta['torch']}.",
+        *([meta["modified_tree"]] if meta.get("modified_tree") else []),
         f"Made by `{meta['command'].strip()}`; `--table_only` redraws it from the run folders.", ""]
     return "\n".join(lines)
 

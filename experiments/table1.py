@@ -48,6 +48,7 @@ from dni.data import num_batches
 from dni.errors import DNIError
 from dni.models import MODELS, PRESETS, TRAIN_SIZES, paper_epochs
 from dni.runs import write_text
+from experiments.provenance import modified_tree_line
 
 LAYERS = {"mlp": (3, 4, 5, 6), "cnn": (3, 4)}  # the paper's rows; layers = depth + 1
 MODEL_LABEL = {"mlp": "FCN", "cnn": "CNN"}
@@ -66,6 +67,8 @@ SEEDS = (0, 1, 2)
 # defaults train longer (dni/models.py), which the grid cannot afford: with --jobs 2 on 2 cores
 # this one (72 runs, about three hours of training) takes about an hour and a half.
 CPU_SETTINGS = {"mlp": dict(num_epochs=10, lr=1e-3), "cnn": dict(num_epochs=10, lr=3e-3)}
+STAGE_LR_SOURCE = ("Stage learning rates (FCN 1e-3, CNN 3e-3): chosen on test before the split; being chosen "
+                   "again on validation (docs/choices.md).")
 # The paper's budget (section 3.1): Adam, lr 3e-5 divided by 10 at 60% and 80% of 500k
 # iterations of batch 256; 128 filters per conv layer.
 PAPER_ITERATIONS = 500_000
@@ -334,7 +337,7 @@ def collect(args, failures=None):
     failures = failures or {}
     cells, methods = table_scope(args)
     rows, envs, hyper, commands, seconds, done, total = [], set(), set(), set(), 0.0, 0, 0
-    held_out = set()  # --val_size of each finished run: 0 for runs made before the split
+    held_out, run_dirs = set(), []  # --val_size of each finished run: 0 for runs made before the split
     for model, layers in cells:
         row = dict(model=model, layers=layers, depth=layers - 1, label=f"{MODEL_LABEL[model]} {layers}",
                    cells={}, paper={m: PAPER.get((args.dataset, model, layers, m)) for m in methods})
@@ -359,6 +362,7 @@ def collect(args, failures=None):
                 cell["epochs"], cell["steps"] = summary["epochs"], summary["steps"]
                 seconds += summary["seconds"]
                 done += 1
+                run_dirs.append(run_dir)
                 envs.add((env.get("device"), env.get("gpu") or env.get("cpu"), env.get("threads"), env.get("torch")))
                 hyper.add((False,) + tuple((k, config.get(k)) for k in STAGE_KEYS[model]))
                 if config["method"] == "dni":
@@ -374,7 +378,7 @@ def collect(args, failures=None):
     meta = dict(dataset=args.dataset, budget=budget(args) or "cpu", preset=args.preset, seeds=list(args.seeds),
                 methods=methods,
                 runs_done=done, runs_total=total, partial=done < total, val_sizes=sorted(held_out),
-                train_seconds_total=round(seconds, 1),
+                train_seconds_total=round(seconds, 1), modified_tree=modified_tree_line(run_dirs),
                 hyperparameters=[dict(h[1:]) for h in sorted(hyper, key=str) if not h[0]],
                 synthesizer_hyperparameters=[dict(h[1:]) for h in sorted(hyper, key=str) if h[0]],
                 hardware=[dict(device=d, processor=p, threads=t, torch=v) for d, p, t, v in sorted(envs, key=str)],
@@ -501,6 +505,8 @@ def markdown(table):
          "- Model: our networks and synthesizers (`--preset ours`, dni/models.py; docs/deviations.md lists how they "
          "differ from the paper's)") + ".",
         _training_set(meta.get("val_sizes", []), meta["dataset"]),
+        *([f"- {STAGE_LR_SOURCE}"] if meta["budget"] == "cpu" and meta.get("preset") != "paper" else []),
+        *([f"- {meta['modified_tree']}"] if meta.get("modified_tree") else []),
         "- Paper: its Table 1 values could not be confirmed where this table was made, so none is quoted.",
         "- Settings (" + ("the paper's budget" if meta["budget"] == "paper" else
                            f"{meta['budget']} budget, far below the paper's 500k iterations") + "): "

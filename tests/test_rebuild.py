@@ -69,3 +69,27 @@ def test_thinning_keeps_epoch_rows_and_every_tenth_step():
     assert {"kind": "epoch", "epoch": 1, "step": 12, "test_acc": 0.123456789} in kept
     assert kept[0]["loss"] == 0.3333 and kept[0]["sg_loss"] == [0.6667]
     assert thin.thin_rows(kept) == kept
+
+
+def test_a_run_from_a_modified_tree_keeps_its_diff(tmp_path):
+    """A run started with edits not committed saves them beside env.json, and a table says how
+    many of its runs were made that way, and whether their diffs were kept."""
+    import shutil as sh
+    from dni.runs import save_diff
+    from experiments.provenance import modified_tree_line
+    clean, dirty, lost = (tmp_path / n for n in ("clean", "dirty", "lost"))
+    for folder, env in ((clean, {"git_commit": "a" * 40, "git_dirty": False}),
+                        (dirty, {"git_commit": "a" * 40, "git_dirty": True}),
+                        (lost, {"git_commit": "a" * 40, "git_dirty": True})):
+        folder.mkdir()
+        (folder / "env.json").write_text(__import__("json").dumps(env))
+    save_diff(clean, {"git_dirty": False})
+    assert not (clean / "diff.patch").exists()
+    if sh.which("git"):
+        save_diff(dirty, {"git_dirty": True})
+        assert (dirty / "diff.patch").exists()
+    else:
+        (dirty / "diff.patch").write_text("")
+    assert modified_tree_line([clean]) == ""
+    line = modified_tree_line([clean, dirty, lost])
+    assert line.startswith("Made from a modified tree: 2 of 3 runs") and "the diffs of 1 were not saved" in line
