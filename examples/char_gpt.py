@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 import dni  # noqa: E402
+from dni.runs import environment  # noqa: E402
 
 CORPUS = "/usr/share/games/fortunes"
 
@@ -179,7 +180,8 @@ def main(argv=None):
               "curve": curve, "val_bpc": curve[-1]["val_bpc"], "test_bpc": test_bpc,
               "train_seconds": round(train_seconds, 1), "torch": torch.__version__,
               "hardware": torch.cuda.get_device_name() if args.device.startswith("cuda")
-              else f"{platform.machine()} cpu, {torch.get_num_threads()} threads"}
+              else f"{platform.machine()} cpu, {torch.get_num_threads()} threads",
+              "env": environment(torch.device(args.device))}  # commit and git_dirty, as a run folder's env.json
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"char_gpt_{args.method}.json"), "w") as f:
         json.dump(result, f, indent=1)

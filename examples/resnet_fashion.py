@@ -27,6 +27,7 @@ import torchvision
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 import dni  # noqa: E402
+from dni.runs import environment  # noqa: E402
 from dni.data import load_data, split_validation  # noqa: E402
 from dni.errors import DNIError  # noqa: E402
 
@@ -126,7 +127,7 @@ def main(argv=None):
     result = {"example": "resnet_fashion", "config": vars(args), "command": " ".join(["python"] + sys.argv),
               "curve": curve, "val_acc": curve[-1]["val_acc"], "test_acc": test_acc,
               "train_seconds": round(train_seconds, 1), "torch": torch.__version__,
-              "hardware": hardware(args.device)}
+              "hardware": hardware(args.device), "env": environment(torch.device(args.device))}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"resnet_fashion_{args.method}.json"), "w") as f:
         json.dump(result, f, indent=1)

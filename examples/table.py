@@ -47,6 +47,13 @@ def table(results="results/examples"):
     machines = sorted({f"{r['hardware']}, torch {r['torch']}" for r in every})
     lines.append(f"Measured on {'; '.join(machines)}, seed 0; train time excludes evaluation, and other jobs shared the "
                  "2 cores during most runs, so train times are no speed comparison.")
+    unrecorded = sum("env" not in r for r in every)
+    dirty = sum(bool(r.get("env", {}).get("git_dirty")) for r in every)
+    if unrecorded or dirty:
+        lines.append("Provenance: " + "; ".join(
+            ([f"{unrecorded} of {len(every)} runs recorded no commit (made before the examples recorded one)"]
+             if unrecorded else []) + ([f"{dirty} of {len(every)} runs were made from a modified tree"] if dirty else []))
+            + ".")
     return "\n".join(lines) + "\n"
 
 

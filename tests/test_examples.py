@@ -57,6 +57,7 @@ def test_resnet_example_learns_with_cdni(tmp_path):
     assert epoch["train_loss"] < epoch["first_loss"]
     assert result["val_acc"] > 0.4 and result["test_acc"] > 0.4  # chance is 0.1
     assert result["config"]["method"] == "cdni" and result["torch"]
+    assert len(result["env"]["git_commit"]) == 40 and isinstance(result["env"]["git_dirty"], bool)  # as env.json
 
 
 @pytest.mark.skipif(not os.path.isdir(FORTUNES), reason="no corpus: apt-get install fortunes (bash install.sh)")
@@ -72,6 +73,7 @@ def test_char_gpt_example_learns_with_dni(tmp_path):
     # Uniform over the vocabulary is 6.8 bits; the train split's character frequencies give 4.8 on the
     # test split, so below 4.4 the model reads its context (it reached 4.0 when this test was written).
     assert result["test_bpc"] < 4.4
+    assert len(result["env"]["git_commit"]) == 40 and isinstance(result["env"]["git_dirty"], bool)  # as env.json
 
 
 def test_examples_refuse_bad_input_in_one_line(tmp_path):
