@@ -123,6 +123,9 @@ class Results:
         decimals = printed(digits)
         if path.suffix != ".json":
             tail = UNIT_TEXT[unit] if decimals == 0 else r"(?![\d])(?!\.\d)"
+            if figure[0] in SIGN:  # a signed gap must be there with its sign, not as some std or error
+                signs = r"\+" if figure[0] == "+" else "-\u2212"
+                return re.search(rf"(?<![\d.])[{signs}]{re.escape(digits)}{tail}", text) is not None
             return re.search(rf"(?<![\d.]){re.escape(digits)}{tail}", text) is not None
         if decimals == 0:  # a whole number must appear as text: any value near it would do otherwise
             return False
@@ -157,7 +160,7 @@ def test_checker_flags_a_typed_figure_and_accepts_a_sourced_one(tmp_path):
     (results / "run" / "summary.json").write_text(json.dumps({"test_acc": 0.9728, "seconds": 97.31,
                                                              "last_bits": 0.4512}))
     (results / "grid" / "deep" / "summary.json").write_text(json.dumps({"test_acc": 0.9555}))
-    (results / "table.md").write_text("# t\n\n| FCN | 1.63 ± 0.03 | +0.86 |\n\nbench: blocked 3%, 12 runs\n")
+    (results / "table.md").write_text("# t\n\n| FCN | 1.63 ± 0.14 | +0.86 |\n\nbench: blocked 3%, 12 runs\n")
     (results / "sweep.json").write_text(json.dumps({"rows": [{"test_error": [2.5], "mean": 2.61, "lr": 0.0131}]}))
     page = tmp_path / "page.md"
     page.write_text(
@@ -176,13 +179,13 @@ def test_checker_flags_a_typed_figure_and_accepts_a_sourced_one(tmp_path):
         "| row | gap |\n|---|---|\n| FCN | +0.91 |\n\n"     # a signed gap in a hand-written table
         "It ends at 0.45 bits per step, not 0.46 bits (results/run).\n\n"  # bits: held; typed
         "Deeper: 95.55% (results/grid).\n\n"                # a folder stands for its own files only
-        "A prose gap of +0.14 and -0.30, then +0.15 (results/table.md, which holds +0.86 only).\n\n"
+        "A prose gap of +0.14 and -0.86, then +0.86 (results/table.md: 0.14 only as a std).\n\n"
         "The goal: within 0.2 point of Bprop, and 1% more.\n")  # a goal sentence is skipped
     found = unsourced(page, Results(results))
     assert found == ["page.md:5: 97.29%", "page.md:7: 97.31%", "page.md:9: 97.28%", "page.md:11: 1.31%",
                      "page.md:13: 1.6%", "page.md:15: 3%", "page.md:21: 2.8%", "page.md:23: 0.87 pt",
                      "page.md:25: 12%", "page.md:29: +0.91 pt", "page.md:31: 0.46 bits", "page.md:33: 95.55%",
-                     "page.md:35: +0.14 pt", "page.md:35: -0.30 pt", "page.md:35: +0.15 pt"]
+                     "page.md:35: +0.14 pt", "page.md:35: -0.86 pt"]
 
 
 def test_paragraph_line_numbers_survive_generated_sections():
