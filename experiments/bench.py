@@ -410,18 +410,21 @@ def accuracy_runs(args, tmp):
                   "--seed", str(seed), "--plot", "False", "--data_dir", args.data_dir]
         row = {"seed": seed}
         for name in ("sequential", "pipeline"):
-            run_dir = Path(tmp) / f"{name}_{seed}"
-            command = [sys.executable, "main.py", *common, "--out", str(run_dir)]
+            # Kept beside bench.md (thin it before committing: python -m experiments.thin): every
+            # accuracy the table prints has its run folder.
+            run_dir = Path(args.out) / "bench" / f"{name}_s{seed}"
+            common_here = common + ["--overwrite", "True"]
+            command = [sys.executable, "main.py", *common_here, "--out", str(run_dir)]
             if name == "pipeline":
                 command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.workers),
                            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                           "main.py", *common, "--out", str(run_dir), "--pipeline", "True"]
+                           "main.py", *common_here, "--out", str(run_dir), "--pipeline", "True"]
             done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=3600)
             if done.returncode != 0:
                 raise DNIError(f"accuracy run {name} failed: {done.stderr.strip().splitlines()[-1:]}")
             summary = json.loads((run_dir / "summary.json").read_text())
             settings = json.loads((run_dir / "config.json").read_text())
-            row[name] = {"test_acc": summary["test_acc"], "seconds": summary["seconds"]}
+            row[name] = {"test_acc": summary["test_acc"], "seconds": summary["seconds"], "run": str(run_dir)}
             row.setdefault("settings", []).append({k: v for k, v in settings.items() if k not in ("out", "pipeline")})
         if row["settings"][0] != row["settings"][1]:  # the tree is shared: defaults may change between runs
             raise DNIError(f"accuracy runs of seed {seed} ran with different settings; run the benchmark again")
@@ -434,7 +437,11 @@ def accuracy_runs(args, tmp):
             if differ:
                 raise DNIError(f"the {PIPELINING[schedule]} accuracy run of seed {seed} differs from main.py's "
                                f"in {', '.join(differ)}; run the benchmark again")
-            row["pipelining"][f"{schedule}_m{n}"] = {"test_acc": got["test_acc"], "seconds": got["seconds"]}
+            kept = Path(args.out) / "bench" / f"{schedule}_m{n}_s{seed}.json"  # no run folder: its result
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_text(json.dumps(got, indent=2) + "\n")
+            row["pipelining"][f"{schedule}_m{n}"] = {"test_acc": got["test_acc"], "seconds": got["seconds"],
+                                                     "run": str(kept)}
         out.append(row)
         print(f"accuracy seed {seed}: sequential {row['sequential']['test_acc']:.4f} "
               f"pipeline {row['pipeline']['test_acc']:.4f} "
@@ -792,6 +799,10 @@ def markdown(result, models, args):
                          f"{100 * p:.2f}% ({row['pipeline']['seconds']:.0f}s) | {100 * (p - s):+.2f} |"
                          + "".join(f" {100 * row['pipelining'][key]['test_acc']:.2f}% "
                                    f"({row['pipelining'][key]['seconds']:.0f}s) |" for key in torch_runs))
+        kept = [r["run"] for row in result["accuracy"] for r in (row["sequential"], row["pipeline"],
+                                                                   *row["pipelining"].values()) if "run" in r]
+        lines += ["", ("Run folders behind these accuracies: " + ", ".join(kept) + ".") if kept else
+                  "The run folders behind these accuracies were not kept (made before the benchmark kept them)."]
         lines.append("")
         if torch_runs:
             counts = {}  # schedule -> micro-batch counts run
