@@ -44,7 +44,7 @@ _EXPORTS = {
     "synthesizer_objective": "dni.interface", "resolve_loss_scale": "dni.interface",
     "DenseSynthesizer": "dni.synthesizers", "ConvSynthesizer": "dni.synthesizers",
     "SequenceSynthesizer": "dni.synthesizers", "make_synthesizer": "dni.synthesizers",
-    "synthesizer_loss": "dni.synthesizers",
+    "synthesizer_loss": "dni.synthesizers", "LocalLoss": "dni.local",
 }
 __all__ = sorted(_EXPORTS)
 
