@@ -44,7 +44,8 @@ _EXPORTS = {
     "synthesizer_objective": "dni.interface", "resolve_loss_scale": "dni.interface",
     "DenseSynthesizer": "dni.synthesizers", "ConvSynthesizer": "dni.synthesizers",
     "SequenceSynthesizer": "dni.synthesizers", "make_synthesizer": "dni.synthesizers",
-    "synthesizer_loss": "dni.synthesizers",
+    "synthesizer_loss": "dni.synthesizers", "Conv1dSynthesizer": "dni.synthesizers", "zero_head": "dni.synthesizers",
+    "InterfaceError": "dni.interface", "resolve_loss_multiplier": "dni.interface",
 }
 __all__ = sorted(_EXPORTS)
 
