@@ -214,3 +214,73 @@ def test_every_built_in_synthesizer_ends_in_the_shared_zero_head():
         assert torch.count_nonzero(head.weight) == 0 and torch.count_nonzero(head.bias) == 0
     layer = dni.zero_head(nn.Linear(3, 2))
     assert torch.count_nonzero(layer.weight) == 0 and torch.count_nonzero(layer.bias) == 0
+
+
+# ---------------------------------------------------------------- loss multipliers and accumulation (item 4)
+
+class Cut(nn.Module):
+    """A float64 regression model with one cut and a BatchNorm-free synthesizer that starts non-zero."""
+
+    def __init__(self, **dni_kwargs):
+        super().__init__()
+        torch.manual_seed(0)
+        self.below = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+        self.interface = dni.DNI(shape=(8,), hidden_layers=0, **dni_kwargs)
+        self.above = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+        with torch.no_grad():
+            self.interface.synthesizer.net[-1].weight.normal_(std=0.3)
+        self.double()
+
+    def forward(self, x):
+        return self.above(self.interface(self.below(x)))
+
+
+def batch(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randn(n, 2, generator=g, dtype=torch.float64)
+
+
+def grads(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("multiplier", [1024.0, lambda: 1024.0])
+def test_a_loss_multiplier_leaves_the_target_and_scales_every_gradient_alike(multiplier):
+    x, y = batch(6)
+    plain, scaled, told = Cut(), Cut(), Cut(loss_multiplier=multiplier)
+    F.mse_loss(plain(x), y).backward()
+    (1024 * F.mse_loss(scaled(x), y)).backward()
+    (1024 * F.mse_loss(told(x), y)).backward()
+    assert scaled.interface.sg_loss > 1e4 * plain.interface.sg_loss  # untold: the target moves 1024-fold
+    torch.testing.assert_close(told.interface.sg_loss, plain.interface.sg_loss)
+    for a, b in zip(grads(told), grads(plain)):
+        torch.testing.assert_close(a, 1024 * b)  # the synthesizer's too: a GradScaler unscales them all
+
+
+def test_gradient_accumulation_with_its_multiplier_equals_one_large_batch():
+    x, y = batch(12)
+    large, accumulated = Cut(), Cut(loss_multiplier=0.5)
+    F.mse_loss(large(x), y).backward()
+    for part in (slice(0, 6), slice(6, 12)):
+        (F.mse_loss(accumulated(x[part]), y[part]) / 2).backward()
+    for a, b in zip(grads(accumulated), grads(large)):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_grad_scaler_is_read_at_each_step():
+    x, y = batch(6)
+    plain, amp = Cut(), None
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    amp = Cut(loss_multiplier=scaler)
+    opt_plain, opt_amp = torch.optim.SGD(plain.parameters(), lr=0.1), torch.optim.SGD(amp.parameters(), lr=0.1)
+    for step in range(3):
+        for opt in (opt_plain, opt_amp):
+            opt.zero_grad()
+        F.mse_loss(plain(x), y).backward()
+        opt_plain.step()
+        scaler.scale(F.mse_loss(amp(x), y)).backward()
+        scaler.step(opt_amp)
+        scaler.update(new_scale=2.0 ** (11 + step))  # a changing scale
+        torch.testing.assert_close(amp.interface.sg_loss, plain.interface.sg_loss)
+    for p, q in zip(amp.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q)
