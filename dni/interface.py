@@ -155,8 +155,8 @@ class DNI(nn.Module):
     user's loss the layers below receive the synthetic gradient M(h, c) / s and not the true one,
     and the synthesizer M learns from the true gradient that arrives from above (the target of
     the module docstring). Its parameters are this module's, so the user's optimizer over the
-    model's parameters updates it with everything else (`dni.param_groups` gives them a rate of
-    their own). In eval mode, under torch.no_grad, or where nothing below h needs a gradient, it is
+    model's parameters updates it with everything else (`dni.param_groups` gives them a rate and
+    options of their own; under SGD use `batch_norm=False`). In eval mode, under torch.no_grad, or where nothing below h needs a gradient, it is
     the identity and M is not called: synthesizers are not used at test time. Works under autocast
     and torch.compile (dynamo breaks the graph at each interface: the synthesizer's objective is
     differentiated inside the backward).
@@ -271,6 +271,28 @@ class DNI(nn.Module):
         if sent is not None:
             h.register_hook(functools.partial(self._leak_check, sent))
         return out
+
+
+def param_groups(model, *, lr, sg_lr=None, **sg_options):
+    """The parameters of `model` in two groups for any torch optimizer: the model's at `lr`, and its
+    synthesizers' (those of every `DNI` in it, and a `DNINet`'s) at `sg_lr` (default: `lr`), with
+    `sg_options` (momentum, weight_decay, betas, ...) for their group only; e.g.
+    `torch.optim.AdamW(dni.param_groups(model, lr=1e-3, weight_decay=0.0), weight_decay=0.01)`.
+
+    Under SGD, what keeps DNI from diverging is a synthesizer without BatchNorm
+    (`batch_norm=False`), not a lower rate for it: docs/design.md has the measurements.
+    """
+    synthesizers = []
+    for m in model.modules():
+        if isinstance(m, DNI):
+            synthesizers.append(m.synthesizer)
+        elif isinstance(m, DNINet) and m.synthesizers is not None:
+            synthesizers.append(m.synthesizers)
+    sg_params = list({id(p): p for s in synthesizers for p in s.parameters()}.values())
+    ids = {id(p) for p in sg_params}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids], "lr": lr},
+              {"params": sg_params, "lr": lr if sg_lr is None else sg_lr, **sg_options}]
+    return [g for g in groups if g["params"]]
 
 
 # ---------------------------------------------------------------- the stage-wise form

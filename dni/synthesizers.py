@@ -46,7 +46,8 @@ def zero_head(layer):
 class DenseSynthesizer(nn.Module):
     """M(h, c) on the flattened trigger (B, features), any trigger shape: `hidden_layers` x
     (Linear -> BatchNorm -> ReLU) of `width` units, then a zero-initialised Linear back to
-    `features`, shaped like the trigger. hidden_layers=0 is linear.
+    `features`, shaped like the trigger. hidden_layers=0 is linear; batch_norm=False drops the
+    BatchNorm (what SGD needs, docs/design.md).
 
     Under cDNI the context joins the trigger at the input and, with `label_map`, also reaches
     the output through a zero-initialised linear map, as in ConvSynthesizer: below a linear
@@ -54,12 +55,12 @@ class DenseSynthesizer(nn.Module):
     can hold directly rather than through the hidden layer's BatchNorm and ReLU.
     """
 
-    def __init__(self, *, features, context_features=0, hidden_layers=1, width=1024, label_map=True):
+    def __init__(self, *, features, context_features=0, hidden_layers=1, width=1024, label_map=True, batch_norm=True):
         super().__init__()
         self.context_features = context_features
         layers, n_in = [], features + context_features
         for _ in range(hidden_layers):
-            layers += [nn.Linear(n_in, width), nn.BatchNorm1d(width), nn.ReLU()]
+            layers += [nn.Linear(n_in, width), nn.BatchNorm1d(width) if batch_norm else nn.Identity(), nn.ReLU()]
             n_in = width
         layers.append(zero_head(nn.Linear(n_in, features)))
         self.net = nn.Sequential(*layers)
@@ -88,13 +89,15 @@ class ConvSynthesizer(nn.Module):
     drops both: the paper's conv synthesizer (section 3.1), label planes only.
     """
 
-    def __init__(self, *, shape, context_features=0, hidden_layers=1, width=64, kernel_size=5, position_map=True):
+    def __init__(self, *, shape, context_features=0, hidden_layers=1, width=64, kernel_size=5, position_map=True,
+                 batch_norm=True):
         super().__init__()
         self.context_features = context_features
         channels, pad = shape[0], kernel_size // 2
         layers, n_in = [], channels + context_features
         for _ in range(hidden_layers):
-            layers += [nn.Conv2d(n_in, width, kernel_size, padding=pad), nn.BatchNorm2d(width), nn.ReLU()]
+            layers += [nn.Conv2d(n_in, width, kernel_size, padding=pad),
+                       nn.BatchNorm2d(width) if batch_norm else nn.Identity(), nn.ReLU()]
             n_in = width
         layers.append(zero_head(nn.Conv2d(n_in, channels, kernel_size, padding=pad)))
         self.net = nn.Sequential(*layers)
@@ -143,13 +146,15 @@ class Conv1dSynthesizer(nn.Module):
     both starting at zero; without it the synthesizer serves any length L.
     """
 
-    def __init__(self, *, shape, context_features=0, hidden_layers=1, width=64, kernel_size=5, position_map=True):
+    def __init__(self, *, shape, context_features=0, hidden_layers=1, width=64, kernel_size=5, position_map=True,
+                 batch_norm=True):
         super().__init__()
         self.context_features = context_features
         channels, pad = shape[0], kernel_size // 2
         layers, n_in = [], channels + context_features
         for _ in range(hidden_layers):
-            layers += [nn.Conv1d(n_in, width, kernel_size, padding=pad), nn.BatchNorm1d(width), nn.ReLU()]
+            layers += [nn.Conv1d(n_in, width, kernel_size, padding=pad),
+                       nn.BatchNorm1d(width) if batch_norm else nn.Identity(), nn.ReLU()]
             n_in = width
         layers.append(zero_head(nn.Conv1d(n_in, channels, kernel_size, padding=pad)))
         self.net = nn.Sequential(*layers)
@@ -175,26 +180,30 @@ KINDS = ("conv", "dense", "conv1d")
 
 
 def make_synthesizer(shape, *, kind="conv", context_features=0, hidden_layers=1, width=1024, conv_width=64,
-                     label_map=True, position_map=True):
+                     label_map=True, position_map=True, batch_norm=True):
     """The synthesizer for a trigger of per-example `shape`: (features,) -> dense; (C, H, W) -> conv;
     (T, D) -> per-position (SequenceSynthesizer, `width` units). `kind` "dense": dense on the
     flattened trigger, any shape; "conv1d": a 2-D shape is (C, L), channels over time
     (Conv1dSynthesizer, `conv_width` channels); "conv", the default, leaves a 2-D shape (T, D).
-    `label_map`: see DenseSynthesizer; `position_map`: see ConvSynthesizer."""
+    `label_map`: see DenseSynthesizer; `position_map`: see ConvSynthesizer. `batch_norm=False`:
+    hidden layers without BatchNorm, which SGD needs (docs/design.md); Adam runs keep it."""
     if kind is not None and kind not in KINDS:  # None: the default (the CLI's unset --synth_type)
         raise ValueError(f"make_synthesizer got kind={kind!r}; expected one of {', '.join(KINDS)}")
     if kind == "conv1d":
         if len(shape) != 2:
             raise ValueError(f"make_synthesizer(kind='conv1d') got shape {tuple(shape)}; expected (C, L)")
         return Conv1dSynthesizer(shape=shape, context_features=context_features, hidden_layers=hidden_layers,
-                                 width=conv_width, position_map=position_map)
+                                 width=conv_width, position_map=position_map, batch_norm=batch_norm)
     if len(shape) == 2 and kind != "dense":
         return SequenceSynthesizer(features=shape[1], context_features=context_features,
-                                   hidden_layers=hidden_layers, width=width, label_map=label_map)
+                                   hidden_layers=hidden_layers, width=width, label_map=label_map,
+                                   batch_norm=batch_norm)
     if len(shape) == 1 or kind == "dense":
         return DenseSynthesizer(features=math.prod(shape), context_features=context_features,
-                                hidden_layers=hidden_layers, width=width, label_map=label_map)
+                                hidden_layers=hidden_layers, width=width, label_map=label_map,
+                                batch_norm=batch_norm)
     if len(shape) == 3:
         return ConvSynthesizer(shape=shape, context_features=context_features,
-                               hidden_layers=hidden_layers, width=conv_width, position_map=position_map)
+                               hidden_layers=hidden_layers, width=conv_width, position_map=position_map,
+                               batch_norm=batch_norm)
     raise ValueError(f"no synthesizer for trigger shape {tuple(shape)}")

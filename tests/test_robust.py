@@ -284,3 +284,66 @@ def test_a_grad_scaler_is_read_at_each_step():
         torch.testing.assert_close(amp.interface.sg_loss, plain.interface.sg_loss)
     for p, q in zip(amp.parameters(), plain.parameters()):
         torch.testing.assert_close(p, q)
+
+
+# ---------------------------------------------------------------- any optimizer (item 1)
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def regression(method, optimizer, *, conditioned=True, batch_norm=False, steps=300):
+    """experiments/sg_optimizers.py's 2-cut MLP regression (cDNI: the target as context); the
+    full-data MSE at the start and at the end. `method`: backprop, dni, or frozen (sg_lr=0)."""
+    from experiments.sg_optimizers import OPTIMIZERS, Net, data
+    torch.manual_seed(0)
+    x, y = data(0)
+    model = Net(cuts=method != "backprop", conditioned=conditioned, batch_norm=batch_norm)
+    cls, lr, options = OPTIMIZERS[optimizer]
+    params = dni.param_groups(model, lr=lr, sg_lr=0.0) if method == "frozen" else model.parameters()
+    opt = cls(params, lr=lr, **options)
+    g = torch.Generator().manual_seed(1000)
+    with torch.no_grad():
+        start = F.mse_loss(model(x, y), y).item()
+    for _ in range(steps):
+        i = torch.randint(0, len(x), (64,), generator=g)
+        loss = F.mse_loss(model(x[i], y[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return start, F.mse_loss(model.eval()(x, y), y).item()
+
+
+def test_the_batchnorm_synthesizer_diverges_under_sgd_with_momentum(one_thread):
+    """The issue's case: SGD(lr=0.05, momentum=0.9) trains this model by backprop to a low loss;
+    DNI with the default synthesizer (BatchNorm in its hidden layer) diverges."""
+    assert regression("backprop", "SGD+momentum")[1] < 0.01
+    assert not regression("dni", "SGD+momentum", batch_norm=True)[1] < 1  # nan, or far above the start
+
+
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_a_synthesizer_without_batchnorm_trains_under_sgd_with_momentum(one_thread, conditioned):
+    start, final = regression("dni", "SGD+momentum", conditioned=conditioned)
+    assert final < 0.2 * start  # no nan, and a small fraction of the start
+
+
+@pytest.mark.parametrize("optimizer", ["SGD", "SGD+momentum", "Adam", "AdamW"])
+def test_cdni_without_batchnorm_trains_below_the_cuts_under_any_optimizer(one_thread, optimizer):
+    start, final = regression("dni", optimizer)
+    assert final < 0.05 * start
+    assert final < 0.7 * regression("frozen", optimizer)[1]  # the layers below the cuts learn too
+
+
+def test_param_groups_give_the_synthesizers_their_own_rate_and_options():
+    model = nn.Sequential(nn.Linear(4, 8), dni.DNI(shape=(8,), width=4), nn.Linear(8, 2))
+    groups = dni.param_groups(model, lr=0.1, sg_lr=0.01, momentum=0.0)
+    assert [g["lr"] for g in groups] == [0.1, 0.01] and groups[1]["momentum"] == 0.0
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model[1].parameters()}
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(model.parameters()))
+    assert dni.param_groups(model, lr=0.1)[1]["lr"] == 0.1
+    torch.optim.SGD(groups, lr=0.1, momentum=0.9)
