@@ -44,6 +44,7 @@ workers needs; the drop-in applies g_hat when the user's backward reaches the cu
 """
 import contextlib
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -218,7 +219,9 @@ class DNI(nn.Module):
             if not features and context is not None:
                 raise InterfaceError(f"{self} got a context of shape {_shape(context.shape)}; expected none "
                                      f"(its synthesizer has context_features=0)")
-            if context is not None and (context.dim() < 2 or len(context) != len(h) or context.shape[-1] != features):
+            width_ok = context is not None and context.dim() >= 2 and features in (context.shape[-1],
+                                                                                  math.prod(context.shape[1:]))
+            if context is not None and (not width_ok or len(context) != len(h)):
                 raise InterfaceError(f"{self} got a context of shape {_shape(context.shape)} for a trigger of batch "
                                      f"{len(h)}; expected {_shape((len(h), features))}")
             weight = next((p for p in self.synthesizer.parameters() if p.is_floating_point()), None)

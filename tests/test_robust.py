@@ -201,6 +201,7 @@ def test_oracle_through_a_conv1d_cut_gives_backprop_parameters():
     for p, q in zip(below.parameters(), ref_below.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
     interface = dni.DNI(shape=(4, 12), kind="conv1d", conv_width=8).double()
+    assert isinstance(interface.synthesizer, dni.Conv1dSynthesizer)
     F.cross_entropy(above(interface(below(x))), y).backward()
     assert interface.sg_loss > 0 and interface.synthesizer.net[-1].weight.grad.abs().sum() > 0
 
