@@ -157,9 +157,10 @@ class DNI(nn.Module):
     and the synthesizer M learns from the true gradient that arrives from above (the target of
     the module docstring). Its parameters are this module's, so the user's optimizer over the
     model's parameters updates it with everything else (`dni.param_groups` gives them a rate and
-    options of their own; under SGD use `batch_norm=False`). In eval mode, under torch.no_grad, or where nothing below h needs a gradient, it is
-    the identity and M is not called: synthesizers are not used at test time. Works under autocast
-    and torch.compile (dynamo breaks the graph at each interface: the synthesizer's objective is
+    options of their own; under SGD with momentum build it with `batch_norm=False`). In eval
+    mode, under torch.no_grad, or where nothing below h needs a gradient, it is the identity and
+    M is not called: synthesizers are not used at test time. Works under autocast and
+    torch.compile (dynamo breaks the graph at each interface: the synthesizer's objective is
     differentiated inside the backward).
 
     A cut needs every use of h above it to go through the interface: a gradient that reaches h by
@@ -192,7 +193,8 @@ class DNI(nn.Module):
         self.sg_loss: Optional[torch.Tensor] = None
         self.sg_cos: Optional[torch.Tensor] = None
 
-    def __str__(self):
+    def _label(self):
+        """How error messages name this interface."""
         return f"DNI(shape={self.shape})" if self.shape is not None else f"DNI({type(self.synthesizer).__name__})"
 
     def _record(self, sg_loss, sg_cos):
@@ -210,23 +212,23 @@ class DNI(nn.Module):
             expected = self._expected_trigger()
             got = tuple(h.shape[1:])
             if len(got) != len(expected) or any(isinstance(e, int) and e != g for e, g in zip(expected, got)):
-                raise InterfaceError(f"{self} got a trigger of shape {_shape(h.shape)}; expected {_shape(('B',) + expected)}")
+                raise InterfaceError(f"{self._label()} got a trigger of shape {_shape(h.shape)}; expected {_shape(('B',) + expected)}")
         features = getattr(self.synthesizer, "context_features", None)
         if features is not None:
             if features and context is None:
-                raise InterfaceError(f"{self} got no context; expected one of shape {_shape((len(h), features))} "
+                raise InterfaceError(f"{self._label()} got no context; expected one of shape {_shape((len(h), features))} "
                                      f"(its synthesizer has context_features={features})")
             if not features and context is not None:
-                raise InterfaceError(f"{self} got a context of shape {_shape(context.shape)}; expected none "
+                raise InterfaceError(f"{self._label()} got a context of shape {_shape(context.shape)}; expected none "
                                      f"(its synthesizer has context_features=0)")
             width_ok = context is not None and context.dim() >= 2 and features in (context.shape[-1],
                                                                                   math.prod(context.shape[1:]))
             if context is not None and (not width_ok or len(context) != len(h)):
-                raise InterfaceError(f"{self} got a context of shape {_shape(context.shape)} for a trigger of batch "
+                raise InterfaceError(f"{self._label()} got a context of shape {_shape(context.shape)} for a trigger of batch "
                                      f"{len(h)}; expected {_shape((len(h), features))}")
             weight = next((p for p in self.synthesizer.parameters() if p.is_floating_point()), None)
             if weight is not None and h.dtype != weight.dtype and not torch.is_autocast_enabled(h.device.type):
-                raise InterfaceError(f"{self} got a trigger of dtype {h.dtype}; expected {weight.dtype}, its "
+                raise InterfaceError(f"{self._label()} got a trigger of dtype {h.dtype}; expected {weight.dtype}, its "
                                      f"synthesizer's (convert the model and the interface together, or use autocast)")
 
     def _synthesize(self, h, context):
@@ -238,14 +240,14 @@ class DNI(nn.Module):
         except (RuntimeError, ValueError, TypeError) as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             if "more than 1 value per channel" in reason:
-                raise InterfaceError(f"{self} got a batch of {len(h)} (trigger {_shape(h.shape)}); its synthesizer's "
+                raise InterfaceError(f"{self._label()} got a batch of {len(h)} (trigger {_shape(h.shape)}); its synthesizer's "
                                      f"BatchNorm needs more than one value per channel in training: use batches of "
                                      f"two or more, or a synthesizer without BatchNorm (hidden_layers=0)") from error
             where = "" if context is None else f" and a context of shape {_shape(context.shape)}"
-            raise InterfaceError(f"{self} could not run its synthesizer on a trigger of shape {_shape(h.shape)}"
+            raise InterfaceError(f"{self._label()} could not run its synthesizer on a trigger of shape {_shape(h.shape)}"
                                  f"{where} ({reason})") from error
         if g_hat.shape != h.shape:
-            raise InterfaceError(f"{self} got a synthetic gradient of shape {_shape(g_hat.shape)} from its "
+            raise InterfaceError(f"{self._label()} got a synthetic gradient of shape {_shape(g_hat.shape)} from its "
                                  f"synthesizer; expected the trigger's, {_shape(h.shape)}")
         return g_hat
 
@@ -259,7 +261,7 @@ class DNI(nn.Module):
         if ours is not None and (grad is ours and ours._version == version or
                                  grad is not ours and torch.equal(grad, ours)):
             return
-        raise InterfaceError(f"{self} found a gradient reaching its input by another path than the interface "
+        raise InterfaceError(f"{self._label()} found a gradient reaching its input by another path than the interface "
                              f"(a skip connection around it, or a second use of h), which the layers below "
                              f"would learn from beside the synthetic gradient: route every use of h through the "
                              f"interface, or pass allow_leaks=True to allow it")
