@@ -100,7 +100,7 @@ def main():
     torch.set_num_threads(1)
     x, y = data(0)
     print(f"full-data MSE after {args.steps} steps, mean of {args.seeds} seeds (at the start: "
-          f"{F.mse_loss(torch.zeros_like(y), y).item():.3f} for a zero predictor)")
+          f"{F.mse_loss(torch.zeros_like(y), y).item():.3f} for a zero predictor)\n")
     print("| optimizer (lr) | " + " | ".join(METHODS) + " |")
     print("|---" * (len(METHODS) + 1) + "|")
     for optimizer, (_, lr, options) in OPTIMIZERS.items():
