@@ -18,7 +18,13 @@ Glossary (paper, section 2):
 - synthesizer M_i: a small network predicting the gradient of the loss w.r.t. its trigger,
   per example (the gradient of the batch-summed loss). Its last layer starts at zero, so its
   first prediction is exactly zero. Dense for (F,) triggers, conv for (C, H, W), per-position
-  for (T, D) sequences, or any module with forward(trigger, context).
+  for (T, D) sequences (what a 2-D shape is read as), 1-D conv for (C, L) channels over time
+  (kind="conv1d"), or any module with forward(trigger, context).
+- cut: the place of an interface in the forward. Every use of h above it must go through the
+  interface: a gradient reaching h by another path (a skip connection around it, a second use of
+  h) would reach the layers below beside the synthetic one, so the backward raises an error
+  naming the interface (DNI(..., allow_leaks=True) allows it on purpose). Weights tied across a
+  cut (one tensor used below and above it) cannot be seen from h and are not supported.
 - synthetic gradient g_hat_i = M_i(h_i, c): what the layers below the interface backpropagate
   instead of the true gradient, so they update without waiting for the layers above.
 - context c: extra input of the synthesizer; the one-hot label under cDNI ("conditional DNI").
@@ -26,6 +32,8 @@ Glossary (paper, section 2):
 - bootstrapped target: what M_i learns to predict, s * dL/dh_i as the layers above send it back.
   Those layers learn from their own synthetic gradient, so the target is itself bootstrapped
   from M_{i+1}'s prediction. s, the loss scale, is the batch size for a batch-mean loss.
+- loss multiplier k: a factor the loss carries beyond its reduction (a GradScaler's scale, 1 / n
+  over n accumulated micro-batches); DNI(..., loss_multiplier=k) keeps the target free of it.
 
 Modules: dni.interface (the update, `DNI`, the stage-wise `dni_step`), dni.synthesizers.
 The rest of the package trains with them: dni.models (the paper's networks), dni.data (offline
@@ -44,7 +52,9 @@ _EXPORTS = {
     "synthesizer_objective": "dni.interface", "resolve_loss_scale": "dni.interface",
     "DenseSynthesizer": "dni.synthesizers", "ConvSynthesizer": "dni.synthesizers",
     "SequenceSynthesizer": "dni.synthesizers", "make_synthesizer": "dni.synthesizers",
-    "synthesizer_loss": "dni.synthesizers", "LocalLoss": "dni.local",
+    "synthesizer_loss": "dni.synthesizers", "Conv1dSynthesizer": "dni.synthesizers", "zero_head": "dni.synthesizers",
+    "InterfaceError": "dni.interface", "resolve_loss_multiplier": "dni.interface", "param_groups": "dni.interface",
+    "LocalLoss": "dni.local",
 }
 __all__ = sorted(_EXPORTS)
 

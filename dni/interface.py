@@ -43,6 +43,8 @@ workers needs; the drop-in applies g_hat when the user's backward reaches the cu
 `zero_grad` and `step` keep their usual places (forward never writes `.grad`).
 """
 import contextlib
+import functools
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -50,7 +52,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dni.errors import DNIError
 from dni.synthesizers import make_synthesizer, synthesizer_loss
+
+
+class InterfaceError(DNIError, ValueError):
+    """A `DNI` used in a way it cannot serve (a trigger or context of the wrong shape, batch or
+    dtype, a gradient reaching h by another path); the message, one sentence, names the interface,
+    what it got and what it expected."""
 
 
 # ---------------------------------------------------------------- the update, written once
@@ -94,24 +103,50 @@ def synthesizer_objective(g_hat, grad, loss_scale):
 
 class _Cut(torch.autograd.Function):
     """Identity in forward. In backward, the gradient arriving from above (the true one) becomes the
-    synthesizer's target, and the layers below receive the synthetic gradient instead."""
+    synthesizer's target, and the layers below receive the synthetic gradient instead.
+
+    `multiplier` k: the factor the user's loss carries (GradScaler's scale, 1 / accumulation steps):
+    the target is the true gradient divided by it, the layers below receive g_hat times it, and so
+    does the synthesizer's own gradient, as every other gradient of that backward. k = 1 (the
+    default) skips all three multiplications, so the default update is the same to the bit."""
 
     @staticmethod
-    def forward(ctx, h, g_hat, loss_scale, record):
+    def forward(ctx, h, g_hat, loss_scale, multiplier, record, sent):
         ctx.save_for_backward(g_hat)
-        ctx.loss_scale, ctx.record, ctx.h_dtype = loss_scale, record, h.dtype
+        ctx.loss_scale, ctx.multiplier, ctx.record, ctx.sent, ctx.h_dtype = loss_scale, multiplier, record, sent, h.dtype
         return h.clone()  # a new tensor, so the layers above may modify it in place
 
     @staticmethod
     def backward(ctx, grad):
         (g_hat,) = ctx.saved_tensors
+        k = ctx.multiplier
+        scale = ctx.loss_scale if k == 1 else ctx.loss_scale / k  # target s * grad / k; below g_hat * k / s
         with torch.enable_grad():  # d objective / d g_hat, which autograd carries on into M's parameters
             leaf = g_hat.detach().requires_grad_()
-            loss, cos = synthesizer_objective(leaf, grad, ctx.loss_scale)
+            loss, cos = synthesizer_objective(leaf, grad, scale)
             (g_hat_grad,) = torch.autograd.grad(loss, leaf)
+        if k != 1:
+            g_hat_grad = g_hat_grad * k
         ctx.record(loss.detach(), cos)
-        below = synthetic_gradient(g_hat, ctx.loss_scale, ctx.h_dtype)
-        return below, g_hat_grad.to(g_hat.dtype), None, None
+        below = synthetic_gradient(g_hat, scale, ctx.h_dtype)
+        if ctx.sent is not None:  # for the leak check on h (DNI._leak_check)
+            ctx.sent["grad"], ctx.sent["version"] = below, below._version
+        return below, g_hat_grad.to(g_hat.dtype), None, None, None, None
+
+
+def _shape(dims):
+    return "(" + ", ".join(str(d) for d in dims) + ")"
+
+
+def resolve_loss_multiplier(loss_multiplier):
+    """k, the factor the loss carries: 1 when None; a number as given; `get_scale()` of a
+    torch.amp.GradScaler (its scale as of this step; 1 when disabled); or a function's value."""
+    if loss_multiplier is None:
+        return 1
+    if hasattr(loss_multiplier, "get_scale"):
+        return float(loss_multiplier.get_scale())
+    value = loss_multiplier() if callable(loss_multiplier) else loss_multiplier
+    return float(value) if isinstance(value, torch.Tensor) else value
 
 
 class DNI(nn.Module):
@@ -121,35 +156,148 @@ class DNI(nn.Module):
     user's loss the layers below receive the synthetic gradient M(h, c) / s and not the true one,
     and the synthesizer M learns from the true gradient that arrives from above (the target of
     the module docstring). Its parameters are this module's, so the user's optimizer over the
-    model's parameters updates it with everything else. In eval mode, under torch.no_grad, or
-    where nothing below h needs a gradient, it is the identity and M is not called: synthesizers
-    are not used at test time. Works under autocast and torch.compile (dynamo breaks the graph at
-    each interface: the synthesizer's objective is differentiated inside the backward).
+    model's parameters updates it with everything else (`dni.param_groups` gives them a rate and
+    options of their own; under SGD with momentum build it with `batch_norm=False`). In eval
+    mode, under torch.no_grad, or where nothing below h needs a gradient, it is the identity and
+    M is not called: synthesizers are not used at test time. Works under autocast and
+    torch.compile (dynamo breaks the graph at each interface: the synthesizer's objective is
+    differentiated inside the backward).
+
+    A cut needs every use of h above it to go through the interface: a gradient that reaches h by
+    another path (a skip connection around the interface, a second use of h) would reach the layers
+    below beside the synthetic one, so the backward raises `InterfaceError` naming the interface,
+    unless `allow_leaks=True`. Weights tied across the cut cannot be seen from h and are not
+    supported. Triggers and contexts of the wrong shape, batch or dtype raise `InterfaceError` too.
 
     `synthesizer`: any module with forward(trigger, context) returning a tensor shaped like the
-    trigger; or `shape` (the trigger's per-example shape: (F,), (C, H, W) or (T, D)) and the
-    keywords of `dni.synthesizers.make_synthesizer` to build one. `loss_scale`: s, see the module
-    docstring (default: the batch size, for a batch-mean loss). After each backward through it,
-    `sg_loss` and `sg_cos` hold the synthesizer's loss and the cosine of g_hat with its target.
+    trigger; or `shape` (the trigger's per-example shape: (F,), (C, H, W), (T, D), or (C, L) with
+    kind="conv1d") and the keywords of `dni.synthesizers.make_synthesizer` to build one.
+    `loss_scale`: s, see the module docstring (default: the batch size, for a batch-mean loss).
+    `loss_multiplier`: k, a factor the loss carries beyond its reduction, so that the synthesizer's
+    target stays the gradient of the loss without it: a number (a constant weight; 1 / n for a loss
+    divided over n accumulated micro-batches), a function returning one, or a torch.amp.GradScaler
+    (its current scale is read at each forward). After each backward through it, `sg_loss` and
+    `sg_cos` hold the synthesizer's loss and the cosine of g_hat with its target.
     """
 
-    def __init__(self, synthesizer=None, *, shape=None, loss_scale=None, **synth_kwargs):
+    def __init__(self, synthesizer=None, *, shape=None, loss_scale=None, loss_multiplier=None, allow_leaks=False,
+                 **synth_kwargs):
         super().__init__()
         if (synthesizer is None) == (shape is None):
-            raise ValueError("DNI needs a synthesizer module or the trigger's per-example shape, not both")
+            raise InterfaceError("DNI needs a synthesizer module or the trigger's per-example shape, not both")
         self.synthesizer = synthesizer if synthesizer is not None else make_synthesizer(shape, **synth_kwargs)
+        self.shape = None if shape is None else tuple(shape)
         self.loss_scale = loss_scale
+        self.loss_multiplier = loss_multiplier
+        self.allow_leaks = allow_leaks
         self.sg_loss: Optional[torch.Tensor] = None
         self.sg_cos: Optional[torch.Tensor] = None
+
+    def _label(self):
+        """How error messages name this interface."""
+        return f"DNI(shape={self.shape})" if self.shape is not None else f"DNI({type(self.synthesizer).__name__})"
 
     def _record(self, sg_loss, sg_cos):
         self.sg_loss, self.sg_cos = sg_loss, sg_cos
 
+    def _expected_trigger(self):
+        """The trigger's expected dims after the batch: ints, or names where any size serves."""
+        free = getattr(self.synthesizer, "free_dims", {})
+        return tuple(free.get(i, d) for i, d in enumerate(self.shape))
+
+    def _check(self, h, context):
+        """Say in one sentence what is wrong with a trigger or context, before the synthesizer fails
+        on it somewhere deep (a matmul, a cat, BatchNorm); cheap: shapes and dtypes only."""
+        if self.shape is not None:
+            expected = self._expected_trigger()
+            got = tuple(h.shape[1:])
+            if len(got) != len(expected) or any(isinstance(e, int) and e != g for e, g in zip(expected, got)):
+                raise InterfaceError(f"{self._label()} got a trigger of shape {_shape(h.shape)}; expected {_shape(('B',) + expected)}")
+        features = getattr(self.synthesizer, "context_features", None)
+        if features is not None:
+            if features and context is None:
+                raise InterfaceError(f"{self._label()} got no context; expected one of shape {_shape((len(h), features))} "
+                                     f"(its synthesizer has context_features={features})")
+            if not features and context is not None:
+                raise InterfaceError(f"{self._label()} got a context of shape {_shape(context.shape)}; expected none "
+                                     f"(its synthesizer has context_features=0)")
+            width_ok = context is not None and context.dim() >= 2 and features in (context.shape[-1],
+                                                                                  math.prod(context.shape[1:]))
+            if context is not None and (not width_ok or len(context) != len(h)):
+                raise InterfaceError(f"{self._label()} got a context of shape {_shape(context.shape)} for a trigger of batch "
+                                     f"{len(h)}; expected {_shape((len(h), features))}")
+            weight = next((p for p in self.synthesizer.parameters() if p.is_floating_point()), None)
+            if weight is not None and h.dtype != weight.dtype and not torch.is_autocast_enabled(h.device.type):
+                raise InterfaceError(f"{self._label()} got a trigger of dtype {h.dtype}; expected {weight.dtype}, its "
+                                     f"synthesizer's (convert the model and the interface together, or use autocast)")
+
+    def _synthesize(self, h, context):
+        self._check(h, context)
+        try:
+            g_hat = synthesize(self.synthesizer, h, context)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError, TypeError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            if "more than 1 value per channel" in reason:
+                raise InterfaceError(f"{self._label()} got a batch of {len(h)} (trigger {_shape(h.shape)}); its synthesizer's "
+                                     f"BatchNorm needs more than one value per channel in training: use batches of "
+                                     f"two or more, or a synthesizer without BatchNorm (hidden_layers=0)") from error
+            where = "" if context is None else f" and a context of shape {_shape(context.shape)}"
+            raise InterfaceError(f"{self._label()} could not run its synthesizer on a trigger of shape {_shape(h.shape)}"
+                                 f"{where} ({reason})") from error
+        if g_hat.shape != h.shape:
+            raise InterfaceError(f"{self._label()} got a synthetic gradient of shape {_shape(g_hat.shape)} from its "
+                                 f"synthesizer; expected the trigger's, {_shape(h.shape)}")
+        return g_hat
+
+    def _leak_check(self, sent, grad):
+        """Tensor hook on h: what arrives must be what the cut sent. The first backward checks; the
+        identity test is free, values are compared only where autograd made a new tensor."""
+        if sent.get("checked"):
+            return
+        sent["checked"] = True
+        ours, version = sent.pop("grad", None), sent.pop("version", None)
+        if ours is not None and (grad is ours and ours._version == version or
+                                 grad is not ours and torch.equal(grad, ours)):
+            return
+        raise InterfaceError(f"{self._label()} found a gradient reaching its input by another path than the interface "
+                             f"(a skip connection around it, or a second use of h), which the layers below "
+                             f"would learn from beside the synthetic gradient: route every use of h through the "
+                             f"interface, or pass allow_leaks=True to allow it")
+
     def forward(self, h, context=None):
         if not (self.training and torch.is_grad_enabled() and h.requires_grad):
             return h
-        g_hat = synthesize(self.synthesizer, h, context)
-        return _Cut.apply(h, g_hat, resolve_loss_scale(self.loss_scale, h), self._record)
+        g_hat = self._synthesize(h, context)
+        sent = None if self.allow_leaks else {}
+        out = _Cut.apply(h, g_hat, resolve_loss_scale(self.loss_scale, h), resolve_loss_multiplier(self.loss_multiplier),
+                         self._record, sent)
+        if sent is not None:
+            h.register_hook(functools.partial(self._leak_check, sent))
+        return out
+
+
+def param_groups(model, *, lr, sg_lr=None, **sg_options):
+    """The parameters of `model` in two groups for any torch optimizer: the model's at `lr`, and its
+    synthesizers' (those of every `DNI` in it, and a `DNINet`'s) at `sg_lr` (default: `lr`), with
+    `sg_options` (momentum, weight_decay, betas, ...) for their group only; e.g.
+    `torch.optim.AdamW(dni.param_groups(model, lr=1e-3, weight_decay=0.0), weight_decay=0.01)`.
+
+    Under SGD, what keeps DNI from diverging is a synthesizer without BatchNorm
+    (`batch_norm=False`), not a lower rate for it: docs/design.md has the measurements.
+    """
+    synthesizers = []
+    for m in model.modules():
+        if isinstance(m, DNI):
+            synthesizers.append(m.synthesizer)
+        elif isinstance(m, DNINet) and m.synthesizers is not None:
+            synthesizers.append(m.synthesizers)
+    sg_params = list({id(p): p for s in synthesizers for p in s.parameters()}.values())
+    ids = {id(p) for p in sg_params}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids], "lr": lr},
+              {"params": sg_params, "lr": lr if sg_lr is None else sg_lr, **sg_options}]
+    return [g for g in groups if g["params"]]
 
 
 # ---------------------------------------------------------------- the stage-wise form

@@ -5,8 +5,9 @@
 
 Each command is run as typed, from a scratch folder holding a copy of results/ (so `results/...`
 paths in it are the copy's), with this checkout on PYTHONPATH; its table must come out byte for
-byte as committed. Tables that measure time (results/api_speed.md, results/bench.md) are
-measurements, not rebuilds, and are not listed.
+byte as committed. Tables that measure (results/api_speed.md, results/bench.md: time;
+results/sg_optimizers.md: a training probe without run folders) are measured again, not rebuilt,
+and are not listed.
 """
 import argparse
 import os
