@@ -1,4 +1,4 @@
-"""What keeps DNI's synthesizers stable under each optimizer? (issue 34, item 1; docs/design.md)
+"""What keeps DNI's synthesizers stable under each optimizer? (docs/design.md)
 
 A user's 2-cut MLP regression (8 -> 64 -> 64 -> 1, tanh, batch-mean MSE, batch 64), trained for
 `--steps` steps at a rate where backprop trains it, by backprop and by DNI variants: the default
