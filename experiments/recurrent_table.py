@@ -16,7 +16,7 @@ average over every cell, then report seeds 0-2 at that factor alone:
     python -m experiments.recurrent_table --first_seed 100 --choose 0.1,0.3,0.5,1   # -> rnn_factor_choice.md
     python -m experiments.recurrent_table --sg_factor <chosen> --jobs 2             # the reported table
 
-Each run is a dni.recurrent run folder under <out>/rnn/; a run whose summary.json
+Each run is a dnilab.recurrent run folder under <out>/rnn/; a run whose summary.json
 holds the same config is reused, so an interrupted table resumes where it stopped.
 Writes <out>/rnn_table.json, <out>/rnn_table.md and <out>/rnn_table.png
 (with --length N: <out>/rnn_table_N<N>.*; with an --sg_factor F other than 0.1: *_f<F>.*; with
@@ -33,10 +33,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dni.cli import main_guard, parse_config
+from dnilab.cli import main_guard, parse_config
 from dni.errors import DNIError
-from dni.recurrent import DEVICES, RecurrentConfig, factor_tag, run
-from dni.runs import write_json, write_text
+from dnilab.recurrent import DEVICES, RecurrentConfig, factor_tag, run
+from dnilab.runs import write_json, write_text
+from experiments.grid import mean_std
 
 TRUNCATIONS = (2, 3, 4, 5, 8)
 TASK_NAMES = {"copy": "Copy", "repeat_copy": "Repeat Copy"}
@@ -45,13 +46,13 @@ METHODS = {"bptt": False, "dni": True}  # method -> RecurrentConfig.dni
 # The paper's Table 2 (Copy / Repeat Copy: largest sequence length solved) could not be
 # retrieved in this environment, so no number of it is quoted: None means "not confirmed".
 PAPER_NOTE = "n/c: not confirmed; the paper's Table 2 could not be retrieved where this table was made."
-PAPER = {task: {method: {T: None for T in TRUNCATIONS} for method in METHODS} for task in TASK_NAMES}
+PAPER_NUMBERS = {task: {method: {T: None for T in TRUNCATIONS} for method in METHODS} for task in TASK_NAMES}
 # What runs made before a setting existed did instead: streams in step.
 LEGACY = dict(stagger=0)
 # Settings only a DNI run reads: a BPTT run made under other values is the same run.
 DNI_ONLY = ("sg_factor", "sg_discount", "sg_lr")
 # Where a run was written, not what it computed: a run made elsewhere and moved into place counts.
-PLACE = ("out", "name")
+PLACE = ("out", "name", "overwrite")
 
 
 @dataclass
@@ -110,11 +111,7 @@ def run_or_reuse(run_config, log):
         if {**wanted, **LEGACY, **summary.get("config", {}), **ignored} == wanted:
             log(f"reuse {summary_path.parent}: solved {summary['solved']}")
             return summary
-    return run(run_config, log=log)
-
-
-def _mean_std(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return run(dataclasses.replace(run_config, overwrite=True), log=log)  # a stale run: retrained on purpose
 
 
 def _cell(row, key, format_values):
@@ -124,7 +121,7 @@ def _cell(row, key, format_values):
 
 def _format(values, digits=1):
     """'2.3 ± 0.6 (2, 3, 2)': mean ± std, then each value (floats with `digits` decimals)."""
-    mean, std = _mean_std(values)
+    mean, std = mean_std(values, single=0.0)
     each = ", ".join(f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in values)
     return f"{mean:.{digits}f} ± {std:.{digits}f} ({each})"
 
@@ -234,7 +231,7 @@ def plot_table(table, path):
             if method not in rows[0]:
                 continue
             Ts = [r["T"] for r in rows]
-            ax.plot(Ts, [_mean_std(values(r, method))[0] for r in rows], "-o", color=color, label=method.upper())
+            ax.plot(Ts, [mean_std(values(r, method))[0] for r in rows], "-o", color=color, label=method.upper())
             for r in rows:
                 ax.scatter([r["T"]] * len(values(r, method)), values(r, method), color=color, alpha=0.3, s=12)
         ax.set(title=TASK_NAMES[task], xlabel="truncation T", ylabel=ylabel)
@@ -264,7 +261,7 @@ def make_table(config, argv=(), *, log=print):
         mine = summaries[n * seed_count:(n + 1) * seed_count]
         row = next((r for r in rows if r["task"] == task and r["T"] == T), None)
         if row is None:
-            row = dict(task=task, T=T, paper={m: PAPER[task][m][T] for m in METHODS})
+            row = dict(task=task, T=T, paper={m: PAPER_NUMBERS[task][m][T] for m in METHODS})
             rows.append(row)
         row[method] = [s["solved"] for s in mine]
         row[f"{method}_next"] = [[s["length"], s["last_bits"]] for s in mine]

@@ -1,4 +1,4 @@
-"""The hyperparameter search behind the DNI defaults in dni/models.py (issue 3): synthesizer
+"""The hyperparameter search behind the DNI defaults in dnilab/presets.py: synthesizer
 depth (0, 1 or 2 hidden layers) and width, synthesizer learning rate and stage learning rate,
 for DNI and cDNI on the MNIST FCN (or CNN), a few epochs per run; backprop at each stage learning
 rate beside.
@@ -9,12 +9,12 @@ rate beside.
     python -m experiments.search --quick             # 2 runs of 1 epoch: checks the plumbing
     python -m experiments.search --table_only        # rank the finished runs again
 
-Every run is a dni.train run folder under <results>/search/ (reused when finished with the
+Every run is a dnilab.train run folder under <results>/search/ (reused when finished with the
 same settings, so the search resumes); writes <results>/search.json and search.md, ranked by
-validation error: each run holds out the last `--val_size` training images (dni.data) and only
+validation error: each run holds out the last `--val_size` training images (dnilab.data) and only
 they decide. The test set is not read here at all, so the defaults chosen from this ranking
 leave every test number of experiments.table1 unbiased. A run without a validation split cannot be
-ranked. Unset settings (network depth, widths, schedule, batch) are dni.config's defaults.
+ranked. Unset settings (network depth, widths, schedule, batch) are dnilab.config's defaults.
 """
 import itertools
 import json
@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from dni.cli import OneLineParser, main_guard
-from dni.config import Config
+from dnilab.cli import OneLineParser, main_guard
+from dnilab.config import Config
 from dni.errors import DNIError
-from dni.models import OURS
-from dni.runs import write_text
-from experiments.table1 import add_grid_options, check_counts, mean_std, pending, train_all
+from dnilab.presets import OURS
+from dnilab.runs import write_text
+from experiments.grid import add_grid_options, check_counts, mean_std, pending, train_all
 
 SYNTH_LAYERS = (0, 1, 2)
 SYNTH_WIDTHS = (1024,)
@@ -151,7 +151,7 @@ def markdown(table):
         f"{m}: synth_layers {b['synth_layers']}, {WIDTH[model]} {b['synth_width']}, sg_lr {b['sg_lr']}, lr {b['lr']} "
         f"({_fmt(b)}%)"
         for m, b in table["best"].items()) if table["best"] else "Best per method: no finished run yet.",
-        "Defaults in dni/models.py now: " + "; ".join(
+        "Defaults in dnilab/presets.py now: " + "; ".join(
             f"{m}: " + ", ".join(f"{k} {v}" for k, v in d.items()) for m, d in meta["defaults_now"].items()) + ".",
         "Network: " + ", ".join(f"{k} {v}" for k, v in meta["network"].items()) + f"; torch {meta['torch']}.",
         f"Made by `{meta['command'].strip()}`" + (" (this table redrawn by --table_only)"

@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 
-from dni.config import Config, saved_settings
-from dni.models import TRAIN_SIZES
-from dni.runs import write_json, write_text
+from dnilab.config import Config, saved_settings
+from dnilab.data import TRAIN_SIZES
+from dnilab.runs import write_json, write_text
+from experiments.grid import mean_std
 
 METHODS = {"backprop": dict(method="backprop"), "dni": dict(method="dni"),
            "cdni": dict(method="dni", conditioned=True)}
@@ -50,7 +51,7 @@ def same_settings(saved, config):
 
 def train_or_reuse(config):
     """The summary of the run `config` describes, trained only if its folder holds no such finished run."""
-    from dni.train import run
+    from dnilab.train import run
     out = Path(config.out)
     if (out / "summary.json").exists():
         saved = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
@@ -98,11 +99,6 @@ def run_entry(name, config, summary, wall):
             **curve(config.out)}
 
 
-def mean_std(values):
-    t = torch.tensor(values, dtype=torch.float64)
-    return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
-
-
 # ---------------------------------------------------------------- Fig. 7 left
 
 def update_prob_sweep(args):
@@ -119,7 +115,7 @@ def update_prob_sweep(args):
     for method in args.methods:
         for p in args.probs:
             errors = [r["test_error"] for r in runs if r["method"] == method and r["update_prob"] == p]
-            mean, std = mean_std(errors)
+            mean, std = mean_std(errors, single=0.0)
             table.setdefault(method, {})[f"{p:g}"] = {"test_error_mean": mean, "test_error_std": std,
                                                       "seeds": len(errors)}
     steps = runs[0]["steps"]
@@ -332,5 +328,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from dni.cli import main_guard
+    from dnilab.cli import main_guard
     main_guard(main)

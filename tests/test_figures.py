@@ -1,4 +1,4 @@
-"""Every percentage in README.md and docs/*.md comes from a file under results/ (issue 23, item 6).
+"""Every percentage in README.md and docs/*.md comes from a file under results/.
 
 A percentage is held when
 - its text ("98.49%") appears in a results/ .md, .json or .txt file, or

@@ -34,7 +34,7 @@ back before it can backward, step and take batch t+1.
 
 Design choices, written once:
 - Labels are never sent: every worker draws the same batch order from the same seeded
-  generator (`dni.data.batches`). Every worker builds the whole net from the same seed, so
+  generator (`dnilab.data.batches`). Every worker builds the whole net from the same seed, so
   the initial weights equal a sequential run's, then keeps only its share: its stages and
   synthesizers (the others move to the meta device: shapes without storage), their
   optimizer states, and the data it reads (worker 0 the images; the last worker, and every
@@ -81,12 +81,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dni.data import Data, batches, held_bytes, load_data, num_batches, placeholder
+from dnilab.data import Data, batches, held_bytes, load_data, num_batches, placeholder
 from dni.errors import DNIError
 from dni.interface import loss_update, stage_update, synthesize, synthesizer_update
-from dni.models import stage_shapes
-from dni.runs import git_commit, prepare_run_dir, record_environment, save_checkpoint, write_json
-from dni.parts import Optimizers, build_net, check_finite, load_run_data, pick_device, set_seed, step_schedules
+from dni.unlock import frozen_statistics
+from dnilab.models import stage_shapes
+from dnilab.runs import git_commit, prepare_run_dir, record_environment, save_checkpoint, write_json
+from dnilab.parts import Optimizers, build_net, check_finite, load_run_data, pick_device, set_seed, step_schedules
 
 
 # ---------------------------------------------------------------- partition
@@ -276,24 +277,6 @@ def collective(rank, what, timeout_s):
                        f"or stalled past --worker_timeout {timeout_s:g}s; see the other logs") from None
 
 
-@contextlib.contextmanager
-def statistics_frozen(module):
-    """Run `module` in train mode without moving its BatchNorm running statistics (they moved
-    when it first saw the batch)."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
-             for m in norms]
-    for m in norms:
-        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
-    try:
-        yield
-    finally:
-        for m, (momentum, tracked) in zip(norms, saved):
-            m.momentum = momentum
-            if tracked is not None:
-                m.num_batches_tracked.copy_(tracked)
-
-
 # ---------------------------------------------------------------- one worker
 
 class PipelineWorker:
@@ -301,7 +284,7 @@ class PipelineWorker:
 
     `net` is the whole DNINet, built from the same seed on every worker; only the stages in
     `part` are trained here, and with `release_others` only they (and their synthesizers) keep
-    their storage. `optimizers` is a dni.parts.Optimizers of the net (at least of `part`).
+    their storage. `optimizers` is a dnilab.parts.Optimizers of the net (at least of `part`).
     `train_epoch` runs DNI (method 'dni') or locked model-parallel backprop ('backprop').
     `peers` carries the messages (default: `Peers` over torch.distributed; tests inject others).
     """
@@ -346,7 +329,7 @@ class PipelineWorker:
     @torch.no_grad()
     def evaluate(self, x, y, n, batch_size=1000):
         """Accuracy of the net on n examples, forward through the workers in eval mode, as
-        `dni.parts.evaluate` does in one process: worker 0 reads the images `x`, the last worker
+        `dnilab.parts.evaluate` does in one process: worker 0 reads the images `x`, the last worker
         the labels `y`. Returns the fraction on the last worker, None on the others."""
         stages = [self.net.stages[i] for i in self.part]
         modes = [stage.training for stage in stages]
@@ -491,7 +474,7 @@ class PipelineWorker:
         i = self.part.stop - 1
         synthesizer = self.net.synthesizers[i]
         if updates != self.boundary_updates:  # stepped since it made g_hat(t): ask it again
-            with statistics_frozen(synthesizer):
+            with frozen_statistics(synthesizer):
                 g_hat = synthesize(synthesizer, trigger, context)
         result = synthesizer_update(self.optimizers.synthesizers[i], g_hat, grad)
         self._record(log, i, t, result)
@@ -552,7 +535,7 @@ class _Assembled:
 
 def assemble(net, states):
     """Rank 0: every worker's `local_state` -> (net, optimizers) for `save_checkpoint`, the same dicts
-    a sequential run's DNINet and dni.parts.Optimizers give. Only the CPU copies are held, for the write."""
+    a sequential run's DNINet and dnilab.parts.Optimizers give. Only the CPU copies are held, for the write."""
     owned = {key: value for state in states for key, value in state["net"].items()}
     num_stages, num_synths = len(net.stages), len(net.synthesizers or [])
 
@@ -818,6 +801,6 @@ def _train(config, rank, world, device):
                             "stage_macs": costs, "held_bytes": held}}
     write_json(run_dir / "summary.json", summary)
     if config.plot:
-        from dni.plots import plot_run
+        from dnilab.plots import plot_run
         plot_run(run_dir)
     return summary

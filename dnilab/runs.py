@@ -1,4 +1,4 @@
-"""A run's folder: what `dni.train.run` writes, and the checkpoint it resumes from.
+"""A run's folder: what `dnilab.train.run` writes, and the checkpoint it resumes from.
 
 Files are written atomically (a temp file, then os.replace), so a crash never leaves half a
 file. A run already there is never overwritten silently (`prepare_run_dir`). A checkpoint
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dni.config import Config, saved_settings
+from dnilab.config import Config, saved_settings
 from dni.errors import DNIError
 
 
@@ -41,13 +41,20 @@ def _holds_run(run_dir):
 
 
 def prepare_run_dir(config):
-    """The run folder of a new run. A run already there, finished or resumable, is never
-    overwritten silently: with --out it is refused unless --overwrite; with the default
-    name a fresh one (name-2, name-3...) is picked."""
-    explicit = bool(config.out)
-    run_dir = Path(config.out or Path("results") / config.name)
+    """The run folder of a main.py run: --out, or results/<config.name> by default (see claim_run_dir)."""
+    return claim_run_dir(Path(config.out or Path("results") / config.name), overwrite=config.overwrite,
+                         explicit=bool(config.out))
+
+
+def claim_run_dir(run_dir, *, overwrite=False, explicit=True):
+    """The run folder of a new run, every training script's. A run already there, finished or
+    resumable, is never overwritten silently: in a folder the user named it is refused unless
+    `overwrite`; in a default folder (`explicit` False) a fresh one (name-2, name-3...) is picked.
+    Whatever an overwritten run left that would pass for this one's (metrics, summary, checkpoint)
+    is removed."""
+    run_dir = Path(run_dir)
     held = _holds_run(run_dir)
-    if held and not config.overwrite:
+    if held and not overwrite:
         if explicit and held == "finished":
             raise DNIError(f"{run_dir} already holds a finished run; pass --overwrite True or another --out")
         if explicit:

@@ -1,10 +1,10 @@
 """The one training loop: backprop or DNI, MLP or CNN, CPU or CUDA.
 
-`run(config)` trains, evaluates after every epoch and writes a run folder (`dni.runs`):
+`run(config)` trains, evaluates after every epoch and writes a run folder (`dnilab.runs`):
 config.json, command.txt, env.json, metrics.jsonl (a line per step and per epoch),
-summary.json, checkpoint.pt and the PNG plots (see `dni.plots`).
+summary.json, checkpoint.pt and the PNG plots (see `dnilab.plots`).
 
-Runs can be trusted (issue 7): bad input stops before anything is written; a
+Runs can be trusted: bad input stops before anything is written; a
 non-finite loss stops the run at that step, keeping the metrics so far and the
 last good checkpoint; SIGINT/SIGTERM save a checkpoint between two steps and end
 the run with exit code 130/143; `--resume RUN_DIR` continues it from there and ends
@@ -23,28 +23,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dni.cli import build_parser, main_guard, parse_config
-from dni.config import Config
-from dni.data import batches, load_data, num_batches
+from dnilab.cli import build_parser, main_guard, parse_config
+from dnilab.config import Config
+from dnilab.data import batches, load_data, num_batches
 from dni.errors import DNIError
-from dni.interface import backprop_step, dni_step, nobprop_step
-from dni.parts import Optimizers, build_net, check_finite, evaluate_splits, load_run_data, pick_device, set_seed
-from dni.parts import evaluate  # noqa: F401  not used here; still importable as dni.train.evaluate
-from dni.runs import (check_resumable, kept_metrics, load_checkpoint, prepare_run_dir, record_environment,
+from dnilab.parts import Optimizers, build_net, check_finite, evaluate_splits, load_run_data, pick_device, set_seed
+from dnilab.runs import (check_resumable, kept_metrics, load_checkpoint, prepare_run_dir, record_environment,
                       record_resume, restore, resume_config, rng_states, save_checkpoint, set_rng_states, write_json,
                       write_text)
-from dni.unlock import UnlockStep, uses_unlock
-
-
-def make_train_step(config, net, optimizers):
-    """The update one batch gets, as `step(x, y, step_index) -> StepStats`, by method."""
-    if uses_unlock(config):  # --update_prob < 1 or --unlock complete (dni.unlock)
-        return UnlockStep(config, net, optimizers)
-    if config.method == "dni":
-        return lambda x, y, _: dni_step(net, optimizers.stages, optimizers.synthesizers, x, y)
-    if config.method == "nobprop":
-        return lambda x, y, _: nobprop_step(net, optimizers.stages, x, y)
-    return lambda x, y, _: backprop_step(net, optimizers.stages, x, y)
+from dnilab.steps import make_train_step
 
 
 class Interrupted(Exception):
@@ -82,8 +69,8 @@ class StopFlag:
 
 def run(config):
     """Train one run as `config` says; returns its summary dict."""
-    if config.pipeline:  # this process is one worker of a torchrun launch: see dni.pipeline
-        from dni.pipeline import run_pipeline
+    if config.pipeline:  # this process is one worker of a torchrun launch: see dnilab.pipeline
+        from dnilab.pipeline import run_pipeline
         return run_pipeline(config)
     device = pick_device(config.device)
     if config.resume:  # every check first (bad input writes nothing), the cheap ones before the data
@@ -188,7 +175,7 @@ def run(config):
                "dataset": config.dataset, "seed": config.seed, "device": str(device)}
     write_json(run_dir / "summary.json", summary)
     if config.plot:
-        from dni.plots import plot_run
+        from dnilab.plots import plot_run
         plot_run(run_dir)
     return summary
 
