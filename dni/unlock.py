@@ -180,17 +180,24 @@ def add_input_models(net, *, in_shape, stage_shapes, hidden_layers=1, width=512)
 
 @contextlib.contextmanager
 def frozen_statistics(module):
-    """Run `module` (in train mode: batch statistics) without moving its buffers, BatchNorm's
-    running statistics and batch count: they are restored on exit. A stage that trains on a
-    synthetic input, or a synthesizer asked a second time for a batch it has seen, must not count
-    that batch in the statistics the network is tested with."""
-    saved = [b.clone() for b in module.buffers()]
+    """Run `module` in train mode (batch statistics) without moving its BatchNorm running
+    statistics or batch counts. A stage that trains on a synthetic input, or a synthesizer asked a
+    second time for a batch it has seen, must not count that batch in the statistics the network
+    is tested with. The momentum is 0 inside (running = 1 * running + 0 * batch, exactly), rather
+    than the buffers restored afterwards: a backward after the block still finds the running
+    statistics its graph saved, unmodified."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in norms]
+    for m in norms:
+        m.momentum = 0.0
     try:
         yield
     finally:
-        with torch.no_grad():
-            for buffer, value in zip(module.buffers(), saved):
-                buffer.copy_(value)
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 def complete_unlock_step(net, stage_optimizers, synth_optimizers, input_optimizers, x, y):

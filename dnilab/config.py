@@ -3,13 +3,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from dni.errors import DNIError
+from dnilab.data import DATASETS
 from dnilab.models import MODELS
 from dnilab.presets import PRESETS, paper_epochs
 
 METHODS = ("dni", "backprop", "nobprop")
 SCHEDULES = ("cosine", "constant", "paper")
 DEVICES = ("auto", "cpu", "cuda")
-DATASET_CHOICES = ("mnist", "fashion_mnist", "cifar10")
 SYNTH_TYPES = ("conv", "dense")
 
 
@@ -28,7 +28,7 @@ class Config:
                        "nobprop: only the last stage learns (the paper's No Bprop)", default="dni",
                        choices=METHODS)
     conditioned: bool = _opt("cDNI: synthesizers also read the one-hot label", default=False)
-    dataset: str = _opt("data set", default="mnist", choices=DATASET_CHOICES)
+    dataset: str = _opt("data set", default="mnist", choices=DATASETS)
     data_dir: str = _opt("where data sets live", default="data")
     val_size: int = _opt("validation images held out of the end of the training set, never trained on, the only "
                          "split settings are chosen on; 0 trains on all of it (then choose nothing from the run)",

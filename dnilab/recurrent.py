@@ -19,11 +19,10 @@ from tqdm import tqdm
 
 from dni.errors import DNIError
 from dni.recurrent import IGNORE, SG_FACTOR, RecurrentDNI, window_backward
+from dnilab.config import DEVICES
 from dnilab.copy_tasks import TASKS, Curriculum, EpisodeStream, make_task
-from dnilab.runs import claim_run_dir, command_line, environment, write_json
+from dnilab.runs import claim_run_dir, environment, record_environment, write_json
 from dnilab.parts import pick_device, set_seed
-
-DEVICES = ("cpu", "cuda", "auto")
 
 
 def factor_tag(sg_factor, sg_discount=None):
@@ -176,9 +175,7 @@ def run(config, *, log=print):
     metrics.jsonl, summary.json, bits.png, length.png. Returns the summary dict."""
     device = pick_device(config.device)  # refuse a missing device before making the folder
     folder = claim_run_dir(Path(config.out) / config.name, overwrite=config.overwrite)
-    write_json(folder / "config.json", dataclasses.asdict(config))
-    (folder / "command.txt").write_text(command_line() + "\n")
-    write_json(folder / "env.json", environment(device))
+    record_environment(folder, config, device)
     with open(folder / "metrics.jsonl", "w") as f:
         summary = train(config, log=log, metrics=lambda row: f.write(json.dumps(row) + "\n"))
     plot_run(folder)

@@ -50,8 +50,9 @@ from dni.interface import DNINet, backprop_step, dni_step
 from dni.synthesizers import make_synthesizer
 from dnilab.runs import write_json, write_text
 from dnilab.parts import Optimizers, build_net, evaluate, load_run_data, set_seed
-from dnilab.pipeline import (PipelineWorker, balanced_partition, held_by, init_workers, release_others_of,
-                          share_of_data, stage_costs)
+from dnilab.partition import balanced_partition, stage_costs
+from dnilab.pipeline import init_workers
+from dnilab.worker import PipelineWorker, held_by, release_others_of, share_of_data
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -171,7 +172,7 @@ PIPELINING = {"gpipe": "GPipe", "1f1b": "1F1B"}
 
 class TorchPipelineWorker:
     """The stages `parts[rank]` of `net` as one `torch.distributed.pipelining.PipelineStage`, trained
-    by torch's GPipe or 1F1B schedule: the same modules and cut as `dnilab.pipeline.PipelineWorker`'s
+    by torch's GPipe or 1F1B schedule: the same modules and cut as `dnilab.worker.PipelineWorker`'s
     locked backprop, so the two differ only in how the batch flows.
 
     `step(x, y)` cuts the batch into `microbatches` equal micro-batches, runs the schedule on them

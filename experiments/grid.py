@@ -20,6 +20,13 @@ import torch
 from dni.errors import DNIError
 from dnilab.config import DEVICES, label_map_acts, saved_settings
 
+# A grid's method, as its tables name it (a column) -> the Config settings that train it.
+COLUMNS = {
+    "nobprop": dict(method="nobprop"),
+    "backprop": dict(method="backprop"),
+    "dni": dict(method="dni", conditioned=False),
+    "cdni": dict(method="dni", conditioned=True),
+}
 # The CPU grid's budget: 10 epochs for every run (2,340 iterations of batch 256, about 0.5% of
 # the paper's), the same for every method, at each model's stage lr of that budget. main.py's
 # defaults train longer (dnilab/presets.py), which the grid cannot afford: with --jobs 2 on 2 cores

@@ -35,18 +35,19 @@ from pathlib import Path
 
 from dnilab.cli import main_guard, parse_config
 from dni.errors import DNIError
-from dnilab.recurrent import DEVICES, RecurrentConfig, factor_tag, run
+from dnilab.config import DEVICES
+from dnilab.recurrent import RecurrentConfig, factor_tag, run
 from dnilab.runs import write_json, write_text
 from experiments.grid import mean_std
 
 TRUNCATIONS = (2, 3, 4, 5, 8)
 TASK_NAMES = {"copy": "Copy", "repeat_copy": "Repeat Copy"}
-METHODS = {"bptt": False, "dni": True}  # method -> RecurrentConfig.dni
+RECURRENT_METHODS = {"bptt": False, "dni": True}  # method -> RecurrentConfig.dni
 
 # The paper's Table 2 (Copy / Repeat Copy: largest sequence length solved) could not be
 # retrieved in this environment, so no number of it is quoted: None means "not confirmed".
 PAPER_NOTE = "n/c: not confirmed; the paper's Table 2 could not be retrieved where this table was made."
-PAPER_NUMBERS = {task: {method: {T: None for T in TRUNCATIONS} for method in METHODS} for task in TASK_NAMES}
+PAPER_NUMBERS = {task: {method: {T: None for T in TRUNCATIONS} for method in RECURRENT_METHODS} for task in TASK_NAMES}
 # What runs made before a setting existed did instead: streams in step.
 LEGACY = dict(stagger=0)
 # Settings only a DNI run reads: a BPTT run made under other values is the same run.
@@ -89,7 +90,7 @@ class TableConfig:
 
 def cells(config):
     """(task, T, method) of every cell of the table, and the per-run config overrides."""
-    methods = ["dni"] if config.dni_only else list(METHODS)
+    methods = ["dni"] if config.dni_only else list(RECURRENT_METHODS)
     if config.quick:
         return ([("copy", 3, m) for m in methods],
                 dict(steps=60, hidden=16, min_scored=50, length=config.length, stagger=config.stagger,
@@ -157,7 +158,7 @@ def _fixed_length_lines(table):
     ]
     for row in table["rows"]:
         cells = [_cell(row, f"{m}_next", lambda pairs: _format([bits for _, bits in pairs], digits=2))
-                 for m in METHODS]
+                 for m in RECURRENT_METHODS]
         lines.append(f"| {TASK_NAMES[row['task']]} | {row['T']} | {cells[0]} | {cells[1]} |")
     return lines + [""]
 
@@ -176,7 +177,7 @@ def _curriculum_lines(table):
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for row in table["rows"]:
-        paper = [("n/c" if row["paper"][m] is None else str(row["paper"][m])) for m in METHODS]
+        paper = [("n/c" if row["paper"][m] is None else str(row["paper"][m])) for m in RECURRENT_METHODS]
         lines.append(f"| {TASK_NAMES[row['task']]} | {row['T']} | {_cell(row, 'bptt', _format)} | "
                      f"{_cell(row, 'dni', _format)} | {paper[0]} | {paper[1]} |")
     lines += [
@@ -227,7 +228,7 @@ def plot_table(table, path):
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         rows = [r for r in table["rows"] if r["task"] == task]
-        for method, color in zip(METHODS, ("tab:gray", "tab:blue")):
+        for method, color in zip(RECURRENT_METHODS, ("tab:gray", "tab:blue")):
             if method not in rows[0]:
                 continue
             Ts = [r["T"] for r in rows]
@@ -248,7 +249,7 @@ def make_table(config, argv=(), *, log=print):
     out = Path(config.out)
     grid, overrides = cells(config)
     seed_count = overrides.pop("seed_count")
-    run_configs = [RecurrentConfig(task=task, truncation=T, dni=METHODS[method], seed=seed, device=config.device,
+    run_configs = [RecurrentConfig(task=task, truncation=T, dni=RECURRENT_METHODS[method], seed=seed, device=config.device,
                                    threads=config.threads, out=str(out / "rnn"), **overrides)
                    for task, T, method in grid for seed in range(config.first_seed, config.first_seed + seed_count)]
     if config.jobs == 1:
@@ -261,7 +262,7 @@ def make_table(config, argv=(), *, log=print):
         mine = summaries[n * seed_count:(n + 1) * seed_count]
         row = next((r for r in rows if r["task"] == task and r["T"] == T), None)
         if row is None:
-            row = dict(task=task, T=T, paper={m: PAPER_NUMBERS[task][m][T] for m in METHODS})
+            row = dict(task=task, T=T, paper={m: PAPER_NUMBERS[task][m][T] for m in RECURRENT_METHODS})
             rows.append(row)
         row[method] = [s["solved"] for s in mine]
         row[f"{method}_next"] = [[s["length"], s["last_bits"]] for s in mine]

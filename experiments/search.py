@@ -29,14 +29,13 @@ from dnilab.config import Config
 from dni.errors import DNIError
 from dnilab.presets import OURS
 from dnilab.runs import write_text
-from experiments.grid import add_grid_options, check_counts, mean_std, pending, train_all
+from experiments.grid import COLUMNS, add_grid_options, check_counts, mean_std, pending, train_all
 
 SYNTH_LAYERS = (0, 1, 2)
 SYNTH_WIDTHS = (1024,)
 SG_LRS = (1e-4, 1e-3, 3e-3, 1e-2)
 LRS = (3e-4, 1e-3, 3e-3)
-METHODS = {"dni": dict(method="dni", conditioned=False), "cdni": dict(method="dni", conditioned=True),
-           "backprop": dict(method="backprop")}
+SEARCHED = ("dni", "cdni", "backprop")  # columns of experiments.grid.COLUMNS, in the ranking's order
 EPOCHS, SEEDS = 2, (0,)
 QUICK = dict(synth_layers=[0], synth_widths=[64], sg_lrs=[1e-4], lrs=[1e-3], methods=["dni", "cdni"], epochs=1, seeds=[0])
 TUNED = ("lr", "sg_lr", "synth_layers")
@@ -70,7 +69,7 @@ def points(args):
 def run_config(args, method, synth_layers, synth_width, sg_lr, lr, seed):
     name = run_name(method, synth_layers, synth_width, sg_lr, lr, seed)
     settings = dict(model_type=args.model_type, dataset="mnist", lr=lr, num_epochs=args.epochs, seed=seed, plot=False,
-                    overwrite=True, out=str(Path(args.results) / args.stem / name), **METHODS[method])
+                    overwrite=True, out=str(Path(args.results) / args.stem / name), **COLUMNS[method])
     if method != "backprop":
         settings.update({"synth_layers": synth_layers, WIDTH[args.model_type]: synth_width, "sg_lr": sg_lr})
         if args.model_type == "cnn":  # its widths are conv filters: the search is over conv synthesizers
@@ -112,7 +111,7 @@ def collect(args, failures=None):
         if done:
             best[method] = min(done, key=lambda r: r["mean"])
     defaults, tuned = Config(model_type=args.model_type), TUNED + (WIDTH[args.model_type],)
-    defaults_now = {m: {k: getattr(Config(model_type=args.model_type, **METHODS[m]), k) for k in tuned}
+    defaults_now = {m: {k: getattr(Config(model_type=args.model_type, **COLUMNS[m]), k) for k in tuned}
                     for m in args.methods if m != "backprop"}
     size = dict(hidden=defaults.hidden) if args.model_type == "mlp" else dict(channels=defaults.channels)
     meta = dict(epochs=args.epochs, seeds=list(args.seeds), runs_done=sum(len(r["val_error"]) for r in rows),
@@ -141,7 +140,7 @@ def markdown(table):
              f"method (the last {meta['network']['val_size']:,} training images; the test set is not read).",
              "", f"| method | synth layers | {width_name} | sg_lr | lr | val error | train s |",
              "|---|---|---|---|---|---|---|"]
-    key = lambda r: (list(METHODS).index(r["method"]), r["mean"] is None, r["mean"] or 0)
+    key = lambda r: (list(SEARCHED).index(r["method"]), r["mean"] is None, r["mean"] or 0)
     blank = lambda value, fmt="": "" if value is None else format(value, fmt)
     for r in sorted(table["rows"], key=key):
         width = r.get("synth_width") if r["synth_layers"] else None  # a linear synthesizer has none
@@ -192,7 +191,7 @@ def parse_args(argv=None):
                              f"(default: mlp {' '.join(map(str, SYNTH_WIDTHS))}, cnn {OURS['synth_channels']})")
     parser.add_argument("--sg_lrs", type=float, nargs="+", help=f"synthesizer lrs (default: {' '.join(map(str, SG_LRS))})")
     parser.add_argument("--lrs", type=float, nargs="+", help=f"stage lrs (default: {' '.join(map(str, LRS))})")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: dni cdni backprop")
+    parser.add_argument("--methods", nargs="+", choices=list(SEARCHED), help="default: dni cdni backprop")
     parser.add_argument("--epochs", type=int, help=f"epochs per run (default: {EPOCHS})")
     parser.add_argument("--seeds", type=int, nargs="+", help=f"default: {' '.join(map(str, SEEDS))}")
     parser.add_argument("--quick", action="store_true", help="2 runs of 1 epoch, written as search_quick.*")
@@ -200,7 +199,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     widths = list(SYNTH_WIDTHS) if args.model_type == "mlp" else [OURS["synth_channels"]]
     defaults = QUICK if args.quick else dict(synth_layers=list(SYNTH_LAYERS), synth_widths=widths,
-                                             sg_lrs=list(SG_LRS), lrs=list(LRS), methods=list(METHODS),
+                                             sg_lrs=list(SG_LRS), lrs=list(LRS), methods=list(SEARCHED),
                                              epochs=EPOCHS, seeds=list(SEEDS))
     for name, value in defaults.items():
         if getattr(args, name) is None:

@@ -41,19 +41,13 @@ from dnilab.data import TRAIN_SIZES
 from dnilab.models import MODELS
 from dnilab.presets import PAPER_ITERATIONS, PAPER_PRESET, PRESETS, paper_epochs
 from dnilab.runs import write_text
-from experiments.grid import (CPU_SETTINGS, Stopped, add_grid_options, check_counts, mean_std, pending, train_all,
+from experiments.grid import (COLUMNS, CPU_SETTINGS, Stopped, add_grid_options, check_counts, mean_std, pending, train_all,
                               typed_command)
 
 LAYERS = {"mlp": (3, 4, 5, 6), "cnn": (3, 4)}  # the paper's rows; layers = depth + 1
 MODEL_LABEL = {"mlp": "FCN", "cnn": "CNN"}
-METHODS = {  # table column -> Config settings
-    "nobprop": dict(method="nobprop"),
-    "backprop": dict(method="backprop"),
-    "dni": dict(method="dni", conditioned=False),
-    "cdni": dict(method="dni", conditioned=True),
-}
 METHOD_LABEL = {"nobprop": "No Bprop", "backprop": "Bprop", "dni": "DNI", "cdni": "cDNI"}
-DATASETS = {"mnist": ("MNIST", ""), "fashion_mnist": ("Fashion-MNIST", "fashion_")}  # -> (title, file prefix)
+DATASET_TITLES = {"mnist": ("MNIST", ""), "fashion_mnist": ("Fashion-MNIST", "fashion_")}  # -> (title, file prefix)
 SEEDS = (0, 1, 2)
 
 # The paper's budget (section 3.1): Adam, lr 3e-5 divided by 10 at 60% and 80% of 500k
@@ -88,7 +82,7 @@ def grid_cells(args):
 def trained_cells(args):
     """{(model, layers, method)} with a finished run under this table's run root."""
     found = (re.fullmatch(r"(\w+?)(\d+)_(\w+)_s\d+", p.parent.name) for p in run_root(args).glob("*/summary.json"))
-    return {(m[1], int(m[2]), m[3]) for m in found if m and m[1] in LAYERS and m[3] in METHODS}
+    return {(m[1], int(m[2]), m[3]) for m in found if m and m[1] in LAYERS and m[3] in COLUMNS}
 
 
 def table_scope(args):
@@ -99,17 +93,17 @@ def table_scope(args):
     asked = grid_cells(args)
     order = [(model, layers) for model in LAYERS for layers in LAYERS[model]]
     cells = [c for c in order + asked if c in asked or any(t[:2] == c for t in trained)]
-    methods = [m for m in METHODS if m in args.methods or any(t[2] == m for t in trained)]
+    methods = [m for m in COLUMNS if m in args.methods or any(t[2] == m for t in trained)]
     return list(dict.fromkeys(cells)), methods
 
 
 def run_config(args, model, layers, method, seed):
     """The Config of one run: dnilab.config's defaults but for what the table sets."""
-    if METHODS[method]["method"] not in CONFIG_METHODS:  # else dnilab.train would run it as backprop
-        raise DNIError(f"this dnilab.config has no method {METHODS[method]['method']!r}; update dnilab/config.py and dnilab/train.py")
+    if COLUMNS[method]["method"] not in CONFIG_METHODS:  # else dnilab.train would run it as backprop
+        raise DNIError(f"this dnilab.config has no method {COLUMNS[method]['method']!r}; update dnilab/config.py and dnilab/train.py")
     settings = dict(model_type=model, preset=args.preset, depth=layers - 1, dataset=args.dataset, seed=seed,
                     plot=False, overwrite=True, out=str(run_root(args) / run_name(model, layers, method, seed)),
-                    **METHODS[method])
+                    **COLUMNS[method])
     if args.device:
         settings["device"] = args.device
     if args.data_dir:
@@ -141,7 +135,7 @@ def run_root(args):
 
 
 def output_base(args):
-    return Path(args.results) / f"{DATASETS[args.dataset][1]}{stem(args)}"
+    return Path(args.results) / f"{DATASET_TITLES[args.dataset][1]}{stem(args)}"
 
 
 def train_grid(args, log=print):
@@ -291,7 +285,7 @@ def _goal_lines(table):
 def markdown(table):
     """The table as the README shows it: test error (%) mean ± std over seeds."""
     meta, methods = table["meta"], table["meta"]["methods"]
-    title = DATASETS[meta["dataset"]][0]
+    title = DATASET_TITLES[meta["dataset"]][0]
     status = (f"**PARTIAL**: {meta['runs_done']} of {meta['runs_total']} runs finished; '—' cells have none yet."
               if meta["partial"] else f"Complete: {meta['runs_done']} runs.")
     lines = [f"# Table 1 on {title}: test error (%) with DNIs between every layer", "", status, "",
@@ -392,7 +386,7 @@ def plot_curves(args, table, path):
                 mean, low, high = _spread([[100 * (1 - m["test_acc"]) for m in e] for e in epochs])
                 ax.plot(steps, mean, marker="o", ms=3, color=color, label=METHOD_LABEL[method])
                 ax.fill_between(steps, low, high, color=color, alpha=0.2, lw=0)
-            ax.set(title=f"{DATASETS[args.dataset][0]} {row['label']}", xlabel="iteration", ylabel="test error (%)")
+            ax.set(title=f"{DATASET_TITLES[args.dataset][0]} {row['label']}", xlabel="iteration", ylabel="test error (%)")
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
     fig.tight_layout()
@@ -455,12 +449,12 @@ def make_table(args, log=print):
 
 def parse_args(argv=None):
     parser = OneLineParser(prog="python -m experiments.table1", description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="mnist", choices=list(DATASETS))
+    parser.add_argument("--dataset", default="mnist", choices=list(DATASET_TITLES))
     parser.add_argument("--seeds", type=int, nargs="+", help=f"seeds per cell (default: {' '.join(map(str, SEEDS))})")
     parser.add_argument("--models", nargs="+", choices=list(LAYERS), help="networks (default: mlp cnn)")
     parser.add_argument("--layers", type=int, nargs="+",
                         help="only these layer counts (default: the paper's, FCN 3-6 and CNN 3-4)")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="columns (default: all four)")
+    parser.add_argument("--methods", nargs="+", choices=list(COLUMNS), help="columns (default: all four)")
     parser.add_argument("--epochs", type=int,
                         help="epochs of every run (default: "
                              + ", ".join(f"{k} {v['num_epochs']}" for k, v in CPU_SETTINGS.items()) + ")")
@@ -477,7 +471,7 @@ def parse_args(argv=None):
         parser.error("--quick and --paper are two different budgets; pick one")
     if args.paper and args.epochs:
         parser.error("--paper sets the epochs itself (500k iterations); drop --epochs")
-    defaults = QUICK if args.quick else dict(models=list(LAYERS), layers=None, methods=list(METHODS),
+    defaults = QUICK if args.quick else dict(models=list(LAYERS), layers=None, methods=list(COLUMNS),
                                              seeds=list(SEEDS), epochs=None)
     for name, value in defaults.items():
         if getattr(args, name) is None:

@@ -33,10 +33,9 @@ import torch
 from dnilab.config import Config, saved_settings
 from dnilab.data import TRAIN_SIZES
 from dnilab.runs import write_json, write_text
-from experiments.grid import mean_std
+from experiments.grid import COLUMNS, mean_std
 
-METHODS = {"backprop": dict(method="backprop"), "dni": dict(method="dni"),
-           "cdni": dict(method="dni", conditioned=True)}
+COMPARED = ("backprop", "dni", "cdni")  # columns of experiments.grid.COLUMNS
 PROBS = (1.0, 0.5, 0.2, 0.1, 0.05)
 
 
@@ -106,7 +105,7 @@ def update_prob_sweep(args):
     for seed in args.seeds:
         for method in args.methods:
             for p in args.probs:
-                config = base_config(args, **METHODS[method], update_prob=p, seed=seed,
+                config = base_config(args, **COLUMNS[method], update_prob=p, seed=seed,
                                      out=str(Path(args.runs) / args.name / f"{method}_p{p:g}_s{seed}"))
                 t = time.perf_counter()
                 summary = train_or_reuse(config)
@@ -153,8 +152,8 @@ def unlock_runs(args):
     start, runs = time.perf_counter(), []
     # The default experiment reuses the sweep's P = 1 runs (same settings); another --name keeps its own.
     reference = "update_prob" if args.name == "unlock" else args.name
-    specs = [(f"{m}_p1_s{args.seeds[0]}", dict(**METHODS[m]), reference) for m in args.methods]
-    specs += [(f"{m}_complete_s{args.seeds[0]}", dict(**METHODS[m], unlock="complete"), args.name)
+    specs = [(f"{m}_p1_s{args.seeds[0]}", dict(**COLUMNS[m]), reference) for m in args.methods]
+    specs += [(f"{m}_complete_s{args.seeds[0]}", dict(**COLUMNS[m], unlock="complete"), args.name)
               for m in args.methods if m != "backprop"]
     for name, kw, folder in specs:
         config = base_config(args, **kw, seed=args.seeds[0], out=str(Path(args.runs) / folder / name))
@@ -303,7 +302,7 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--probs", type=float, nargs="+", default=list(PROBS))
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(COMPARED), default=list(COMPARED))
     parser.add_argument("--runs", default="runs", help="where run folders go (default: runs, git-ignored)")
     parser.add_argument("--results", default="results", help="where the JSON and PNG go")
     parser.add_argument("--data_dir", default="data")

@@ -1,4 +1,4 @@
-"""The DNI update against its oracle (backprop) and the properties of shared DNI.md."""
+"""The DNI update against its oracle (backprop) and the properties of the update (paper, section 2; docs/design.md)."""
 import copy
 
 import pytest

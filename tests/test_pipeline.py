@@ -26,7 +26,7 @@ import torch
 
 from dnilab.config import Config
 from dni.errors import DNIError
-from dnilab.pipeline import balanced_partition, parse_partition
+from dnilab.partition import balanced_partition, parse_partition
 from dnilab.train import run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -309,3 +309,4 @@ def test_asking_again_under_frozen_statistics_is_exact():
     assert torch.equal(again, reference(trigger, context))  # the same batch-statistics output, bit for bit
     assert all(torch.equal(a, b) for a, b in zip(before, (norm.running_mean, norm.running_var,
                                                            norm.num_batches_tracked)))
+    assert norm.momentum == 0.1  # restored

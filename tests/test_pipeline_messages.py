@@ -23,7 +23,8 @@ from dnilab.config import Config
 from dni.errors import DNIError
 from dni.interface import dni_step
 from dnilab.parts import Optimizers, build_net, step_schedules
-from dnilab.pipeline import PipelineWorker, Peers
+from dnilab.transport import Peers
+from dnilab.worker import PipelineWorker
 
 IN_SHAPE, BATCH, STEPS = (1, 8, 8), 16, 12
 # 4 stages on 3 workers: two boundaries between workers and one inside worker 1.
