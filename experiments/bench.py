@@ -83,7 +83,7 @@ def repo_mlp_net(*, method, conditioned):
 
 
 _DEFAULT, _DEFAULT_C = Config(), Config(conditioned=True)
-MODELS = {"wide": (wide_net, "2 stages 784-1024-256 | 256-1024-640-10, linear synthesizer"),
+BENCH_MODELS = {"wide": (wide_net, "2 stages 784-1024-256 | 256-1024-640-10, linear synthesizer"),
           "mlp": (repo_mlp_net, f"main.py's default mlp: {_DEFAULT.depth + 1} stages of {_DEFAULT.hidden}, "
                                 f"synthesizers with {_DEFAULT.synth_layers} hidden layers (cDNI: "
                                 f"{_DEFAULT_C.synth_layers})")}
@@ -91,7 +91,7 @@ MODELS = {"wide": (wide_net, "2 stages 784-1024-256 | 256-1024-640-10, linear sy
 
 def make_net(model, method, conditioned):
     torch.manual_seed(0)
-    return MODELS[model][0](method=method, conditioned=conditioned)
+    return BENCH_MODELS[model][0](method=method, conditioned=conditioned)
 
 
 def endless(x, y, batch_size, generator):
@@ -491,11 +491,11 @@ def main(argv=None):
     parser = OneLineParser(prog="python -m experiments.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)  # internal: one workload
     parser.add_argument("--result", help=argparse.SUPPRESS)
-    parser.add_argument("--model", default="wide", choices=list(MODELS), help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="wide", choices=list(BENCH_MODELS), help=argparse.SUPPRESS)
     parser.add_argument("--method", default="dni", help=argparse.SUPPRESS)
     parser.add_argument("--conditioned", default="False", help=argparse.SUPPRESS)
     parser.add_argument("--n_microbatches", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--models", default="wide,mlp", help="models to time, of: " + ", ".join(MODELS))
+    parser.add_argument("--models", default="wide,mlp", help="models to time, of: " + ", ".join(BENCH_MODELS))
     parser.add_argument("--workers", type=int, default=2, help="K, the workers of the pipeline")
     parser.add_argument("--threads", type=int, default=1, help="threads per pipeline worker")
     parser.add_argument("--steps", type=int, default=60, help="timed training steps per workload")
@@ -539,8 +539,8 @@ def main(argv=None):
     cores = os.cpu_count()
     models = args.models.split(",")
     for model in models:
-        if model not in MODELS:
-            raise DNIError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+        if model not in BENCH_MODELS:
+            raise DNIError(f"unknown model {model!r}; choose from {', '.join(BENCH_MODELS)}")
     K, k_threads = args.workers, args.threads
     # (key, worker, model, method, conditioned, processes, threads per process, micro-batches)
     workloads = []
@@ -746,7 +746,7 @@ def markdown(result, models, args):
     for model in models:
         locked, single = _median(result, f"{model}/locked_backprop_K"), _median(result, f"{model}/backprop_1proc")
         part = result["partitions"].get(f"{model}/dni_pipeline_K")
-        lines += [f"## {model}: {MODELS[model][1]}" + (f"; partition {part}" if part else ""), "",
+        lines += [f"## {model}: {BENCH_MODELS[model][1]}" + (f"; partition {part}" if part else ""), "",
                   f"| workload | samples/s | vs locked | vs 1-proc backprop ({hw['cores']} threads) | "
                   "peak RSS MB (per process) | held MB: parameters + optimizer + data (per process) | "
                   "time blocked (per worker) |",

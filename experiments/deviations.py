@@ -25,7 +25,7 @@ import torch
 from dnilab.cli import OneLineParser, main_guard
 from dnilab.config import Config
 from dnilab.runs import write_text
-from experiments.grid import CPU_SETTINGS, add_grid_options, check_counts, mean_std, pending, train_all, typed_command
+from experiments.grid import CPU_SETTINGS, SEEDS, add_grid_options, check_counts, mean_std, pending, train_all, typed_command
 
 # model -> (network depth as in main.py, settings shared by every row of that model)
 NETWORKS = {"mlp": dict(depth=3), "cnn": dict(depth=2, channels=16)}
@@ -42,7 +42,6 @@ ROWS = {
     ("cnn", "cdni"): [("paper preset", {}), ("per-position bias and label map", dict(synth_position_map=True)),
                       ("our sg_lr", "sg_lr"), ("all of ours", None)],
 }
-SEEDS = (0, 1, 2)
 
 
 def slug(name):

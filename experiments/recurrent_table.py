@@ -47,7 +47,7 @@ RECURRENT_METHODS = {"bptt": False, "dni": True}  # method -> RecurrentConfig.dn
 # The paper's Table 2 (Copy / Repeat Copy: largest sequence length solved) could not be
 # retrieved in this environment, so no number of it is quoted: None means "not confirmed".
 PAPER_NOTE = "n/c: not confirmed; the paper's Table 2 could not be retrieved where this table was made."
-PAPER_NUMBERS = {task: {method: {T: None for T in TRUNCATIONS} for method in RECURRENT_METHODS} for task in TASK_NAMES}
+PAPER_TABLE2 = {task: {method: {T: None for T in TRUNCATIONS} for method in RECURRENT_METHODS} for task in TASK_NAMES}
 # What runs made before a setting existed did instead: streams in step.
 LEGACY = dict(stagger=0)
 # Settings only a DNI run reads: a BPTT run made under other values is the same run.
@@ -262,7 +262,7 @@ def make_table(config, argv=(), *, log=print):
         mine = summaries[n * seed_count:(n + 1) * seed_count]
         row = next((r for r in rows if r["task"] == task and r["T"] == T), None)
         if row is None:
-            row = dict(task=task, T=T, paper={m: PAPER_NUMBERS[task][m][T] for m in RECURRENT_METHODS})
+            row = dict(task=task, T=T, paper={m: PAPER_TABLE2[task][m][T] for m in RECURRENT_METHODS})
             rows.append(row)
         row[method] = [s["solved"] for s in mine]
         row[f"{method}_next"] = [[s["length"], s["last_bits"]] for s in mine]

@@ -37,7 +37,7 @@ SG_LRS = (1e-4, 1e-3, 3e-3, 1e-2)
 LRS = (3e-4, 1e-3, 3e-3)
 SEARCHED = ("dni", "cdni", "backprop")  # columns of experiments.grid.COLUMNS, in the ranking's order
 EPOCHS, SEEDS = 2, (0,)
-QUICK = dict(synth_layers=[0], synth_widths=[64], sg_lrs=[1e-4], lrs=[1e-3], methods=["dni", "cdni"], epochs=1, seeds=[0])
+QUICK_SEARCH = dict(synth_layers=[0], synth_widths=[64], sg_lrs=[1e-4], lrs=[1e-3], methods=["dni", "cdni"], epochs=1, seeds=[0])
 TUNED = ("lr", "sg_lr", "synth_layers")
 WIDTH = {"mlp": "synth_width", "cnn": "synth_channels"}  # what the search's "width" sets: dense units, conv filters
 
@@ -198,7 +198,7 @@ def parse_args(argv=None):
     add_grid_options(parser, "search")
     args = parser.parse_args(argv)
     widths = list(SYNTH_WIDTHS) if args.model_type == "mlp" else [OURS["synth_channels"]]
-    defaults = QUICK if args.quick else dict(synth_layers=list(SYNTH_LAYERS), synth_widths=widths,
+    defaults = QUICK_SEARCH if args.quick else dict(synth_layers=list(SYNTH_LAYERS), synth_widths=widths,
                                              sg_lrs=list(SG_LRS), lrs=list(LRS), methods=list(SEARCHED),
                                              epochs=EPOCHS, seeds=list(SEEDS))
     for name, value in defaults.items():

@@ -41,23 +41,22 @@ from dnilab.data import TRAIN_SIZES
 from dnilab.models import MODELS
 from dnilab.presets import PAPER_ITERATIONS, PAPER_PRESET, PRESETS, paper_epochs
 from dnilab.runs import write_text
-from experiments.grid import (COLUMNS, CPU_SETTINGS, Stopped, add_grid_options, check_counts, mean_std, pending, train_all,
-                              typed_command)
+from experiments.grid import (COLUMNS, CPU_SETTINGS, SEEDS, Stopped, add_grid_options, check_counts, mean_std,
+                              pending, train_all, typed_command)
 
 LAYERS = {"mlp": (3, 4, 5, 6), "cnn": (3, 4)}  # the paper's rows; layers = depth + 1
 MODEL_LABEL = {"mlp": "FCN", "cnn": "CNN"}
 METHOD_LABEL = {"nobprop": "No Bprop", "backprop": "Bprop", "dni": "DNI", "cdni": "cDNI"}
 DATASET_TITLES = {"mnist": ("MNIST", ""), "fashion_mnist": ("Fashion-MNIST", "fashion_")}  # -> (title, file prefix)
-SEEDS = (0, 1, 2)
 
 # The paper's budget (section 3.1): Adam, lr 3e-5 divided by 10 at 60% and 80% of 500k
 # iterations of batch 256; 128 filters per conv layer.
 PAPER_SETTINGS = {k: PAPER_PRESET[k] for k in ("lr", "sg_lr", "schedule", "batch_size", "channels")}
-QUICK = dict(models=["mlp"], layers=[3], methods=["backprop", "dni", "cdni"], seeds=[0], epochs=1)
+QUICK_TABLE = dict(models=["mlp"], layers=[3], methods=["backprop", "dni", "cdni"], seeds=[0], epochs=1)
 
 # The paper's Table 1 numbers could not be confirmed where this was written (no copy of the
 # PDF's table was reachable), so none is quoted: None prints as "not confirmed".
-PAPER_NUMBERS = {}
+PAPER_TABLE1 = {}
 # Settings the table reports, per model: of every run, and of the synthesizers of DNI runs.
 STAGE_KEYS = {"mlp": ("lr", "schedule", "batch_size", "num_epochs", "hidden"),
               "cnn": ("lr", "schedule", "batch_size", "num_epochs", "channels")}
@@ -158,7 +157,7 @@ def collect(args, failures=None):
     held_out = set()  # --val_size of each finished run: 0 for runs made before the split
     for model, layers in cells:
         row = dict(model=model, layers=layers, depth=layers - 1, label=f"{MODEL_LABEL[model]} {layers}",
-                   cells={}, paper={m: PAPER_NUMBERS.get((args.dataset, model, layers, m)) for m in methods})
+                   cells={}, paper={m: PAPER_TABLE1.get((args.dataset, model, layers, m)) for m in methods})
         for method in methods:
             cell = dict(seeds=[], test_error=[], val_error=[], seconds=[], epochs=None, steps=None, failed={})
             for seed in args.seeds:
@@ -471,7 +470,7 @@ def parse_args(argv=None):
         parser.error("--quick and --paper are two different budgets; pick one")
     if args.paper and args.epochs:
         parser.error("--paper sets the epochs itself (500k iterations); drop --epochs")
-    defaults = QUICK if args.quick else dict(models=list(LAYERS), layers=None, methods=list(COLUMNS),
+    defaults = QUICK_TABLE if args.quick else dict(models=list(LAYERS), layers=None, methods=list(COLUMNS),
                                              seeds=list(SEEDS), epochs=None)
     for name, value in defaults.items():
         if getattr(args, name) is None:
