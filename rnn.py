@@ -2,8 +2,8 @@
 
 `--dni False` is truncated BPTT at the same truncation. Writes results/rnn/<name>/.
 """
-from dni.cli import main_guard, parse_config
-from dni.recurrent import RecurrentConfig, run
+from dnilab.cli import main_guard, parse_config
+from dnilab.recurrent import RecurrentConfig, run
 
 if __name__ == "__main__":
     config = parse_config(RecurrentConfig, prog="rnn.py",

@@ -35,15 +35,15 @@ Glossary (paper, section 2):
 - loss multiplier k: a factor the loss carries beyond its reduction (a GradScaler's scale, 1 / n
   over n accumulated micro-batches); DNI(..., loss_multiplier=k) keeps the target free of it.
 
-Modules: dni.interface (the update, `DNI`, the stage-wise `dni_step`), dni.synthesizers.
-The rest of the package trains with them: dni.models (the paper's networks), dni.data (offline
-MNIST and Fashion-MNIST, the validation split), dni.train and dni.pipeline (the training loop,
-one process or one worker per group of stages), dni.unlock and dni.recurrent (sections 3.3 and 3.2).
-The paper's tables, searches and benchmarks live outside it, in experiments/, and import dni as
-a user would.
+Modules (the library; it needs torch alone): dni.interface (the update, `DNI`, the stage-wise
+`dni_step`), dni.synthesizers, dni.unlock (update and complete unlock, section 3.3) and
+dni.recurrent (synthetic gradients at truncated-BPTT window boundaries, section 3.2).
+The application that trains with them (configs, data, the paper's networks, the training loops,
+run folders, plots) is the separate package dnilab; the paper's tables, searches and benchmarks
+live in experiments/. Both import dni as a user would; dni imports neither.
 """
 
-# Exports load on first use, so `import dni.cli` (argument parsing) stays free of torch.
+# Exports load on first use, so `import dni.errors` stays free of torch.
 _EXPORTS = {
     "DNI": "dni.interface", "DNINet": "dni.interface", "StepStats": "dni.interface",
     "dni_step": "dni.interface", "backprop_step": "dni.interface", "run_stages": "dni.interface",

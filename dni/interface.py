@@ -20,7 +20,7 @@ Two forms use it:
   below the cut g_hat / s (never the true gradient), and the synthesizer the gradient of its
   objective on the true gradient that the layers above sent back in that same backward.
 - The stage-wise form: a `DNINet` (a list of stages and a synthesizer after each but the last)
-  and `dni_step`, which the paper's experiments, `dni.unlock` and `dni.pipeline` run:
+  and `dni_step`, which the paper's experiments, `dni.unlock` and `dnilab.pipeline` run:
 
     for i = 1..L:
         a   = h_{i-1}.detach()             # the stage boundary: no backward call spans two stages

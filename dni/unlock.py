@@ -58,7 +58,7 @@ Linear -> BatchNorm -> ReLU) whose last layer starts at zero, weights and
 bias, like a synthesizer's: its first prediction is exactly zero. It learns
 with Adam at the stages' learning rate (`--lr`) and schedule.
 """
-import warnings
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -76,11 +76,6 @@ GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: spreads the seeds of different runs 
 class UnlockStats(StepStats):
     """StepStats plus what only the unlocking steps measure, logged as extra keys of metrics.jsonl."""
     extra: dict = field(default_factory=dict)
-
-
-def uses_unlock(config):
-    """Whether `config` needs this module's step instead of the ordinary dni_step / backprop_step."""
-    return config.update_prob < 1 or config.unlock == "complete"
 
 
 # ---------------------------------------------------------------- stochastic updates
@@ -183,19 +178,26 @@ def add_input_models(net, *, in_shape, stage_shapes, hidden_layers=1, width=512)
     return net
 
 
-class _KeepRunningStats:
-    """Restore a module's buffers (BatchNorm running statistics) on exit."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __enter__(self):
-        self.saved = [b.clone() for b in self.module.buffers()]
-
-    def __exit__(self, *exc):
-        with torch.no_grad():
-            for buffer, saved in zip(self.module.buffers(), self.saved):
-                buffer.copy_(saved)
+@contextlib.contextmanager
+def frozen_statistics(module):
+    """Run `module` in train mode (batch statistics) without moving its BatchNorm running
+    statistics or batch counts. A stage that trains on a synthetic input, or a synthesizer asked a
+    second time for a batch it has seen, must not count that batch in the statistics the network
+    is tested with. The momentum is 0 inside (running = 1 * running + 0 * batch, exactly), rather
+    than the buffers restored afterwards: a backward after the block still finds the running
+    statistics its graph saved, unmodified."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 def complete_unlock_step(net, stage_optimizers, synth_optimizers, input_optimizers, x, y):
@@ -227,30 +229,6 @@ def complete_unlock_step(net, stage_optimizers, synth_optimizers, input_optimize
         return guess.detach()
 
     result = run_stages(net, stage_optimizers, synth_optimizers, x, y, context=net.context(y),  # 2. each stage alone
-                        stage_inputs=synthetic_input, stage_scope=_KeepRunningStats)
+                        stage_inputs=synthetic_input, stage_scope=frozen_statistics)
     return UnlockStats(loss=loss, correct=count_correct(logits, y), sg_loss=result.sg_loss, sg_cos=result.sg_cos,
                        extra={"in_loss": in_losses, "synthetic_input_loss": result.loss.item()})
-
-
-# ---------------------------------------------------------------- the step `dni.train.run` calls
-
-class UnlockStep:
-    """The training step of a run with --update_prob < 1 or --unlock complete: `step(x, y, t)`
-    for the run's step t (0-based), whose update draws come from a generator seeded with
-    draw_seed(config.seed, t)."""
-
-    def __init__(self, config, net, optimizers):
-        self.config, self.net, self.optimizers = config, net, optimizers
-        self.generator = torch.Generator()
-        # A stage skipped at step 0 has not stepped its optimizer when its schedule steps: that is intended.
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-
-    def __call__(self, x, y, step):
-        net, opt = self.net, self.optimizers
-        if self.config.unlock == "complete":
-            return complete_unlock_step(net, opt.stages, opt.synthesizers, opt.inputs, x, y)
-        self.generator.manual_seed(draw_seed(self.config.seed, step))
-        picked = draw_updates(len(net.stages), self.config.update_prob, self.generator)
-        if self.config.method == "backprop":
-            return stochastic_backprop_step(net, opt.stages, x, y, picked)
-        return stochastic_dni_step(net, opt.stages, opt.synthesizers, x, y, picked)

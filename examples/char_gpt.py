@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 import dni  # noqa: E402
-from dni.runs import environment  # noqa: E402
+from dnilab.runs import environment  # noqa: E402
 
 CORPUS = "/usr/share/games/fortunes"
 

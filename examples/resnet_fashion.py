@@ -27,8 +27,8 @@ import torchvision
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 import dni  # noqa: E402
-from dni.runs import environment  # noqa: E402
-from dni.data import load_data, split_validation  # noqa: E402
+from dnilab.data import load_data, split_validation  # noqa: E402
+from dnilab.runs import environment  # noqa: E402
 from dni.errors import DNIError  # noqa: E402
 
 MEAN, STD = 0.286, 0.353  # Fashion-MNIST's training pixels

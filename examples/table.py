@@ -7,12 +7,12 @@ import argparse
 import json
 from pathlib import Path
 
-METHODS = {"backprop": 0, "dni": 1, "cdni": 2}
+ROW_ORDER = {"backprop": 0, "dni": 1, "cdni": 2}  # rows of a table, by method
 
 
 def rows(results, example):
     runs = sorted((json.loads(p.read_text()) for p in Path(results).glob(f"{example}_*.json")),
-                  key=lambda r: METHODS[r["config"]["method"]])
+                  key=lambda r: ROW_ORDER[r["config"]["method"]])
     base = next((r for r in runs if r["config"]["method"] == "backprop"), None)
     return runs, base
 

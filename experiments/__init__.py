@@ -10,7 +10,7 @@ Each module is a command that trains, tabulates or plots, and writes its results
     python -m experiments.bench                # speed of pipelined DNI against locked backprop
     python -m experiments.report --docs        # the generated tables of README.md and docs/ from results/
 
-They import `dni` as a user would (its training loop `dni.train.run`, its models, data and
+They import `dni` and `dnilab` as a user would (the training loop `dnilab.train.run`, its models, data and
 run folders); nothing in `dni` imports them. docs/ holds each experiment's commands, results
 files and discussion.
 """

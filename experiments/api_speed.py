@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dni
-from dni.runs import write_text
+from dnilab.runs import write_text
 
 
 class FCN(nn.Module):

@@ -6,13 +6,13 @@
 Measures, in one run on one machine (samples per second of training steps only, after
 warm-up; every workload in its own process, so its peak RSS is its own):
 1. single-process backprop using all cores;
-2. model-parallel locked backprop on K workers (`dni.pipeline`, method backprop);
+2. model-parallel locked backprop on K workers (`dnilab.pipeline`, method backprop);
 3. the DNI pipeline on K workers, plain and conditioned (cDNI);
 4. PyTorch's own pipeline parallelism, `torch.distributed.pipelining` (PipelineStage with
    ScheduleGPipe and Schedule1F1B), on the same stages and partition as 2. and K workers, the
    batch cut into --microbatches micro-batches (BatchNorm then normalises each micro-batch alone);
 5. sequential DNI and cDNI in one process (`dni_step`) vs backprop in one process;
-6. the data path: batches cut from tensors (`dni.data.batches`) vs torchvision's per-sample
+6. the data path: batches cut from tensors (`dnilab.data.batches`) vs torchvision's per-sample
    DataLoader with ToTensor (the seed's way);
 and, unless --accuracy_epochs 0, the test accuracy of `main.py` sequential DNI vs the same
 run pipelined on K workers (same seed, same epochs), and vs backprop under the schedules of
@@ -42,16 +42,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dni.cli import OneLineParser
-from dni.config import Config
-from dni.data import batches, load_data, num_batches
+from dnilab.cli import OneLineParser
+from dnilab.config import Config
+from dnilab.data import batches, load_data, num_batches
 from dni.errors import DNIError
 from dni.interface import DNINet, backprop_step, dni_step
 from dni.synthesizers import make_synthesizer
-from dni.runs import write_json, write_text
-from dni.parts import Optimizers, build_net, evaluate, load_run_data, set_seed
-from dni.pipeline import (PipelineWorker, balanced_partition, held_by, init_workers, release_others_of,
-                          share_of_data, stage_costs)
+from dnilab.runs import write_json, write_text
+from dnilab.parts import Optimizers, build_net, evaluate, load_run_data, set_seed
+from dnilab.partition import balanced_partition, stage_costs
+from dnilab.pipeline import init_workers
+from dnilab.worker import PipelineWorker, held_by, release_others_of, share_of_data
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,7 +83,7 @@ def repo_mlp_net(*, method, conditioned):
 
 
 _DEFAULT, _DEFAULT_C = Config(), Config(conditioned=True)
-MODELS = {"wide": (wide_net, "2 stages 784-1024-256 | 256-1024-640-10, linear synthesizer"),
+BENCH_MODELS = {"wide": (wide_net, "2 stages 784-1024-256 | 256-1024-640-10, linear synthesizer"),
           "mlp": (repo_mlp_net, f"main.py's default mlp: {_DEFAULT.depth + 1} stages of {_DEFAULT.hidden}, "
                                 f"synthesizers with {_DEFAULT.synth_layers} hidden layers (cDNI: "
                                 f"{_DEFAULT_C.synth_layers})")}
@@ -90,7 +91,7 @@ MODELS = {"wide": (wide_net, "2 stages 784-1024-256 | 256-1024-640-10, linear sy
 
 def make_net(model, method, conditioned):
     torch.manual_seed(0)
-    return MODELS[model][0](method=method, conditioned=conditioned)
+    return BENCH_MODELS[model][0](method=method, conditioned=conditioned)
 
 
 def endless(x, y, batch_size, generator):
@@ -171,7 +172,7 @@ PIPELINING = {"gpipe": "GPipe", "1f1b": "1F1B"}
 
 class TorchPipelineWorker:
     """The stages `parts[rank]` of `net` as one `torch.distributed.pipelining.PipelineStage`, trained
-    by torch's GPipe or 1F1B schedule: the same modules and cut as `dni.pipeline.PipelineWorker`'s
+    by torch's GPipe or 1F1B schedule: the same modules and cut as `dnilab.worker.PipelineWorker`'s
     locked backprop, so the two differ only in how the batch flows.
 
     `step(x, y)` cuts the batch into `microbatches` equal micro-batches, runs the schedule on them
@@ -285,7 +286,7 @@ def pipelining_accuracy(args):
     torch.set_num_threads(args.threads)
     rank, world, _ = init_workers(torch.device("cpu"), timeout_s=120)
     config = accuracy_config(args, method="backprop", seed=args.seeds[0])
-    set_seed(config.seed)  # the order of dni.train.run: seed, data, net, optimizers, batch order
+    set_seed(config.seed)  # the order of dnilab.train.run: seed, data, net, optimizers, batch order
     data = load_run_data(config, torch.device("cpu"))
     net = build_net(config, data.in_shape, data.num_classes)
     parts = balanced_partition(stage_costs(net, data.in_shape), world)
@@ -380,7 +381,7 @@ def launch(args, worker, model, method, conditioned, workers, threads, tmp, micr
 
 
 # The accuracy runs' stage lr: at 10 epochs the FCN learns better at 1e-3 than at main.py's 3e-4,
-# which suits its 60 epochs (dni/models.py).
+# which suits its 60 epochs (dnilab/presets.py).
 ACCURACY_LR = 1e-3
 # The torch.distributed.pipelining accuracy runs: backprop whatever the schedule; GPipe and 1F1B
 # accumulate the same micro-batch gradients in the same order, and only the micro-batch count
@@ -497,11 +498,11 @@ def main(argv=None):
     parser = OneLineParser(prog="python -m experiments.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)  # internal: one workload
     parser.add_argument("--result", help=argparse.SUPPRESS)
-    parser.add_argument("--model", default="wide", choices=list(MODELS), help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="wide", choices=list(BENCH_MODELS), help=argparse.SUPPRESS)
     parser.add_argument("--method", default="dni", help=argparse.SUPPRESS)
     parser.add_argument("--conditioned", default="False", help=argparse.SUPPRESS)
     parser.add_argument("--n_microbatches", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--models", default="wide,mlp", help="models to time, of: " + ", ".join(MODELS))
+    parser.add_argument("--models", default="wide,mlp", help="models to time, of: " + ", ".join(BENCH_MODELS))
     parser.add_argument("--workers", type=int, default=2, help="K, the workers of the pipeline")
     parser.add_argument("--threads", type=int, default=1, help="threads per pipeline worker")
     parser.add_argument("--steps", type=int, default=60, help="timed training steps per workload")
@@ -537,7 +538,7 @@ def main(argv=None):
         result = WORKERS[args.worker](args)
         if result is not None:
             Path(args.result).write_text(json.dumps(result))
-        if args.worker in ("pipeline", "pipelining", "pipelining_accuracy"):  # see dni.train.main: gloo's threads
+        if args.worker in ("pipeline", "pipelining", "pipelining_accuracy"):  # see dnilab.train.main: gloo's threads
             sys.stdout.flush()  # can abort the interpreter's teardown after the work is done
             os._exit(0)
         return
@@ -545,8 +546,8 @@ def main(argv=None):
     cores = os.cpu_count()
     models = args.models.split(",")
     for model in models:
-        if model not in MODELS:
-            raise DNIError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+        if model not in BENCH_MODELS:
+            raise DNIError(f"unknown model {model!r}; choose from {', '.join(BENCH_MODELS)}")
     K, k_threads = args.workers, args.threads
     # (key, worker, model, method, conditioned, processes, threads per process, micro-batches)
     workloads = []
@@ -612,7 +613,7 @@ def _median(result, key):
 
 
 def goals(result, models, args):
-    """The pipeline's targets (issues 4 and 25), each with the measured value and whether it is met."""
+    """The pipeline's targets, each with the measured value and whether it is met."""
     out = []
     K = args.workers
     if "wide" in models:
@@ -752,7 +753,7 @@ def markdown(result, models, args):
     for model in models:
         locked, single = _median(result, f"{model}/locked_backprop_K"), _median(result, f"{model}/backprop_1proc")
         part = result["partitions"].get(f"{model}/dni_pipeline_K")
-        lines += [f"## {model}: {MODELS[model][1]}" + (f"; partition {part}" if part else ""), "",
+        lines += [f"## {model}: {BENCH_MODELS[model][1]}" + (f"; partition {part}" if part else ""), "",
                   f"| workload | samples/s | vs locked | vs 1-proc backprop ({hw['cores']} threads) | "
                   "peak RSS MB (per process) | held MB: parameters + optimizer + data (per process) | "
                   "time blocked (per worker) |",
@@ -781,7 +782,7 @@ def markdown(result, models, args):
     data = result["data_path"]
     lines += ["## data path (MNIST, batches of %d)" % args.batch_size, "",
               "| way | samples/s | ratio |", "|---|---|---|",
-              f"| dni.data.batches (tensor indexing) | {data['tensors']['median']:.0f} | "
+              f"| dnilab.data.batches (tensor indexing) | {data['tensors']['median']:.0f} | "
               f"{data['tensors']['median'] / data['dataloader']['median']:.1f}x |",
               f"| DataLoader(MNIST, ToTensor), per sample | {data['dataloader']['median']:.0f} | 1.0x |", ""]
     if result["accuracy"]:
@@ -850,5 +851,5 @@ def markdown(result, models, args):
 
 
 if __name__ == "__main__":
-    from dni.cli import main_guard
+    from dnilab.cli import main_guard
     main_guard(main)

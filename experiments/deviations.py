@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from dni.cli import OneLineParser, main_guard
-from dni.config import Config
-from dni.runs import write_text
+from dnilab.cli import OneLineParser, main_guard
+from dnilab.config import Config
+from dnilab.runs import write_text
+from experiments.grid import CPU_SETTINGS, SEEDS, add_grid_options, check_counts, mean_std, pending, train_all, typed_command
 from experiments.provenance import modified_tree_line
-from experiments.table1 import CPU_SETTINGS, add_grid_options, check_counts, mean_std, pending, train_all, typed_command
 
 # model -> (network depth as in main.py, settings shared by every row of that model)
 NETWORKS = {"mlp": dict(depth=3), "cnn": dict(depth=2, channels=16)}
@@ -43,7 +43,6 @@ ROWS = {
     ("cnn", "cdni"): [("paper preset", {}), ("per-position bias and label map", dict(synth_position_map=True)),
                       ("our sg_lr", "sg_lr"), ("all of ours", None)],
 }
-SEEDS = (0, 1, 2)
 
 
 def slug(name):
@@ -61,7 +60,7 @@ def run_config(args, model, method, row, change, seed):
         budget["device"] = args.device
     if change is None:
         return Config(preset="ours", **budget)
-    if change == "sg_lr":  # our synthesizer rate, whatever dni/models.py holds now
+    if change == "sg_lr":  # our synthesizer rate, whatever dnilab/presets.py holds now
         change = dict(sg_lr=Config(model_type=model, conditioned=method == "cdni").sg_lr)
     return Config(preset="paper", **{"schedule": "cosine", "sg_lr": budget["lr"], **budget, **change})
 

@@ -2,7 +2,7 @@
 
 A run folder's env.json (a recurrent run's summary.json, under "env") records the commit and
 `git_dirty`: whether tracked files differed from that commit when the run started. Such a run
-is the commit plus edits; dni.runs saves those edits as diff.patch in the folder, and runs made
+is the commit plus edits; dnilab.runs saves those edits as diff.patch in the folder, and runs made
 before it did have none, so the table says so beside its numbers.
 """
 import json

@@ -10,7 +10,7 @@ The paper's own Table 1 cells are not among them: no copy reachable here confirm
 import json
 from pathlib import Path
 
-from dni.runs import write_text
+from dnilab.runs import write_text
 
 # (repository, file in it, what the figure is, the figure as printed there)
 PUBLISHED = [

@@ -16,7 +16,7 @@ average over every cell, then report seeds 0-2 at that factor alone:
     python -m experiments.recurrent_table --first_seed 100 --choose 0.1,0.3,0.5,1   # -> rnn_factor_choice.md
     python -m experiments.recurrent_table --sg_factor <chosen> --jobs 2             # the reported table
 
-Each run is a dni.recurrent run folder under <out>/rnn/; a run whose summary.json
+Each run is a dnilab.recurrent run folder under <out>/rnn/; a run whose summary.json
 holds the same config is reused, so an interrupted table resumes where it stopped.
 Writes <out>/rnn_table.json, <out>/rnn_table.md and <out>/rnn_table.png
 (with --length N: <out>/rnn_table_N<N>.*; with an --sg_factor F other than 0.1: *_f<F>.*; with
@@ -33,26 +33,28 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dni.cli import main_guard, parse_config
+from dnilab.cli import main_guard, parse_config
 from dni.errors import DNIError
-from dni.recurrent import DEVICES, RecurrentConfig, factor_tag, run
-from dni.runs import write_json, write_text
+from dnilab.config import DEVICES
+from dnilab.recurrent import RecurrentConfig, factor_tag, run
+from dnilab.runs import write_json, write_text
+from experiments.grid import mean_std
 from experiments.provenance import modified_tree_line
 
 TRUNCATIONS = (2, 3, 4, 5, 8)
 TASK_NAMES = {"copy": "Copy", "repeat_copy": "Repeat Copy"}
-METHODS = {"bptt": False, "dni": True}  # method -> RecurrentConfig.dni
+RECURRENT_METHODS = {"bptt": False, "dni": True}  # method -> RecurrentConfig.dni
 
 # The paper's Table 2 (Copy / Repeat Copy: largest sequence length solved) could not be
 # retrieved in this environment, so no number of it is quoted: None means "not confirmed".
 PAPER_NOTE = "n/c: not confirmed; the paper's Table 2 could not be retrieved where this table was made."
-PAPER = {task: {method: {T: None for T in TRUNCATIONS} for method in METHODS} for task in TASK_NAMES}
+PAPER_TABLE2 = {task: {method: {T: None for T in TRUNCATIONS} for method in RECURRENT_METHODS} for task in TASK_NAMES}
 # What runs made before a setting existed did instead: streams in step.
 LEGACY = dict(stagger=0)
 # Settings only a DNI run reads: a BPTT run made under other values is the same run.
 DNI_ONLY = ("sg_factor", "sg_discount", "sg_lr")
 # Where a run was written, not what it computed: a run made elsewhere and moved into place counts.
-PLACE = ("out", "name")
+PLACE = ("out", "name", "overwrite")
 
 
 @dataclass
@@ -91,7 +93,7 @@ class TableConfig:
 
 def cells(config):
     """(task, T, method) of every cell of the table, and the per-run config overrides."""
-    methods = ["dni"] if config.dni_only else list(METHODS)
+    methods = ["dni"] if config.dni_only else list(RECURRENT_METHODS)
     if config.quick:
         return ([("copy", 3, m) for m in methods],
                 dict(steps=60, hidden=16, min_scored=50, length=config.length, stagger=config.stagger,
@@ -116,12 +118,12 @@ def finished(run_config):
 
 
 def run_or_reuse(run_config, log):
-    """The summary of `run_config`'s finished run, or of a fresh one."""
+    """The summary of `run_config`'s finished run, or of a fresh one (a stale run: retrained on purpose)."""
     summary = finished(run_config)
     if summary is not None:
         log(f"reuse {Path(run_config.out) / run_config.name}: solved {summary['solved']}")
         return summary
-    return run(run_config, log=log)
+    return run(dataclasses.replace(run_config, overwrite=True), log=log)
 
 
 def table_command(argv):
@@ -138,10 +140,6 @@ def table_command(argv):
     return shlex.join(["python", "-m", "experiments.recurrent_table", *kept])
 
 
-def _mean_std(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def _cell(row, key, format_values):
     """One method's cell of `row`, or 'not run' where the table trained the other method only."""
     return format_values(row[key]) if key in row else "not run"
@@ -149,7 +147,7 @@ def _cell(row, key, format_values):
 
 def _format(values, digits=1):
     """'2.3 ± 0.6 (2, 3, 2)': mean ± std, then each value (floats with `digits` decimals)."""
-    mean, std = _mean_std(values)
+    mean, std = mean_std(values, single=0.0)
     each = ", ".join(f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in values)
     return f"{mean:.{digits}f} ± {std:.{digits}f} ({each})"
 
@@ -185,7 +183,7 @@ def _fixed_length_lines(table):
     ]
     for row in table["rows"]:
         cells = [_cell(row, f"{m}_next", lambda pairs: _format([bits for _, bits in pairs], digits=2))
-                 for m in METHODS]
+                 for m in RECURRENT_METHODS]
         lines.append(f"| {TASK_NAMES[row['task']]} | {row['T']} | {cells[0]} | {cells[1]} |")
     return lines + [""]
 
@@ -204,7 +202,7 @@ def _curriculum_lines(table):
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for row in table["rows"]:
-        paper = [("n/c" if row["paper"][m] is None else str(row["paper"][m])) for m in METHODS]
+        paper = [("n/c" if row["paper"][m] is None else str(row["paper"][m])) for m in RECURRENT_METHODS]
         lines.append(f"| {TASK_NAMES[row['task']]} | {row['T']} | {_cell(row, 'bptt', _format)} | "
                      f"{_cell(row, 'dni', _format)} | {paper[0]} | {paper[1]} |")
     lines += [
@@ -254,11 +252,11 @@ def plot_table(table, path):
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         rows = [r for r in table["rows"] if r["task"] == task]
-        for method, color in zip(METHODS, ("tab:gray", "tab:blue")):
+        for method, color in zip(RECURRENT_METHODS, ("tab:gray", "tab:blue")):
             if method not in rows[0]:
                 continue
             Ts = [r["T"] for r in rows]
-            ax.plot(Ts, [_mean_std(values(r, method))[0] for r in rows], "-o", color=color, label=method.upper())
+            ax.plot(Ts, [mean_std(values(r, method))[0] for r in rows], "-o", color=color, label=method.upper())
             for r in rows:
                 ax.scatter([r["T"]] * len(values(r, method)), values(r, method), color=color, alpha=0.3, s=12)
         ax.set(title=TASK_NAMES[task], xlabel="truncation T", ylabel=ylabel)
@@ -275,7 +273,7 @@ def make_table(config, argv=(), *, log=print):
     out = Path(config.out)
     grid, overrides = cells(config)
     seed_count = overrides.pop("seed_count")
-    run_configs = [RecurrentConfig(task=task, truncation=T, dni=METHODS[method], seed=seed, device=config.device,
+    run_configs = [RecurrentConfig(task=task, truncation=T, dni=RECURRENT_METHODS[method], seed=seed, device=config.device,
                                    threads=config.threads, out=str(out / "rnn"), **overrides)
                    for task, T, method in grid for seed in range(config.first_seed, config.first_seed + seed_count)]
     if config.table_only:
@@ -294,7 +292,7 @@ def make_table(config, argv=(), *, log=print):
         mine = summaries[n * seed_count:(n + 1) * seed_count]
         row = next((r for r in rows if r["task"] == task and r["T"] == T), None)
         if row is None:
-            row = dict(task=task, T=T, paper={m: PAPER[task][m][T] for m in METHODS})
+            row = dict(task=task, T=T, paper={m: PAPER_TABLE2[task][m][T] for m in RECURRENT_METHODS})
             rows.append(row)
         row[method] = [s["solved"] for s in mine]
         row[f"{method}_next"] = [[s["length"], s["last_bits"]] for s in mine]

@@ -23,7 +23,7 @@ import re
 import sys
 from pathlib import Path
 
-from dni.runs import write_text
+from dnilab.runs import write_text
 from experiments.provenance import modified_tree_line
 
 METHOD_ORDER = {"backprop": 0, "dni": 1, "cdni": 2}

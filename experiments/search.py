@@ -1,4 +1,4 @@
-"""The hyperparameter search behind the DNI defaults in dni/models.py (issue 3): synthesizer
+"""The hyperparameter search behind the DNI defaults in dnilab/presets.py: synthesizer
 depth (0, 1 or 2 hidden layers) and width, synthesizer learning rate and stage learning rate,
 for DNI and cDNI on the MNIST FCN (or CNN), a few epochs per run; backprop at each stage learning
 rate beside.
@@ -9,12 +9,12 @@ rate beside.
     python -m experiments.search --quick             # 2 runs of 1 epoch: checks the plumbing
     python -m experiments.search --table_only        # rank the finished runs again
 
-Every run is a dni.train run folder under <results>/search/ (reused when finished with the
+Every run is a dnilab.train run folder under <results>/search/ (reused when finished with the
 same settings, so the search resumes); writes <results>/search.json and search.md, ranked by
-validation error: each run holds out the last `--val_size` training images (dni.data) and only
+validation error: each run holds out the last `--val_size` training images (dnilab.data) and only
 they decide. The test set is not read here at all, so the defaults chosen from this ranking
 leave every test number of experiments.table1 unbiased. A run without a validation split cannot be
-ranked. Unset settings (network depth, widths, schedule, batch) are dni.config's defaults.
+ranked. Unset settings (network depth, widths, schedule, batch) are dnilab.config's defaults.
 """
 import itertools
 import json
@@ -24,22 +24,21 @@ from pathlib import Path
 
 import torch
 
-from dni.cli import OneLineParser, main_guard
-from dni.config import Config
+from dnilab.cli import OneLineParser, main_guard
+from dnilab.config import Config
 from dni.errors import DNIError
-from dni.models import OURS
-from dni.runs import write_text
+from dnilab.presets import OURS
+from dnilab.runs import write_text
+from experiments.grid import COLUMNS, add_grid_options, check_counts, mean_std, pending, train_all
 from experiments.provenance import modified_tree_line
-from experiments.table1 import add_grid_options, check_counts, mean_std, pending, train_all
 
 SYNTH_LAYERS = (0, 1, 2)
 SYNTH_WIDTHS = (1024,)
 SG_LRS = (1e-4, 1e-3, 3e-3, 1e-2)
 LRS = (3e-4, 1e-3, 3e-3)
-METHODS = {"dni": dict(method="dni", conditioned=False), "cdni": dict(method="dni", conditioned=True),
-           "backprop": dict(method="backprop")}
+SEARCHED = ("dni", "cdni", "backprop")  # columns of experiments.grid.COLUMNS, in the ranking's order
 EPOCHS, SEEDS = 2, (0,)
-QUICK = dict(synth_layers=[0], synth_widths=[64], sg_lrs=[1e-4], lrs=[1e-3], methods=["dni", "cdni"], epochs=1, seeds=[0])
+QUICK_SEARCH = dict(synth_layers=[0], synth_widths=[64], sg_lrs=[1e-4], lrs=[1e-3], methods=["dni", "cdni"], epochs=1, seeds=[0])
 TUNED = ("lr", "sg_lr", "synth_layers")
 WIDTH = {"mlp": "synth_width", "cnn": "synth_channels"}  # what the search's "width" sets: dense units, conv filters
 
@@ -84,7 +83,7 @@ def points(args):
 def run_config(args, method, synth_layers, synth_width, sg_lr, lr, seed):
     name = run_name(method, synth_layers, synth_width, sg_lr, lr, seed)
     settings = dict(model_type=args.model_type, dataset="mnist", lr=lr, num_epochs=args.epochs, seed=seed, plot=False,
-                    overwrite=True, out=str(Path(args.results) / args.stem / name), **METHODS[method])
+                    overwrite=True, out=str(Path(args.results) / args.stem / name), **COLUMNS[method])
     if method != "backprop":
         settings.update({"synth_layers": synth_layers, WIDTH[args.model_type]: synth_width, "sg_lr": sg_lr})
         if args.model_type == "cnn":  # its widths are conv filters: the search is over conv synthesizers
@@ -128,7 +127,7 @@ def collect(args, failures=None):
         if done:
             best[method] = min(done, key=lambda r: r["mean"])
     defaults, tuned = Config(model_type=args.model_type), TUNED + (WIDTH[args.model_type],)
-    defaults_now = {m: {k: getattr(Config(model_type=args.model_type, **METHODS[m]), k) for k in tuned}
+    defaults_now = {m: {k: getattr(Config(model_type=args.model_type, **COLUMNS[m]), k) for k in tuned}
                     for m in args.methods if m != "backprop"}
     size = dict(hidden=defaults.hidden) if args.model_type == "mlp" else dict(channels=defaults.channels)
     meta = dict(epochs="/".join(map(str, sorted(recorded, key=str))) or "no", seeds=list(args.seeds), runs_done=sum(len(r["val_error"]) for r in rows),
@@ -156,7 +155,7 @@ def markdown(table):
              f"method (the last {meta['network']['val_size']:,} training images; the test set is not read).",
              "", f"| method | synth layers | {width_name} | sg_lr | lr | val error | train s |",
              "|---|---|---|---|---|---|---|"]
-    key = lambda r: (list(METHODS).index(r["method"]), r["mean"] is None, r["mean"] or 0)
+    key = lambda r: (list(SEARCHED).index(r["method"]), r["mean"] is None, r["mean"] or 0)
     blank = lambda value, fmt="": "" if value is None else format(value, fmt)
     for r in sorted(table["rows"], key=key):
         width = r.get("synth_width") if r["synth_layers"] else None  # a linear synthesizer has none
@@ -166,7 +165,7 @@ def markdown(table):
         f"{m}: synth_layers {b['synth_layers']}, {WIDTH[model]} {b['synth_width']}, sg_lr {b['sg_lr']}, lr {b['lr']} "
         f"({_fmt(b)}%)"
         for m, b in table["best"].items()) if table["best"] else "Best per method: no finished run yet.",
-        "Defaults in dni/models.py now: " + "; ".join(
+        "Defaults in dnilab/presets.py now: " + "; ".join(
             f"{m}: " + ", ".join(f"{k} {v}" for k, v in d.items()) for m, d in meta["defaults_now"].items()) + ".",
         "Network: " + ", ".join(f"{k} {v}" for k, v in meta["network"].items()) + f"; torch {meta['torch']}.",
         *([meta["modified_tree"]] if meta.get("modified_tree") else []),
@@ -207,7 +206,7 @@ def parse_args(argv=None):
                              f"(default: mlp {' '.join(map(str, SYNTH_WIDTHS))}, cnn {OURS['synth_channels']})")
     parser.add_argument("--sg_lrs", type=float, nargs="+", help=f"synthesizer lrs (default: {' '.join(map(str, SG_LRS))})")
     parser.add_argument("--lrs", type=float, nargs="+", help=f"stage lrs (default: {' '.join(map(str, LRS))})")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: dni cdni backprop")
+    parser.add_argument("--methods", nargs="+", choices=list(SEARCHED), help="default: dni cdni backprop")
     parser.add_argument("--epochs", type=int, help=f"epochs per run (default: {EPOCHS})")
     parser.add_argument("--seeds", type=int, nargs="+", help=f"default: {' '.join(map(str, SEEDS))}")
     parser.add_argument("--quick", action="store_true", help="2 runs of 1 epoch, written as search_quick.*")
@@ -222,8 +221,8 @@ def parse_args(argv=None):
         args = parser.parse_args(argv)
     args.argv = argv
     widths = list(SYNTH_WIDTHS) if args.model_type == "mlp" else [OURS["synth_channels"]]
-    defaults = QUICK if args.quick else dict(synth_layers=list(SYNTH_LAYERS), synth_widths=widths,
-                                             sg_lrs=list(SG_LRS), lrs=list(LRS), methods=list(METHODS),
+    defaults = QUICK_SEARCH if args.quick else dict(synth_layers=list(SYNTH_LAYERS), synth_widths=widths,
+                                             sg_lrs=list(SG_LRS), lrs=list(LRS), methods=list(SEARCHED),
                                              epochs=EPOCHS, seeds=list(SEEDS))
     for name, value in defaults.items():
         if getattr(args, name) is None:

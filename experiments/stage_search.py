@@ -6,7 +6,7 @@
 
 Every candidate (stage lr, epochs) is trained with backprop, DNI and cDNI at main.py's defaults
 otherwise (our synthesizers, cosine schedule, batch 256), three seeds each. A run is a
-dni.train run folder under <results>/stage_search/<model>/, reused when finished, so the search
+dnilab.train run folder under <results>/stage_search/<model>/, reused when finished, so the search
 resumes. Only validation error is read (the last 10,000 training images); the test set is not.
 
 The rules, fixed before any run was trained:
@@ -30,13 +30,12 @@ from pathlib import Path
 
 import torch
 
-from dni.cli import OneLineParser, main_guard
-from dni.config import Config
-from dni.runs import write_text
-from experiments.table1 import check_counts, pending, train_all
+from dnilab.cli import OneLineParser, main_guard
+from dnilab.config import Config
+from dnilab.runs import write_text
+from experiments.grid import COLUMNS, SEEDS, check_counts, pending, train_all
 
-METHODS = {"backprop": dict(method="backprop"), "dni": dict(method="dni", conditioned=False),
-           "cdni": dict(method="dni", conditioned=True)}
+METHODS = ("backprop", "dni", "cdni")  # columns of experiments.grid.COLUMNS
 TABLE1_EPOCHS = 10
 # (lr, epochs) candidates per network; a 10-epoch row serves both rules.
 CANDIDATES = {
@@ -45,7 +44,6 @@ CANDIDATES = {
     "cnn": sorted({(lr, 10) for lr in (1e-3, 3e-3, 1e-2)}
                   | {(lr, e) for lr in (1e-3, 3e-3) for e in (20,)}, key=lambda c: (c[1], c[0])),
 }
-SEEDS = (0, 1, 2)
 NETWORK = {"mlp": "FCN 4", "cnn": "CNN 3"}
 
 
@@ -56,7 +54,7 @@ def run_name(method, lr, epochs, seed):
 def run_config(args, method, lr, epochs, seed):
     settings = dict(model_type=args.model_type, lr=lr, num_epochs=epochs, seed=seed, plot=False, overwrite=True,
                     out=str(Path(args.results) / "stage_search" / args.model_type / run_name(method, lr, epochs, seed)),
-                    **METHODS[method])
+                    **COLUMNS[method])
     for name in ("device", "data_dir"):
         if getattr(args, name):
             settings[name] = getattr(args, name)

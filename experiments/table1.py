@@ -14,75 +14,53 @@ Layers are counted as in the paper: every layer with weights, the classifier inc
 "3 layers" is two hidden layers and the classifier (`--model_type mlp --depth 2`); CNN "3
 layers" is two conv layers and the classifier (`--model_type cnn --depth 2`).
 
-Each run is an ordinary `dni.train.run` folder, <results>/table1/<dataset>/<model><layers>_<method>_s<seed>
+Each run is an ordinary `dnilab.train.run` folder, <results>/table1/<dataset>/<model><layers>_<method>_s<seed>
 (table1_quick/ and table1_paper/ for those budgets). A finished one (summary.json) is reused
 if it was trained with the settings asked for now, so an interrupted table resumes; one trained
-with other settings (say the defaults in dni/config.py moved) stops the table with a message,
+with other settings (say the defaults in dnilab/config.py moved) stops the table with a message,
 unless --retrain_stale. Ctrl-C or `kill PID` stops the table after its running runs saved a
-checkpoint (exit 130/143); the same command then continues them (dni.train --resume). Unset
-hyperparameters (sg_lr, synthesizer depth...) are dni.config's defaults at run time. Writes
+checkpoint (exit 130/143); the same command then continues them (dnilab.train --resume). Unset
+hyperparameters (sg_lr, synthesizer depth...) are dnilab.config's defaults at run time. Writes
 <results>/table1.json, .md, _curves.png and _sg.png (Fashion-MNIST: fashion_table1.*),
 rewriting the tables after every run; `--table_only` redraws them from the run folders.
 """
-import contextlib
-import dataclasses
 import json
-import math
-import multiprocessing
-import os
 import platform
 import re
-import signal
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import torch
 
-from dni.cli import OneLineParser, main_guard
-from dni.config import DEVICES, METHODS as CONFIG_METHODS, Config, label_map_acts, saved_settings
-from dni.data import num_batches
+from dnilab.cli import OneLineParser, main_guard
 from dni.errors import DNIError
-from dni.models import MODELS, PRESETS, TRAIN_SIZES, paper_epochs
-from dni.runs import write_text
+from dnilab.config import METHODS as CONFIG_METHODS, Config, label_map_acts, saved_settings
+from dnilab.data import TRAIN_SIZES
+from dnilab.models import MODELS
+from dnilab.presets import PAPER_ITERATIONS, PAPER_PRESET, PRESETS, paper_epochs
+from dnilab.runs import write_text
+from experiments.grid import (COLUMNS, CPU_SETTINGS, SEEDS, Stopped, add_grid_options, check_counts, mean_std,
+                              pending, train_all, typed_command)
 from experiments.provenance import modified_tree_line
 
 LAYERS = {"mlp": (3, 4, 5, 6), "cnn": (3, 4)}  # the paper's rows; layers = depth + 1
 MODEL_LABEL = {"mlp": "FCN", "cnn": "CNN"}
-METHODS = {  # table column -> Config settings
-    "nobprop": dict(method="nobprop"),
-    "backprop": dict(method="backprop"),
-    "dni": dict(method="dni", conditioned=False),
-    "cdni": dict(method="dni", conditioned=True),
-}
 METHOD_LABEL = {"nobprop": "No Bprop", "backprop": "Bprop", "dni": "DNI", "cdni": "cDNI"}
-DATASETS = {"mnist": ("MNIST", ""), "fashion_mnist": ("Fashion-MNIST", "fashion_")}  # -> (title, file prefix)
-SEEDS = (0, 1, 2)
+DATASET_TITLES = {"mnist": ("MNIST", ""), "fashion_mnist": ("Fashion-MNIST", "fashion_")}  # -> (title, file prefix)
 
-# The CPU grid's budget: 10 epochs for every run (2,340 iterations of batch 256, about 0.5% of
-# the paper's), the same for every method, at each model's stage lr of that budget. main.py's
-# defaults train longer (dni/models.py), which the grid cannot afford: with --jobs 2 on 2 cores
-# this one (72 runs, about three hours of training) takes about an hour and a half.
-CPU_SETTINGS = {"mlp": dict(num_epochs=10, lr=1e-3), "cnn": dict(num_epochs=10, lr=3e-3)}
+# The stage rates of CPU_SETTINGS (experiments/grid.py) and where they came from, printed with the table.
 STAGE_LR_SOURCE = ("Stage learning rates (FCN 1e-3, CNN 3e-3): chosen on test before the split; being chosen "
                    "again on validation (docs/choices.md).")
 # The paper's budget (section 3.1): Adam, lr 3e-5 divided by 10 at 60% and 80% of 500k
 # iterations of batch 256; 128 filters per conv layer.
-PAPER_ITERATIONS = 500_000
-PAPER_SETTINGS = dict(lr=3e-5, sg_lr=3e-5, schedule="paper", batch_size=256, channels=128)
-QUICK = dict(models=["mlp"], layers=[3], methods=["backprop", "dni", "cdni"], seeds=[0], epochs=1)
+PAPER_SETTINGS = {k: PAPER_PRESET[k] for k in ("lr", "sg_lr", "schedule", "batch_size", "channels")}
+QUICK_TABLE = dict(models=["mlp"], layers=[3], methods=["backprop", "dni", "cdni"], seeds=[0], epochs=1)
 
 # The paper's Table 1 numbers could not be confirmed where this was written (no copy of the
 # PDF's table was reachable), so none is quoted: None prints as "not confirmed".
-PAPER = {}
-# Settings that say where a run lives or how it is drawn, not what it computes.
-NOT_MATHS = {"device", "use_gpu", "out", "plot", "overwrite", "data_dir", "resume"}
-PIPELINE_ONLY = {"partition", "max_in_flight", "worker_timeout"}  # act only when pipeline is True
-SYNTH_ONLY = {"sg_lr", "synth_type", "synth_layers", "synth_width", "synth_channels",  # act only when method is dni
-              "synth_label_map"}
+PAPER_TABLE1 = {}
 # Settings the table reports, per model: of every run, and of the synthesizers of DNI runs.
 STAGE_KEYS = {"mlp": ("lr", "schedule", "batch_size", "num_epochs", "hidden"),
               "cnn": ("lr", "schedule", "batch_size", "num_epochs", "channels")}
@@ -107,7 +85,7 @@ def grid_cells(args):
 def trained_cells(args):
     """{(model, layers, method)} with a finished run under this table's run root."""
     found = (re.fullmatch(r"(\w+?)(\d+)_(\w+)_s\d+", p.parent.name) for p in run_root(args).glob("*/summary.json"))
-    return {(m[1], int(m[2]), m[3]) for m in found if m and m[1] in LAYERS and m[3] in METHODS}
+    return {(m[1], int(m[2]), m[3]) for m in found if m and m[1] in LAYERS and m[3] in COLUMNS}
 
 
 def table_scope(args):
@@ -118,17 +96,17 @@ def table_scope(args):
     asked = grid_cells(args)
     order = [(model, layers) for model in LAYERS for layers in LAYERS[model]]
     cells = [c for c in order + asked if c in asked or any(t[:2] == c for t in trained)]
-    methods = [m for m in METHODS if m in args.methods or any(t[2] == m for t in trained)]
+    methods = [m for m in COLUMNS if m in args.methods or any(t[2] == m for t in trained)]
     return list(dict.fromkeys(cells)), methods
 
 
 def run_config(args, model, layers, method, seed):
-    """The Config of one run: dni.config's defaults but for what the table sets."""
-    if METHODS[method]["method"] not in CONFIG_METHODS:  # else dni.train would run it as backprop
-        raise DNIError(f"this dni.config has no method {METHODS[method]['method']!r}; update dni/config.py and dni/train.py")
+    """The Config of one run: dnilab.config's defaults but for what the table sets."""
+    if COLUMNS[method]["method"] not in CONFIG_METHODS:  # else dnilab.train would run it as backprop
+        raise DNIError(f"this dnilab.config has no method {COLUMNS[method]['method']!r}; update dnilab/config.py and dnilab/train.py")
     settings = dict(model_type=model, preset=args.preset, depth=layers - 1, dataset=args.dataset, seed=seed,
                     plot=False, overwrite=True, out=str(run_root(args) / run_name(model, layers, method, seed)),
-                    **METHODS[method])
+                    **COLUMNS[method])
     if args.device:
         settings["device"] = args.device
     if args.data_dir:
@@ -160,148 +138,7 @@ def run_root(args):
 
 
 def output_base(args):
-    return Path(args.results) / f"{DATASETS[args.dataset][1]}{stem(args)}"
-
-
-def stale_settings(run_dir, config):
-    """The settings a finished run was trained with that differ from `config`'s: {name: (was, now)}."""
-    saved = saved_settings(json.loads((run_dir / "config.json").read_text()))
-    wanted = config.to_dict()
-    ignored = NOT_MATHS | (PIPELINE_ONLY if not (saved.get("pipeline") or wanted.get("pipeline")) else set()) \
-        | (SYNTH_ONLY if "dni" not in (saved.get("method"), wanted.get("method")) else set()) \
-        | ({"synth_label_map"} if not (label_map_acts(saved) or label_map_acts(wanted)) else set())
-    return {k: (saved[k], wanted[k]) for k in sorted(saved.keys() & wanted.keys() - ignored)
-            if saved[k] != wanted[k]}
-
-
-class Stopped(Exception):
-    """SIGINT/SIGTERM stopped a run of the table after it saved its checkpoint: (message, exit code)."""
-
-
-_stop_requested = None  # in pool workers: an Event set once the grid is asked to stop (StopRequest)
-
-
-def _share_stop_request(event):
-    global _stop_requested
-    _stop_requested = event
-
-
-def train_one(config, threads):
-    """One run, in a worker process or in this one; returns (name, summary or None, error or None).
-    A run to resume whose checkpoint cannot be continued is trained afresh. A run the pool had
-    already handed to a worker when the grid was asked to stop does not start."""
-    from dni.train import Interrupted, run  # imported here so that spawned workers load it themselves
-    name = Path(config.out).name
-    if _stop_requested is not None and _stop_requested.is_set():
-        raise Stopped(f"{name}: not started, the grid was asked to stop", 128 + signal.SIGTERM)
-    torch.set_num_threads(threads)
-    try:
-        if config.resume:
-            try:
-                return name, run(config), None
-            except DNIError as e:
-                print(f"{name}: not resumed ({e}); training it afresh", flush=True)
-                config = dataclasses.replace(config, resume="")
-        return name, run(config), None
-    except DNIError as e:  # a diverged run is a result to report, not a reason to stop the grid
-        return name, None, str(e)
-    except Interrupted as stop:  # its own class does not survive the trip back from a worker
-        raise Stopped(str(stop), stop.exit_code) from None
-
-
-def pending(configs, retrain_stale=False):
-    """The configs still to train: those without a finished run folder, and (with
-    `retrain_stale`) those whose finished run was trained with other settings; without it,
-    such a run stops everything with a message saying which settings moved."""
-    todo, stale = [], []
-    for config in configs:
-        run_dir = Path(config.out)
-        if (run_dir / "summary.json").exists():
-            diff = stale_settings(run_dir, config)
-            if not diff:
-                continue
-            if not retrain_stale:
-                stale.append(f"{run_dir} (" + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items()) + ")")
-                continue
-        elif (run_dir / "checkpoint.pt").exists() and (run_dir / "config.json").exists() \
-                and not stale_settings(run_dir, config):  # interrupted: continue it from its checkpoint
-            config = dataclasses.replace(config, resume=str(run_dir))
-        todo.append(config)
-    if stale:
-        raise DNIError(f"{len(stale)} finished run(s) were trained with other settings, e.g. {stale[0]}; "
-                       "pass --retrain_stale to retrain them, or --table_only to tabulate what is there")
-    return todo
-
-
-class StopRequest:
-    """While runs live in worker processes, SIGINT and SIGTERM to this process only note the
-    signal (raising from a handler could leave a lock of the pool held) and pass SIGTERM on to
-    the workers (Ctrl-C reaches them by itself); their runs checkpoint between two steps and end.
-    `event` tells the workers to start none of the runs already queued to them."""
-
-    def __init__(self, pool, event):
-        self.pool, self.event, self.signum, self._previous = pool, event, None, {}
-
-    def _handle(self, signum, frame):
-        self.signum = self.signum or signum
-        self.event.set()
-        if signum == signal.SIGTERM:
-            for process in list(getattr(self.pool, "_processes", {}).values()):
-                try:
-                    os.kill(process.pid, signal.SIGTERM)
-                except OSError:  # already gone
-                    pass
-
-    def check(self):
-        if self.signum:
-            raise Stopped(f"stopped by {signal.Signals(self.signum).name}", 128 + self.signum)
-
-    def __enter__(self):
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-
-def train_all(configs, *, jobs=1, threads=1, log=print, after_each=None):
-    """Train `configs`, `jobs` at once (one process each); calls after_each(failures) after every
-    run; returns {run name: error} of the runs that stopped with a DNIError (e.g. diverged).
-    SIGINT/SIGTERM end it with Stopped once the running runs have saved their checkpoints."""
-    failures = {}
-    if jobs == 1:
-        pool, stop = None, contextlib.nullcontext()
-        results = (train_one(config, threads) for config in configs)
-    else:
-        context = multiprocessing.get_context("spawn")
-        event = context.Event()
-        pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_share_stop_request, initargs=(event,))
-        stop = StopRequest(pool, event)
-        results = (f.result() for f in as_completed([pool.submit(train_one, c, threads) for c in configs]))
-    try:
-        with stop:
-            for n, (name, summary, error) in enumerate(results, 1):
-                if error:
-                    failures[name] = error
-                    log(f"[{n}/{len(configs)}] {name} failed: {error}")
-                else:
-                    split, acc = ("validation", summary["val_acc"]) if summary.get("val_acc") is not None \
-                        else ("test", summary["test_acc"])  # progress only; a grid of splits shows validation
-                    log(f"[{n}/{len(configs)}] {name}: {split} error {100 * (1 - acc):.2f}% "
-                        f"in {summary['seconds']:.0f} s of training")
-                if after_each:
-                    after_each(failures)
-                if pool is not None:
-                    stop.check()
-    except BrokenProcessPool:  # a worker killed between two runs
-        if pool is not None:
-            stop.check()
-        raise
-    finally:  # stopped or failed: no queued run may start
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    return failures
+    return Path(args.results) / f"{DATASET_TITLES[args.dataset][1]}{stem(args)}"
 
 
 def train_grid(args, log=print):
@@ -316,22 +153,6 @@ def train_grid(args, log=print):
 
 # ---------------------------------------------------------------- the table
 
-def typed_command(line):
-    """A run's command.txt line as typed: 'python -m experiments.table1 ...' for a grid's run (pool
-    workers see the module's file path; runs trained before the grids left the library keep
-    'python -m dni.table1 ...'), 'python main.py ...' for a run made by hand (command.txt holds
-    the interpreter's full path). A grid run from a second checkout into this one's results/
-    (`--results /elsewhere/results`) reads as run here."""
-    line = re.sub(r"^\S*/python[\d.]*(?= )", "python", line)
-    line = re.sub(r" --results /\S*/results(?= |$)", "", line)  # another checkout's results/: the default's place
-    return re.sub(r"(?<= )\S*?\b(experiments|dni)/(\w+)\.py(?= |$)", r"-m \1.\2", line)
-
-
-def mean_std(values):
-    """(mean, sample std) of a list; std is None for fewer than two values."""
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
 def collect(args, failures=None):
     """The table dict from the finished run folders of the grid (missing runs leave cells partial)."""
     failures = failures or {}
@@ -340,7 +161,7 @@ def collect(args, failures=None):
     held_out, run_dirs = set(), []  # --val_size of each finished run: 0 for runs made before the split
     for model, layers in cells:
         row = dict(model=model, layers=layers, depth=layers - 1, label=f"{MODEL_LABEL[model]} {layers}",
-                   cells={}, paper={m: PAPER.get((args.dataset, model, layers, m)) for m in methods})
+                   cells={}, paper={m: PAPER_TABLE1.get((args.dataset, model, layers, m)) for m in methods})
         for method in methods:
             cell = dict(seeds=[], test_error=[], val_error=[], seconds=[], epochs=None, steps=None, failed={})
             for seed in args.seeds:
@@ -468,7 +289,7 @@ def _goal_lines(table):
 def markdown(table):
     """The table as the README shows it: test error (%) mean ± std over seeds."""
     meta, methods = table["meta"], table["meta"]["methods"]
-    title = DATASETS[meta["dataset"]][0]
+    title = DATASET_TITLES[meta["dataset"]][0]
     status = (f"**PARTIAL**: {meta['runs_done']} of {meta['runs_total']} runs finished; '—' cells have none yet."
               if meta["partial"] else f"Complete: {meta['runs_done']} runs.")
     lines = [f"# Table 1 on {title}: test error (%) with DNIs between every layer", "", status, "",
@@ -502,7 +323,7 @@ def markdown(table):
          + ("" if meta["budget"] == "paper" else ", trained at this table's budget and stage learning rate with "
             "sg_lr = lr and a cosine schedule, not the paper's 500k iterations at 3e-5")
          if meta.get("preset") == "paper" else
-         "- Model: our networks and synthesizers (`--preset ours`, dni/models.py; docs/deviations.md lists how they "
+         "- Model: our networks and synthesizers (`--preset ours`, dnilab/presets.py; docs/deviations.md lists how they "
          "differ from the paper's)") + ".",
         _training_set(meta.get("val_sizes", []), meta["dataset"]),
         *([f"- {STAGE_LR_SOURCE}"] if meta["budget"] == "cpu" and meta.get("preset") != "paper" else []),
@@ -511,7 +332,7 @@ def markdown(table):
         "- Settings (" + ("the paper's budget" if meta["budget"] == "paper" else
                            f"{meta['budget']} budget, far below the paper's 500k iterations") + "): "
         + _settings(meta["hyperparameters"]) + "; DNI and cDNI runs: " + _settings(meta["synthesizer_hyperparameters"])
-        + ". Unset settings are dni/config.py's defaults when the run was made.",
+        + ". Unset settings are dnilab/config.py's defaults when the run was made.",
         "- Hardware: " + ("; ".join(f"{h['device']} ({h['processor']}, {h['threads']} thread(s)), torch {h['torch']}"
                                     for h in meta["hardware"]) or "no finished run yet")
         + f"; {meta['train_seconds_total'] / 60:.1f} min of training in all.",
@@ -548,7 +369,7 @@ def _spread(curves):
 def plot_curves(args, table, path):
     """Test error against iterations, Bprop / DNI / cDNI, one panel per network (the paper's Fig. 3);
     the line is the mean over seeds, the band their min-max."""
-    from dni.plots import plt, read_metrics
+    from dnilab.plots import plt, read_metrics
     rows = [r for r in table["rows"] if any(r["cells"][m]["test_error"] for m in ("backprop", "dni", "cdni")
                                             if m in r["cells"])]
     if not rows:
@@ -571,7 +392,7 @@ def plot_curves(args, table, path):
                 mean, low, high = _spread([[100 * (1 - m["test_acc"]) for m in e] for e in epochs])
                 ax.plot(steps, mean, marker="o", ms=3, color=color, label=METHOD_LABEL[method])
                 ax.fill_between(steps, low, high, color=color, alpha=0.2, lw=0)
-            ax.set(title=f"{DATASETS[args.dataset][0]} {row['label']}", xlabel="iteration", ylabel="test error (%)")
+            ax.set(title=f"{DATASET_TITLES[args.dataset][0]} {row['label']}", xlabel="iteration", ylabel="test error (%)")
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
     fig.tight_layout()
@@ -583,7 +404,7 @@ def plot_curves(args, table, path):
 def plot_sg(args, table, path):
     """Per-layer synthetic-gradient loss (log) and cosine to its target over training, DNI solid,
     cDNI dashed, mean over seeds of a running mean; one column per network."""
-    from dni.plots import plt, read_metrics, smooth
+    from dnilab.plots import plt, read_metrics, smooth
     rows = [r for r in table["rows"] if any(_runs(args, r["model"], r["layers"], m) for m in ("dni", "cdni")
                                             if m in table["meta"]["methods"])]
     if not rows:
@@ -632,34 +453,14 @@ def make_table(args, log=print):
 
 # ---------------------------------------------------------------- command line
 
-def add_grid_options(parser, stem):
-    """The options every grid of runs shares (this table, experiments.search): where and how runs train."""
-    parser.add_argument("--device", choices=DEVICES, help="device of every run (default: dni.config's)")
-    parser.add_argument("--data_dir", help="where data sets live (default: dni.config's)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default: 1)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once, one process each (default: 1)")
-    parser.add_argument("--results", default="results",
-                        help=f"writes <results>/{stem}.* and <results>/{stem}/ (default: results)")
-    parser.add_argument("--table_only", action="store_true", help="train nothing: tabulate the finished runs")
-    parser.add_argument("--retrain_stale", action="store_true",
-                        help="retrain finished runs whose settings differ from those asked for now")
-
-
-def check_counts(parser, args, names=("epochs", "threads", "jobs")):
-    """One-line error (exit 2) for a count below 1; an unset count (None) means the default."""
-    for name in names:
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"argument --{name}: must be > 0, got {getattr(args, name)}")
-
-
 def parse_args(argv=None):
     parser = OneLineParser(prog="python -m experiments.table1", description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="mnist", choices=list(DATASETS))
+    parser.add_argument("--dataset", default="mnist", choices=list(DATASET_TITLES))
     parser.add_argument("--seeds", type=int, nargs="+", help=f"seeds per cell (default: {' '.join(map(str, SEEDS))})")
     parser.add_argument("--models", nargs="+", choices=list(LAYERS), help="networks (default: mlp cnn)")
     parser.add_argument("--layers", type=int, nargs="+",
                         help="only these layer counts (default: the paper's, FCN 3-6 and CNN 3-4)")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="columns (default: all four)")
+    parser.add_argument("--methods", nargs="+", choices=list(COLUMNS), help="columns (default: all four)")
     parser.add_argument("--epochs", type=int,
                         help="epochs of every run (default: "
                              + ", ".join(f"{k} {v['num_epochs']}" for k, v in CPU_SETTINGS.items()) + ")")
@@ -668,7 +469,7 @@ def parse_args(argv=None):
                              + ", ".join(f"{k} {v}" for k, v in PAPER_SETTINGS.items()) + " (for a GPU)")
     parser.add_argument("--quick", action="store_true", help="a 1-2 minute slice: FCN 3, Bprop/DNI/cDNI, 1 seed, 1 epoch")
     parser.add_argument("--preset", choices=list(PRESETS), default="ours",
-                        help="ours: our networks and synthesizers (dni/models.py); paper: section 3.1's, nothing of "
+                        help="ours: our networks and synthesizers (dnilab/presets.py); paper: section 3.1's, nothing of "
                              "ours, at this table's budget and stage lr (sg_lr = lr) unless --paper (default: ours)")
     add_grid_options(parser, "table1")
     args = parser.parse_args(argv)
@@ -676,7 +477,7 @@ def parse_args(argv=None):
         parser.error("--quick and --paper are two different budgets; pick one")
     if args.paper and args.epochs:
         parser.error("--paper sets the epochs itself (500k iterations); drop --epochs")
-    defaults = QUICK if args.quick else dict(models=list(LAYERS), layers=None, methods=list(METHODS),
+    defaults = QUICK_TABLE if args.quick else dict(models=list(LAYERS), layers=None, methods=list(COLUMNS),
                                              seeds=list(SEEDS), epochs=None)
     for name, value in defaults.items():
         if getattr(args, name) is None:

@@ -10,7 +10,7 @@ What it keeps of a finished run (one with summary.json), and why that is enough:
   DIGITS significant digits. They feed only the loss and synthesizer-loss plots, which smooth
   over many steps. Rows that record which stages updated (stochastic updates) stay whole: the
   unlocking tables count them;
-- no per-run plot that README.md and docs/ do not show: `python -m dni.plots RUN_DIR` redraws
+- no per-run plot that README.md and docs/ do not show: `python -m dnilab.plots RUN_DIR` redraws
   it from what is kept.
 Runs still training (no summary.json) are left alone: a resume reads their full log.
 """

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from dni.config import Config, saved_settings
-from dni.models import TRAIN_SIZES
-from dni.runs import write_json, write_text
+from dnilab.config import Config, saved_settings
+from dnilab.data import TRAIN_SIZES
+from dnilab.runs import write_json, write_text
+from experiments.grid import COLUMNS, mean_std
 
-METHODS = {"backprop": dict(method="backprop"), "dni": dict(method="dni"),
-           "cdni": dict(method="dni", conditioned=True)}
+COMPARED = ("backprop", "dni", "cdni")  # columns of experiments.grid.COLUMNS
 PROBS = (1.0, 0.5, 0.2, 0.1, 0.05)
 
 
@@ -50,7 +50,7 @@ def same_settings(saved, config):
 
 def train_or_reuse(config):
     """The summary of the run `config` describes, trained only if its folder holds no such finished run."""
-    from dni.train import run
+    from dnilab.train import run
     out = Path(config.out)
     if (out / "summary.json").exists():
         saved = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
@@ -98,11 +98,6 @@ def run_entry(name, config, summary, wall):
             **curve(config.out)}
 
 
-def mean_std(values):
-    t = torch.tensor(values, dtype=torch.float64)
-    return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
-
-
 # ---------------------------------------------------------------- Fig. 7 left
 
 def update_prob_sweep(args):
@@ -110,7 +105,7 @@ def update_prob_sweep(args):
     for seed in args.seeds:
         for method in args.methods:
             for p in args.probs:
-                config = base_config(args, **METHODS[method], update_prob=p, seed=seed,
+                config = base_config(args, **COLUMNS[method], update_prob=p, seed=seed,
                                      out=str(Path(args.runs) / args.name / f"{method}_p{p:g}_s{seed}"))
                 t = time.perf_counter()
                 summary = train_or_reuse(config)
@@ -119,7 +114,7 @@ def update_prob_sweep(args):
     for method in args.methods:
         for p in args.probs:
             errors = [r["test_error"] for r in runs if r["method"] == method and r["update_prob"] == p]
-            mean, std = mean_std(errors)
+            mean, std = mean_std(errors, single=0.0)
             table.setdefault(method, {})[f"{p:g}"] = {"test_error_mean": mean, "test_error_std": std,
                                                       "seeds": len(errors)}
     steps = runs[0]["steps"]
@@ -157,8 +152,8 @@ def unlock_runs(args):
     start, runs = time.perf_counter(), []
     # The default experiment reuses the sweep's P = 1 runs (same settings); another --name keeps its own.
     reference = "update_prob" if args.name == "unlock" else args.name
-    specs = [(f"{m}_p1_s{args.seeds[0]}", dict(**METHODS[m]), reference) for m in args.methods]
-    specs += [(f"{m}_complete_s{args.seeds[0]}", dict(**METHODS[m], unlock="complete"), args.name)
+    specs = [(f"{m}_p1_s{args.seeds[0]}", dict(**COLUMNS[m]), reference) for m in args.methods]
+    specs += [(f"{m}_complete_s{args.seeds[0]}", dict(**COLUMNS[m], unlock="complete"), args.name)
               for m in args.methods if m != "backprop"]
     for name, kw, folder in specs:
         config = base_config(args, **kw, seed=args.seeds[0], out=str(Path(args.runs) / folder / name))
@@ -307,7 +302,7 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--probs", type=float, nargs="+", default=list(PROBS))
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(COMPARED), default=list(COMPARED))
     parser.add_argument("--runs", default="runs", help="where run folders go (default: runs, git-ignored)")
     parser.add_argument("--results", default="results", help="where the JSON and PNG go")
     parser.add_argument("--data_dir", default="data")
@@ -332,5 +327,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from dni.cli import main_guard
+    from dnilab.cli import main_guard
     main_guard(main)

@@ -1,4 +1,4 @@
-"""The public API (issue 24): the drop-in `dni.DNI` and the stage-wise `dni.dni_step` rest on one
+"""The public API: the drop-in `dni.DNI` and the stage-wise `dni.dni_step` rest on one
 update, and both pass the oracle test on an MLP, a CNN, a ResNet and a Transformer block."""
 import copy
 
@@ -183,9 +183,9 @@ def test_oracle_with_a_summed_regression_loss_and_its_loss_scale(form):
 
 def paper_mlp(conditioned):
     """The repo's FCN with its dense synthesizers (BatchNorm inside), last layers non-zero."""
-    from dni.models import MODELS, stage_shapes
+    from dnilab.models import MODELS, stage_shapes
     torch.manual_seed(0)
-    stages = MODELS["mlp"].build(in_shape=(1, 6, 6), classes=10, depth=3, hidden=16)
+    stages = MODELS["mlp"](in_shape=(1, 6, 6), classes=10, depth=3, hidden=16)
     synths = nn.ModuleList(dni.make_synthesizer(s, context_features=10 if conditioned else 0, width=32)
                            for s in stage_shapes(stages, (1, 6, 6))[:-1])
     with torch.no_grad():
@@ -298,9 +298,9 @@ def test_float64_net_takes_a_float32_onehot_context():
 def test_autocast_bfloat16_on_cpu_gives_finite_values(kind, form):
     net = paper_mlp(conditioned=True) if kind == "mlp" else None
     if net is None:
-        from dni.models import MODELS, stage_shapes
+        from dnilab.models import MODELS, stage_shapes
         torch.manual_seed(0)
-        stages = MODELS["cnn"].build(in_shape=(1, 8, 8), classes=10, depth=2, channels=4)
+        stages = MODELS["cnn"](in_shape=(1, 8, 8), classes=10, depth=2, channels=4)
         net = dni.DNINet(stages=stages, conditioned=True, synthesizers=nn.ModuleList(
             dni.make_synthesizer(s, context_features=10, conv_width=4) for s in stage_shapes(stages, (1, 8, 8))[:-1]))
         with torch.no_grad():
@@ -396,5 +396,5 @@ def test_dni_built_from_a_shape():
 def test_import_dni_is_cheap_and_exports_the_library():
     import subprocess
     import sys
-    code = "import sys, dni; assert 'torch' not in sys.modules; dni.DNI; assert 'dni.train' not in sys.modules"
+    code = "import sys, dni; assert 'torch' not in sys.modules; dni.DNI; assert 'dnilab.train' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dni.data import load_data
-from dni.train import main
+from dnilab.data import load_data
+from dnilab.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -103,7 +103,7 @@ def test_plots_redraw_from_metrics(tmp_path):
     lines.append({"kind": "epoch", "epoch": 1, "step": 49, "test_acc": 0.9})
     out.mkdir()
     (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
-    result = subprocess.run([sys.executable, "-m", "dni.plots", str(out)], cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "dnilab.plots", str(out)], cwd=ROOT, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr
     assert all((out / f).stat().st_size > 1000 for f in ("loss.png", "sg_loss.png", "test_acc.png"))
@@ -112,8 +112,8 @@ def test_plots_redraw_from_metrics(tmp_path):
 @pytest.mark.parametrize("argv, conditioned", [(["--conditioned"], True), (["--conditioned", "True"], True),
                                                (["--conditioned", "False"], False), ([], False)])
 def test_a_bare_boolean_flag_means_true(argv, conditioned):
-    from dni.cli import parse_config
-    from dni.config import Config
+    from dnilab.cli import parse_config
+    from dnilab.config import Config
     config = parse_config(Config, argv + ["--plot"])
     assert config.conditioned is conditioned and config.plot is True
     assert parse_config(Config, ["--pipeline", "--model_type", "cnn"]).pipeline is True  # a switch before another flag

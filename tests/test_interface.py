@@ -1,4 +1,4 @@
-"""The DNI update against its oracle (backprop) and the properties of shared DNI.md."""
+"""The DNI update against its oracle (backprop) and the properties of the update (paper, section 2; docs/design.md)."""
 import copy
 
 import pytest
@@ -7,11 +7,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dni.interface as interface
-from dni.config import Config
+from dnilab.config import Config
 from dni.interface import DNINet, backprop_step, dni_step, stage_update, synthesizer_update
-from dni.models import MODELS, stage_shapes
+from dnilab.models import MODELS, stage_shapes
 from dni.synthesizers import ConvSynthesizer, DenseSynthesizer, make_synthesizer, synthesizer_loss
-from dni.train import build_net
+from dnilab.parts import build_net
 
 IN_SHAPE = (1, 12, 12)
 SIZES = {"mlp": dict(depth=3, hidden=16), "cnn": dict(depth=2, channels=4)}
@@ -20,7 +20,7 @@ SIZES = {"mlp": dict(depth=3, hidden=16), "cnn": dict(depth=2, channels=4)}
 def make_net(model_type, *, conditioned=False, synth_layers=1, kind="conv", dtype=torch.float64,
              synthesizers=None):
     torch.manual_seed(0)
-    stages = MODELS[model_type].build(in_shape=IN_SHAPE, classes=10, **SIZES[model_type])
+    stages = MODELS[model_type](in_shape=IN_SHAPE, classes=10, **SIZES[model_type])
     if synthesizers is None:
         synthesizers = nn.ModuleList(
             make_synthesizer(s, kind=kind, context_features=10 if conditioned else 0, hidden_layers=synth_layers,
@@ -234,7 +234,7 @@ def test_dni_training_teaches_synthesizers():
 
 
 def test_linear_synthesizer_predicts_zero_at_the_classifiers_optimum():
-    """Why plain DNI on the FCN has a hidden layer in its synthesizers by default (dni.models):
+    """Why plain DNI on the FCN has a hidden layer in its synthesizers by default (dnilab.presets):
     regressing the top stage's true gradients W^T (p - y) on [h, 1] gives exactly zero once the
     linear classifier on h is at its optimum (that regression's normal equations are the
     classifier's gradient). A synthesizer with a hidden layer still fits part of them."""

@@ -1,9 +1,12 @@
-"""The layout: dni/ is the library, experiments/ is built on it, never the other way round.
+"""The layout: dni/ is the library, dnilab/ the application that trains with it, experiments/
+built on both; never the other way round.
 
-- no module of dni/ imports experiments (any form: import, from-import, relative, importlib);
-- no import cycle among dni/'s modules, counting imports inside functions too (a cycle
-  that only a late import keeps from failing is still two modules that need each other);
-- `import dni` works from outside the repository once `pip install -e .` has run.
+- no module of dni/ imports dnilab or experiments, and no module of dnilab/ imports experiments
+  (any form: import, from-import, relative, importlib);
+- every module of dni/ imports with numpy, tqdm and matplotlib missing: the library needs torch alone;
+- no import cycle among dni/'s modules, nor among dnilab/'s, counting imports inside functions
+  too (a cycle that only a late import keeps from failing is still two modules that need each other);
+- `import dni` and `import dnilab` work from outside the repository once `pip install -e .` has run.
 """
 import ast
 import shutil
@@ -18,10 +21,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LIBRARY = ROOT / "dni"
+APPLICATION = ROOT / "dnilab"
+OURS = ("dni", "dnilab", "experiments")
 
 
 def module_name(path, root=ROOT):
-    """dni/train.py -> 'dni.train'; dni/__init__.py -> 'dni'."""
+    """dnilab/train.py -> 'dnilab.train'; dni/__init__.py -> 'dni'."""
     parts = path.relative_to(root).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
@@ -53,15 +58,67 @@ def imported_names(path, root=ROOT):
     return names
 
 
+def package_modules(folder):
+    return {module_name(p): p for p in sorted(folder.glob("*.py"))}
+
+
 def library_modules():
-    return {module_name(p): p for p in sorted(LIBRARY.glob("*.py"))}
+    return package_modules(LIBRARY)
 
 
-def test_the_library_imports_no_experiment():
-    offenders = {name: sorted(n for n in imported_names(path) if n == "experiments" or n.startswith("experiments."))
-                 for name, path in library_modules().items()}
-    offenders = {name: found for name, found in offenders.items() if found}
-    assert not offenders, f"dni/ must not import experiments/: {offenders}"
+def imports_of(modules, packages):
+    """{module: the names it imports from any of `packages`}, for the modules that import any."""
+    found = {name: sorted(n for n in imported_names(path) if n.split(".")[0] in packages)
+             for name, path in modules.items()}
+    return {name: names for name, names in found.items() if names}
+
+
+def test_the_library_imports_nothing_of_ours_but_itself():
+    offenders = imports_of(library_modules(), [p for p in OURS if p != "dni"])
+    assert not offenders, f"dni/ must import neither dnilab nor experiments: {offenders}"
+
+
+def test_the_application_imports_no_experiment():
+    offenders = imports_of(package_modules(APPLICATION), ["experiments"])
+    assert not offenders, f"dnilab/ must not import experiments/: {offenders}"
+
+
+BLOCKED = ("numpy", "tqdm", "matplotlib")
+
+
+def test_the_library_imports_with_torch_alone():
+    """Every module of dni/, imported in a fresh interpreter in which numpy, tqdm and matplotlib
+    raise ModuleNotFoundError (torch itself gets on without numpy)."""
+    names = sorted(library_modules())
+    code = ("import importlib, importlib.abc, sys\n"
+            "class Block(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            f"        if name.split('.')[0] in {BLOCKED!r}:\n"
+            "            raise ModuleNotFoundError(f'blocked: {name}')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            f"for name in {names!r}:\n"
+            "    importlib.import_module(name)\n"
+            f"assert not [m for m in sys.modules if m.split('.')[0] in {BLOCKED!r} + ('dnilab', 'experiments')]\n"
+            "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_the_blocked_import_check_catches_a_module_that_needs_numpy(tmp_path):
+    """The same check on a probe package whose module imports numpy: it must fail."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "__init__.py").write_text("")
+    (probe / "uses_numpy.py").write_text("import numpy\n")
+    code = ("import importlib.abc, sys\n"
+            "class Block(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            f"        if name.split('.')[0] in {BLOCKED!r}:\n"
+            "            raise ModuleNotFoundError(f'blocked: {name}')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import probe.uses_numpy\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "blocked: numpy" in done.stderr
 
 
 def test_the_checker_sees_every_form_of_import(tmp_path):
@@ -102,10 +159,11 @@ def find_cycle(graph):
     return None
 
 
-def test_no_import_cycle_among_library_modules():
-    modules = library_modules()
+@pytest.mark.parametrize("folder", [LIBRARY, APPLICATION], ids=["dni", "dnilab"])
+def test_no_import_cycle_within_a_package(folder):
+    modules = package_modules(folder)
     # Importing dni.x runs the package's __init__ first; that is Python's order, not an edge.
-    graph = {name: {n for n in imported_names(path) if n in modules and n != name and n != "dni"}
+    graph = {name: {n for n in imported_names(path) if n in modules and n != name and n != folder.name}
              for name, path in modules.items()}
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
@@ -130,8 +188,9 @@ def copy_of_the_project(dest):
 
 @pytest.mark.skipif(not (ROOT / "pyproject.toml").exists(), reason="no pyproject.toml yet: pip install -e . needs one")
 def test_an_editable_install_imports_dni_from_anywhere(tmp_path):
-    """pip install -e into a fresh environment, nothing downloaded, then the library from a folder
-    outside the project: the package alone, without experiments/ on the path.
+    """pip install -e into a fresh environment, nothing downloaded, then the library and the
+    application from a folder outside the project: the packages alone, without experiments/ on
+    the path.
 
     The new environment sees the packages of the Python running this test (install.sh's: torch,
     and a setuptools that builds editable wheels by itself) through a .pth file, not the host's
@@ -151,7 +210,8 @@ def test_an_editable_install_imports_dni_from_anywhere(tmp_path):
     assert install.returncode == 0, install.stderr[-2000:]
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    code = ("import dni, dni.interface, dni.synthesizers; from pathlib import Path; "
+    code = ("import dni, dni.interface, dni.synthesizers, dnilab.train, dnilab.pipeline, dnilab.recurrent; "
+            "from pathlib import Path; "
             f"assert Path(dni.__file__).resolve().parent == Path({str(project / 'dni')!r}), dni.__file__; "
             "import importlib.util; assert importlib.util.find_spec('experiments') is None; print('ok')")
     done = subprocess.run([str(python), "-c", code], cwd=outside, capture_output=True, text=True, timeout=300)

@@ -1,4 +1,4 @@
-"""The pipelined DNI (dni/pipeline.py): real worker processes on 127.0.0.1, gloo, real MNIST.
+"""The pipelined DNI (dnilab/pipeline.py): real worker processes on 127.0.0.1, gloo, real MNIST.
 
 What is checked:
 - 2 workers under torchrun train a small cDNI MLP for 300 steps on MNIST, reach the
@@ -24,13 +24,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dni.config import Config
+from dnilab.config import Config
 from dni.errors import DNIError
-from dni.pipeline import balanced_partition, parse_partition
-from dni.train import run
+from dnilab.partition import balanced_partition, parse_partition
+from dnilab.train import run
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = str(ROOT / "data")  # dni.data.load_data builds MNIST here offline when it is missing
+DATA = str(ROOT / "data")  # dnilab.data.load_data builds MNIST here offline when it is missing
 ACCURACY_FLOOR = 0.85  # sequential cDNI reaches 0.90 with these settings after 300 steps
 # A small cDNI MLP: 3 stages (784-64 | 64-64 | 64-10), synthesizers with one hidden layer, so
 # the auto partition puts a cross-worker boundary and an internal boundary on the two workers.
@@ -215,19 +215,19 @@ def test_workers_with_different_settings_refuse_to_start(tmp_path):
 
 def test_workers_on_other_commits_refuse_to_start(monkeypatch):
     """Hosts that checked out other commits would train one mixed run: each worker refuses."""
-    import dni.pipeline
+    import dnilab.pipeline
     config = Config()
-    theirs = (dni.pipeline.config_digest(config.to_dict()), config.to_dict(), "0123456789abcdef")
+    theirs = (dnilab.pipeline.config_digest(config.to_dict()), config.to_dict(), "0123456789abcdef")
 
     def all_gather_object(gathered, mine):  # worker 1 answers from another commit
         gathered[:] = [mine, theirs]
-    monkeypatch.setattr(dni.pipeline.dist, "all_gather_object", all_gather_object)
-    monkeypatch.setattr(dni.pipeline, "git_commit", lambda: "fedcba9876543210")
+    monkeypatch.setattr(dnilab.pipeline.dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(dnilab.pipeline, "git_commit", lambda: "fedcba9876543210")
     with pytest.raises(DNIError, match=r"^worker 0: workers run different code \(worker 1 at commit 0123456789ab, "
                                        r"worker 0 at fedcba987654\); check out the same commit"):
-        dni.pipeline.check_same_settings(config, 0, 2, 5.0)
-    monkeypatch.setattr(dni.pipeline, "git_commit", lambda: "0123456789abcdef")  # the same commit: no complaint
-    dni.pipeline.check_same_settings(config, 0, 2, 5.0)
+        dnilab.pipeline.check_same_settings(config, 0, 2, 5.0)
+    monkeypatch.setattr(dnilab.pipeline, "git_commit", lambda: "0123456789abcdef")  # the same commit: no complaint
+    dnilab.pipeline.check_same_settings(config, 0, 2, 5.0)
 
 
 def test_pipeline_without_launcher_says_how_to_launch(monkeypatch):
@@ -294,7 +294,7 @@ def test_asking_again_under_frozen_statistics_is_exact():
     """A boundary synthesizer that stepped since it made g_hat(t) is asked again on trigger(t): in
     train mode (batch statistics, as the first time) without moving its running statistics."""
     import copy
-    from dni.pipeline import statistics_frozen
+    from dni.unlock import frozen_statistics
     from dni.synthesizers import DenseSynthesizer
     torch.manual_seed(0)
     synthesizer = DenseSynthesizer(features=8, context_features=3, hidden_layers=1, width=16)
@@ -304,7 +304,7 @@ def test_asking_again_under_frozen_statistics_is_exact():
     norm = synthesizer.net[1]
     before = (norm.running_mean.clone(), norm.running_var.clone(), norm.num_batches_tracked.clone())
     reference = copy.deepcopy(synthesizer)
-    with statistics_frozen(synthesizer):
+    with frozen_statistics(synthesizer):
         again = synthesizer(trigger, context)
     assert torch.equal(again, reference(trigger, context))  # the same batch-statistics output, bit for bit
     assert all(torch.equal(a, b) for a, b in zip(before, (norm.running_mean, norm.running_var,

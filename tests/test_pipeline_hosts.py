@@ -1,4 +1,4 @@
-"""The pipelined DNI (dni/pipeline.py) beyond 2 workers on one launcher: several hosts, and 3 or 4 workers.
+"""The pipelined DNI (dnilab/pipeline.py) beyond 2 workers on one launcher: several hosts, and 3 or 4 workers.
 
 Real hosts are stood in for by loopback (127.0.0.1, GLOO_SOCKET_IFNAME=lo): two torchrun launchers,
 `--nnodes 2 --node_rank 0|1 --nproc_per_node 1`, each started in its own working folder with the same
@@ -28,7 +28,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = str(ROOT / "data")  # dni.data.load_data builds MNIST here offline when it is missing
+DATA = str(ROOT / "data")  # dnilab.data.load_data builds MNIST here offline when it is missing
 ACCURACY_FLOOR = 0.85  # sequential cDNI reaches 0.90 at depths 3 and 4 with these settings (300 steps)
 # Small cDNI MLPs (hidden stages of 64, synthesizers with one hidden layer of 64): 300 steps of 200 images.
 SMALL = ["--model_type", "mlp", "--hidden", "64", "--conditioned", "True", "--synth_layers", "1",

@@ -1,4 +1,4 @@
-"""The pipeline's messages (dni/pipeline.py) under a transport that delays and reorders them.
+"""The pipeline's messages (dnilab/pipeline.py) under a transport that delays and reorders them.
 
 K pipeline workers run as threads of one process and talk through `Transport`, which
 delivers every message after a random delay and matches a receive to the message of its step
@@ -21,11 +21,12 @@ import time
 import pytest
 import torch
 
-from dni.config import Config
+from dnilab.config import Config
 from dni.errors import DNIError
 from dni.interface import dni_step
-from dni.parts import Optimizers, build_net, step_schedules
-from dni.pipeline import PipelineWorker, Peers
+from dnilab.parts import Optimizers, build_net, step_schedules
+from dnilab.transport import Peers
+from dnilab.worker import PipelineWorker
 
 IN_SHAPE, BATCH, STEPS = (1, 8, 8), 16, 12
 # 4 stages on 3 workers: two boundaries between workers and one inside worker 1.

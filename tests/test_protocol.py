@@ -1,4 +1,4 @@
-"""The evaluation protocol (issue 23): a validation split no step trains on, choices that read it
+"""The evaluation protocol: a validation split no step trains on, choices that read it
 alone, and the paper's own model one flag away (`--preset paper`)."""
 import json
 import subprocess
@@ -10,11 +10,11 @@ import torch
 import torch.nn as nn
 
 from experiments import search
-from dni.config import Config
-from dni.data import Data, batches, split_validation
+from dnilab.config import Config
+from dnilab.data import Data, batches, split_validation
 from dni.errors import DNIError
 from dni.synthesizers import ConvSynthesizer, DenseSynthesizer
-from dni.parts import build_net
+from dnilab.parts import build_net
 
 
 def numbered_data(n=600, test=50):

@@ -76,7 +76,7 @@ def test_a_run_from_a_modified_tree_keeps_its_diff(tmp_path):
     """A run started with edits not committed saves them beside env.json, and a table says how
     many of its runs were made that way, and whether their diffs were kept."""
     import shutil as sh
-    from dni.runs import save_diff
+    from dnilab.runs import save_diff
     from experiments.provenance import modified_tree_line
     clean, dirty, lost = (tmp_path / n for n in ("clean", "dirty", "lost"))
     for folder, env in ((clean, {"git_commit": "a" * 40, "git_dirty": False}),

@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dni.cli import main_guard, parse_config
-from dni.copy_tasks import IGNORE, Copy, Curriculum, EpisodeStream, RepeatCopy
-from dni.recurrent import RecurrentConfig, RecurrentDNI, run, window_backward
+from dnilab.cli import main_guard, parse_config
+from dnilab.copy_tasks import IGNORE, Copy, Curriculum, EpisodeStream, RepeatCopy
+from dni.recurrent import RecurrentDNI, window_backward
+from dnilab.recurrent import RecurrentConfig, run
 from experiments.recurrent_table import TableConfig, main as table_main
 from dni.synthesizers import synthesizer_loss
 
@@ -232,6 +233,25 @@ def test_short_copy_run_solves_a_few_lengths(tmp_path):
     folder = tmp_path / config.name
     for name in ("config.json", "metrics.jsonl", "summary.json", "bits.png", "length.png"):
         assert (folder / name).exists()
+
+
+def test_a_finished_run_is_not_overwritten_unless_asked(tmp_path):
+    """rnn.py follows main.py's rule for a run folder: a finished run there is refused in one
+    line (exit 2) unless --overwrite True, which replaces it."""
+    flags = ["--out", str(tmp_path), "--name", "run", "--steps", "4", "--log_every", "2", "--hidden", "8",
+             "--batch_size", "4", "--threads", "1"]
+    first = subprocess.run([sys.executable, str(ROOT / "rnn.py"), *flags], capture_output=True, text=True, cwd=ROOT,
+                           timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    summary = (tmp_path / "run" / "summary.json").read_text()
+    again = subprocess.run([sys.executable, str(ROOT / "rnn.py"), *flags], capture_output=True, text=True, cwd=ROOT,
+                           timeout=300)
+    assert again.returncode == 2 and "already holds a finished run" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "run" / "summary.json").read_text() == summary
+    forced = subprocess.run([sys.executable, str(ROOT / "rnn.py"), *flags, "--overwrite", "True"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert forced.returncode == 0, forced.stderr[-2000:]
 
 
 def test_bad_flag_exits_2_with_one_line(tmp_path):

@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dni.config import Config
-from dni.data import load_data
+from dnilab.config import Config
+from dnilab.data import load_data
 from dni.interface import nobprop_step
-from dni.models import paper_epochs
-from experiments.table1 import PAPER_ITERATIONS, typed_command, parse_args, run_config, stale_settings
-from dni.parts import Optimizers, build_net
+from dnilab.presets import paper_epochs
+from dnilab.presets import PAPER_ITERATIONS
+from experiments.grid import stale_settings, typed_command
+from experiments.table1 import parse_args, run_config
+from dnilab.parts import Optimizers, build_net
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -226,14 +228,14 @@ def test_once_asked_to_stop_the_grid_starts_no_queued_run(tmp_path, monkeypatch)
     import signal
     import threading
 
-    from experiments import table1
-    stop = table1.StopRequest(None, threading.Event())
+    from experiments import grid
+    stop = grid.StopRequest(None, threading.Event())
     with stop:
         os.kill(os.getpid(), signal.SIGINT)  # noted by the handler, not raised
     assert stop.event.is_set() and stop.signum == signal.SIGINT
-    monkeypatch.setattr(table1, "_stop_requested", stop.event)  # what a pool worker holds
-    with pytest.raises(table1.Stopped, match="not started"):
-        table1.train_one(Config(out=str(tmp_path / "run"), num_epochs=1, data_dir=str(tmp_path)), 1)
+    monkeypatch.setattr(grid, "_stop_requested", stop.event)  # what a pool worker holds
+    with pytest.raises(grid.Stopped, match="not started"):
+        grid.train_one(Config(out=str(tmp_path / "run"), num_epochs=1, data_dir=str(tmp_path)), 1)
     assert not (tmp_path / "run").exists()
 
 

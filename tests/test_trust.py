@@ -1,4 +1,4 @@
-"""Runs that can be trusted (issue 7), through the real command lines.
+"""Runs that can be trusted, through the real command lines.
 
 - Bad input: one line on stderr, exit code 2, nothing written or overwritten.
 - Divergence: the run stops at the step, naming stage, step and lever; exit 2; the metrics
@@ -24,10 +24,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import dni.parts
-import dni.train
-from dni.data import load_data
-from dni.train import main
+import dnilab.parts
+import dnilab.steps
+import dnilab.train
+from dnilab.data import load_data
+from dnilab.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -64,7 +65,7 @@ def mnist():
 @pytest.fixture
 def fast(monkeypatch, mnist):
     """For in-process runs: the MNIST tensors loaded once, and one thread as in the subprocesses."""
-    monkeypatch.setattr(dni.train, "load_data", lambda name, root, device: mnist)
+    monkeypatch.setattr(dnilab.train, "load_data", lambda name, root, device: mnist)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -301,7 +302,7 @@ def test_divergence_stops_at_the_step_and_keeps_the_metrics(fast, tmp_path, caps
 
 
 def test_divergence_keeps_the_last_good_checkpoint(fast, straight, tmp_path, capsys, monkeypatch):
-    real_step, calls = dni.train.dni_step, []
+    real_step, calls = dnilab.steps.dni_step, []
 
     def diverging_step(*args):  # the loss of step 130 (in epoch 2) comes out NaN
         out = real_step(*args)
@@ -310,7 +311,7 @@ def test_divergence_keeps_the_last_good_checkpoint(fast, straight, tmp_path, cap
             out.loss = torch.tensor(float("nan"))
         return out
 
-    monkeypatch.setattr(dni.train, "dni_step", diverging_step)
+    monkeypatch.setattr(dnilab.steps, "dni_step", diverging_step)
     out = tmp_path / "run"
     code = inproc("main.py", *TINY, "--out", str(out))
     assert_one_line_exit_2(code, capsys.readouterr().err, "the loss of stage 3 (the classifier) is nan at step 130",
@@ -318,7 +319,7 @@ def test_divergence_keeps_the_last_good_checkpoint(fast, straight, tmp_path, cap
     assert len(metrics(out)) == 129 + 1  # 129 steps and the line of epoch 1
     assert checkpoint(out)["step"] == 117 and not (out / "summary.json").exists()
     # That checkpoint is good: resumed (without the fault), the run ends as if nothing had happened.
-    monkeypatch.setattr(dni.train, "dni_step", real_step)
+    monkeypatch.setattr(dnilab.steps, "dni_step", real_step)
     assert inproc("main.py", "--resume", str(out)) == 0
     assert_same_run(straight, out)
 
@@ -360,7 +361,7 @@ def test_interrupted_run_resumes_bit_for_bit(fast, straight, tmp_path, capsys, s
 @pytest.mark.parametrize("where", ["last step of epoch 1", "evaluation of epoch 1", "last step"])
 def test_interrupted_at_the_edges_resumes_bit_for_bit(fast, straight, tmp_path, monkeypatch, where):
     """SIGINT at the awkward places, sent by the run to itself at an exact point."""
-    real_step, real_evaluate, calls = dni.train.dni_step, dni.parts.evaluate, []
+    real_step, real_evaluate, calls = dnilab.steps.dni_step, dnilab.parts.evaluate, []
     at = {"last step of epoch 1": 117, "last step": STEPS}.get(where)
 
     def step(*args):
@@ -374,16 +375,16 @@ def test_interrupted_at_the_edges_resumes_bit_for_bit(fast, straight, tmp_path, 
             os.kill(os.getpid(), signal.SIGINT)
         return real_evaluate(*args)
 
-    monkeypatch.setattr(dni.train, "dni_step", step)
-    monkeypatch.setattr(dni.parts, "evaluate", evaluate)  # what evaluate_splits calls
+    monkeypatch.setattr(dnilab.steps, "dni_step", step)
+    monkeypatch.setattr(dnilab.parts, "evaluate", evaluate)  # what evaluate_splits calls
     out = tmp_path / "run"
     assert inproc("main.py", *TINY, "--out", str(out)) == 130
     assert not (out / "summary.json").exists()
     stopped = checkpoint(out)["resume"]
     assert (stopped["epoch"], stopped["batch"]) == {"last step of epoch 1": (1, 117), "evaluation of epoch 1": (2, 0),
                                                     "last step": (2, 117)}[where]
-    monkeypatch.setattr(dni.train, "dni_step", real_step)
-    monkeypatch.setattr(dni.parts, "evaluate", real_evaluate)
+    monkeypatch.setattr(dnilab.steps, "dni_step", real_step)
+    monkeypatch.setattr(dnilab.parts, "evaluate", real_evaluate)
     assert inproc("main.py", "--resume", str(out)) == 0
     assert_same_run(straight, out)
 

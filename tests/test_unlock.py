@@ -10,14 +10,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import dni.train
-from dni.config import Config
-from dni.data import batches, load_data
+import dnilab.train
+from dnilab.config import Config
+from dnilab.data import batches, load_data
 from dni.interface import DNINet, backprop_step, dni_step, synthesizer_update
-from dni.models import MODELS, stage_shapes
+from dnilab.models import MODELS, stage_shapes
 from dni.synthesizers import make_synthesizer
-from dni.train import Optimizers, build_net, evaluate, main, set_seed
-from dni.unlock import (GOLDEN, InputModel, UnlockStep, add_input_models, backprop_updates, complete_unlock_step,
+from dnilab.parts import Optimizers, build_net, evaluate, set_seed
+from dnilab.train import main
+from dnilab.steps import UnlockStep
+from dni.unlock import (GOLDEN, InputModel, add_input_models, backprop_updates, complete_unlock_step,
                         draw_seed, draw_updates, input_model_loss, stochastic_backprop_step, stochastic_dni_step)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +31,7 @@ def make_net(*, conditioned=False, synthesizers=True, inputs=False, nonzero=True
     inside, so their running statistics are checked too). `nonzero`: synthesizers' last layers
     random, so skipped and taken updates differ."""
     torch.manual_seed(0)
-    stages = MODELS["mlp"].build(in_shape=IN_SHAPE, classes=10, depth=3, hidden=16)
+    stages = MODELS["mlp"](in_shape=IN_SHAPE, classes=10, depth=3, hidden=16)
     shapes = stage_shapes(stages, IN_SHAPE)
     synths = None
     if synthesizers:
@@ -322,7 +324,7 @@ def run_record(out):
 def test_interrupted_unlock_run_resumes_bit_for_bit(mnist, tmp_path, monkeypatch, flags):
     """The draws of step t depend on (seed, t) only, and the input models and their optimizers are in the
     checkpoint, so SIGINT at step 50 and --resume give the run that was never stopped."""
-    monkeypatch.setattr(dni.train, "load_data", lambda name, root, device: mnist)
+    monkeypatch.setattr(dnilab.train, "load_data", lambda name, root, device: mnist)
     assert inproc(*TINY, *flags, "--out", str(tmp_path / "straight")) == 0
     real, calls = UnlockStep.__call__, []
 

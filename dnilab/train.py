@@ -1,10 +1,10 @@
 """The one training loop: backprop or DNI, MLP or CNN, CPU or CUDA.
 
-`run(config)` trains, evaluates after every epoch and writes a run folder (`dni.runs`):
+`run(config)` trains, evaluates after every epoch and writes a run folder (`dnilab.runs`):
 config.json, command.txt, env.json, metrics.jsonl (a line per step and per epoch),
-summary.json, checkpoint.pt and the PNG plots (see `dni.plots`).
+summary.json, checkpoint.pt and the PNG plots (see `dnilab.plots`).
 
-Runs can be trusted (issue 7): bad input stops before anything is written; a
+Runs can be trusted: bad input stops before anything is written; a
 non-finite loss stops the run at that step, keeping the metrics so far and the
 last good checkpoint; SIGINT/SIGTERM save a checkpoint between two steps and end
 the run with exit code 130/143; `--resume RUN_DIR` continues it from there and ends
@@ -23,28 +23,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dni.cli import build_parser, main_guard, parse_config
-from dni.config import Config
-from dni.data import batches, load_data, num_batches
+from dnilab.cli import build_parser, main_guard, parse_config
+from dnilab.config import Config
+from dnilab.data import batches, load_data, num_batches
 from dni.errors import DNIError
-from dni.interface import backprop_step, dni_step, nobprop_step
-from dni.parts import Optimizers, build_net, check_finite, evaluate_splits, load_run_data, pick_device, set_seed
-from dni.parts import evaluate  # noqa: F401  not used here; still importable as dni.train.evaluate
-from dni.runs import (check_resumable, kept_metrics, load_checkpoint, prepare_run_dir, record_environment,
-                      record_resume, restore, resume_config, rng_states, save_checkpoint, set_rng_states, write_json,
-                      write_text)
-from dni.unlock import UnlockStep, uses_unlock
-
-
-def make_train_step(config, net, optimizers):
-    """The update one batch gets, as `step(x, y, step_index) -> StepStats`, by method."""
-    if uses_unlock(config):  # --update_prob < 1 or --unlock complete (dni.unlock)
-        return UnlockStep(config, net, optimizers)
-    if config.method == "dni":
-        return lambda x, y, _: dni_step(net, optimizers.stages, optimizers.synthesizers, x, y)
-    if config.method == "nobprop":
-        return lambda x, y, _: nobprop_step(net, optimizers.stages, x, y)
-    return lambda x, y, _: backprop_step(net, optimizers.stages, x, y)
+from dnilab.parts import Optimizers, build_net, check_finite, evaluate_splits, load_run_data, pick_device, set_seed
+from dnilab.runs import (announce, check_batches, check_resumable, epoch_record, finish_run, kept_metrics,
+                         load_checkpoint, mean_sg_loss, prepare_run_dir, record_environment, record_resume, restore,
+                         resume_config, rng_states, save_checkpoint, set_rng_states, step_record, write_text)
+from dnilab.steps import make_train_step
 
 
 class Interrupted(Exception):
@@ -82,8 +69,8 @@ class StopFlag:
 
 def run(config):
     """Train one run as `config` says; returns its summary dict."""
-    if config.pipeline:  # this process is one worker of a torchrun launch: see dni.pipeline
-        from dni.pipeline import run_pipeline
+    if config.pipeline:  # this process is one worker of a torchrun launch: see dnilab.pipeline
+        from dnilab.pipeline import run_pipeline
         return run_pipeline(config)
     device = pick_device(config.device)
     if config.resume:  # every check first (bad input writes nothing), the cheap ones before the data
@@ -92,8 +79,7 @@ def run(config):
     set_seed(config.seed)
     data = load_run_data(config, device, load=load_data)  # looked up here, so a test can swap in tensors
     steps_per_epoch = num_batches(len(data.train_x), config.batch_size)
-    if steps_per_epoch == 0:
-        raise DNIError(f"--batch_size {config.batch_size} is larger than the training set ({len(data.train_x)})")
+    check_batches(steps_per_epoch, config, len(data.train_x))
     net = build_net(config, data.in_shape, data.num_classes).to(device)
     optimizers = Optimizers(net, config, config.num_epochs * steps_per_epoch)
     order = torch.Generator().manual_seed(config.seed)
@@ -118,8 +104,7 @@ def run(config):
     else:
         run_dir = prepare_run_dir(config)
         record_environment(run_dir, config, device)
-    print(f"{config.name}: {sum(p.numel() for p in net.stages.parameters()):,} stage parameters, "
-          f"{len(net.stages)} stages, {config.num_epochs} epochs on {device} -> {run_dir}")
+    announce(config, net, device, run_dir)
 
     # accs: the last epoch's {"val_acc", "test_acc"} (checkpoints written before the split held test_acc only)
     seconds, totals, lines = state["seconds"], state["totals"], state["metrics_lines"]
@@ -146,10 +131,9 @@ def run(config):
                 out = train_step(x, y, step)
                 optimizers.step_schedules()
                 step += 1
-                stats = {"kind": "step", "epoch": epoch, "step": step, "loss": out.loss.item()}
-                if out.sg_loss:
-                    stats["sg_loss"] = [v.item() for v in out.sg_loss]
-                    stats["sg_cos"] = [v.item() for v in out.sg_cos]
+                synthesized = bool(out.sg_loss)  # a step with synthesizers logs each one's loss and cosine
+                stats = step_record(epoch, step, out.loss.item(), [v.item() for v in out.sg_loss] if synthesized else None,
+                                    [v.item() for v in out.sg_cos] if synthesized else None)
                 stats.update(getattr(out, "extra", {}))  # what only dni.unlock's steps measure
                 try:
                     check_finite(stats, step)
@@ -160,7 +144,7 @@ def run(config):
                 metrics.flush()  # a run killed outright still leaves every finished step on disk
                 lines += 1
                 totals["loss"] += stats["loss"]
-                totals["sg_loss"] += sum(stats.get("sg_loss", [0.0])) / len(stats.get("sg_loss", [0.0]))
+                totals["sg_loss"] += mean_sg_loss(stats)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
                 if stop.signum:  # SIGINT/SIGTERM came during this step: save, then end the run
                     bar.close()
@@ -170,27 +154,16 @@ def run(config):
                 torch.cuda.synchronize()
             seconds += time.perf_counter() - start  # training time only: evaluation is not timed
             accs = evaluate_splits(net, data)
-            line = {"kind": "epoch", "epoch": epoch, "step": step, "train_loss": totals["loss"] / steps_per_epoch,
-                    "sg_loss": totals["sg_loss"] / steps_per_epoch, **accs, "seconds": seconds}
+            line = epoch_record(epoch, step, totals, steps_per_epoch, accs, seconds)
             metrics.write(json.dumps(line) + "\n")
             metrics.flush()
             lines += 1
-            print(f"epoch {epoch} step {step} loss {line['train_loss']:.4f} sg_loss {line['sg_loss']:.1e} "
-                  + "".join(f"{k} {v:.4f} " for k, v in accs.items()) + f"{seconds:.1f}s", flush=True)
             totals = {"loss": 0.0, "sg_loss": 0.0}
             save(epoch + 1, 0, order.get_state(), seconds)
             if stop.signum:  # it came during evaluation: the checkpoint just written is where to resume
                 raise Interrupted(stop.signum, step, run_dir)
 
-    summary = {"val_acc": accs.get("val_acc"), "test_acc": accs["test_acc"], "val_size": config.val_size,
-               "epochs": config.num_epochs, "steps": step, "seconds": round(seconds, 2),
-               "method": config.method, "model_type": config.model_type, "conditioned": config.conditioned,
-               "dataset": config.dataset, "seed": config.seed, "device": str(device)}
-    write_json(run_dir / "summary.json", summary)
-    if config.plot:
-        from dni.plots import plot_run
-        plot_run(run_dir)
-    return summary
+    return finish_run(run_dir, config, device, accs=accs, step=step, seconds=seconds)
 
 
 def given_flags(argv, **parser_kwargs):

@@ -20,7 +20,7 @@ carry the target IGNORE.
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100  # target of a step the model is not asked to answer (F.cross_entropy's ignore_index)
+from dni.recurrent import IGNORE  # target of a step the model is not asked to answer
 
 
 class Copy:

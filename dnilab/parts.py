@@ -1,10 +1,10 @@
-"""What every training loop of the package is built from: the sequential one (`dni.train`), the
-pipelined one (`dni.pipeline`) and the recurrent one (`dni.recurrent`) all import it, and it
+"""What every training loop of the package is built from: the sequential one (`dnilab.train`), the
+pipelined one (`dnilab.pipeline`) and the recurrent one (`dnilab.recurrent`) all import it, and it
 imports none of them.
 
 - `set_seed`, `pick_device`: seeds and the device, in one place.
 - `load_run_data`: the data set with its validation split held out.
-- `build_net`: the stages of a model (`dni.models`) with a synthesizer after each but the last
+- `build_net`: the stages of a model (`dnilab.models`) with a synthesizer after each but the last
   (paper, section 2), as a `dni.interface.DNINet`.
 - `Optimizers`: one Adam and one schedule per stage and per synthesizer, so each can live on
   its own worker.
@@ -17,11 +17,11 @@ import warnings
 
 import torch
 
-from dni.data import load_data, split_validation
+from dnilab.data import load_data, split_validation
 from dni.errors import DNIError
 from dni.interface import DNINet
-from dni.models import MODELS, stage_shapes
-from dni.runs import one_line
+from dnilab.models import MODELS, stage_shapes
+from dnilab.runs import one_line
 from dni.synthesizers import make_synthesizer
 from dni.unlock import add_input_models
 
@@ -43,7 +43,7 @@ def pick_device(name):
 
 def build_net(config, in_shape, num_classes):
     """The stages of `config.model_type`, with synthesizers when the method is DNI."""
-    stages = MODELS[config.model_type].build(in_shape=in_shape, classes=num_classes, depth=config.depth,
+    stages = MODELS[config.model_type](in_shape=in_shape, classes=num_classes, depth=config.depth,
                                              hidden=config.hidden, channels=config.channels)
     synthesizers = None
     if config.method == "dni":
@@ -161,7 +161,7 @@ def check_finite(stats, step):
 
 
 def load_run_data(config, device, load=load_data):
-    """`load` (`dni.data.load_data`) with `config.val_size` training images held out
+    """`load` (`dnilab.data.load_data`) with `config.val_size` training images held out
     (`split_validation`); an unreadable file or folder becomes a one-line DNIError."""
     try:
         data = load(config.dataset, config.data_dir, device)

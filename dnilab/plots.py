@@ -1,6 +1,6 @@
 """Plots of a run, drawn from its metrics.jsonl alone, so they can be redrawn without retraining.
 
-    python -m dni.plots results/mlp_dni [results/mlp_cdni ...]
+    python -m dnilab.plots results/mlp_dni [results/mlp_cdni ...]
 
 writes loss.png (classification loss), sg_loss.png (synthetic-gradient loss per stage,
 log scale; the seed's two plots) and test_acc.png in each run folder.
@@ -83,12 +83,12 @@ def plot_run(run_dir):
 def main(argv=None):
     run_dirs = (argv if argv is not None else sys.argv[1:])
     if not run_dirs:
-        raise DNIError("usage: python -m dni.plots RUN_DIR [RUN_DIR ...]")
+        raise DNIError("usage: python -m dnilab.plots RUN_DIR [RUN_DIR ...]")
     for run_dir in run_dirs:
         for path in plot_run(run_dir):
             print(path)
 
 
 if __name__ == "__main__":
-    from dni.cli import main_guard
+    from dnilab.cli import main_guard
     main_guard(main)

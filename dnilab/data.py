@@ -305,6 +305,7 @@ def load_cifar10(root):
 
 
 DATASETS = {"mnist": load_mnist, "fashion_mnist": load_fashion_mnist, "cifar10": load_cifar10}
+TRAIN_SIZES = {"mnist": 60_000, "fashion_mnist": 60_000, "cifar10": 50_000}  # images in each training set
 
 
 def load_data(name, root="data", device="cpu", images=True):

@@ -3,12 +3,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from dni.errors import DNIError
-from dni.models import MODELS, PRESETS, paper_epochs
+from dnilab.data import DATASETS
+from dnilab.models import MODELS
+from dnilab.presets import PRESETS, paper_epochs
 
 METHODS = ("dni", "backprop", "nobprop")
 SCHEDULES = ("cosine", "constant", "paper")
 DEVICES = ("auto", "cpu", "cuda")
-DATASET_CHOICES = ("mnist", "fashion_mnist", "cifar10")
 SYNTH_TYPES = ("conv", "dense")
 
 
@@ -18,16 +19,16 @@ def _opt(help, **kw):
 
 @dataclass
 class Config:
-    """One training run. None means "the preset's default for this model" (see dni.models)."""
+    """One training run. None means "the preset's default for this model" (see dnilab.presets)."""
     model_type: str = _opt("network", default="mlp", choices=MODELS)
-    preset: str = _opt("ours: our defaults (dni.models.MODELS); paper: section 3.1's networks, synthesizers, "
+    preset: str = _opt("ours: our defaults (dnilab.presets); paper: section 3.1's networks, synthesizers, "
                        "rates and 500k-iteration schedule, nothing of ours; flags typed override either",
                        default="ours", choices=PRESETS)
     method: str = _opt("dni: every stage decoupled by a DNI; backprop: the baseline; "
                        "nobprop: only the last stage learns (the paper's No Bprop)", default="dni",
                        choices=METHODS)
     conditioned: bool = _opt("cDNI: synthesizers also read the one-hot label", default=False)
-    dataset: str = _opt("data set", default="mnist", choices=DATASET_CHOICES)
+    dataset: str = _opt("data set", default="mnist", choices=DATASETS)
     data_dir: str = _opt("where data sets live", default="data")
     val_size: int = _opt("validation images held out of the end of the training set, never trained on, the only "
                          "split settings are chosen on; 0 trains on all of it (then choose nothing from the run)",
@@ -68,7 +69,7 @@ class Config:
     overwrite: bool = _opt("replace a finished or interrupted run in --out", default=False)
     resume: str = _opt("continue the interrupted run in this folder from its checkpoint, with its own settings",
                        default="")
-    # Pipelined training (dni.pipeline): one worker process per group of stages, launched by torchrun.
+    # Pipelined training (dnilab.pipeline): one worker process per group of stages, launched by torchrun.
     pipeline: bool = _opt("one worker process per group of consecutive stages; launch with torchrun",
                           default=False)
     partition: str = _opt("pipeline: stages per worker, e.g. 2,2 (default: balanced by multiply-adds)",

@@ -1,4 +1,5 @@
-"""A run's folder: what `dni.train.run` writes, and the checkpoint it resumes from.
+"""A run's folder, the one writer of every training run's (`dnilab.train`, `dnilab.pipeline`,
+`dnilab.recurrent`), and the checkpoint a run resumes from.
 
 Files are written atomically (a temp file, then os.replace), so a crash never leaves half a
 file. A run already there is never overwritten silently (`prepare_run_dir`). A checkpoint
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dni.config import Config, saved_settings
+from dnilab.config import Config, saved_settings
 from dni.errors import DNIError
 
 
@@ -41,13 +42,20 @@ def _holds_run(run_dir):
 
 
 def prepare_run_dir(config):
-    """The run folder of a new run. A run already there, finished or resumable, is never
-    overwritten silently: with --out it is refused unless --overwrite; with the default
-    name a fresh one (name-2, name-3...) is picked."""
-    explicit = bool(config.out)
-    run_dir = Path(config.out or Path("results") / config.name)
+    """The run folder of a main.py run: --out, or results/<config.name> by default (see claim_run_dir)."""
+    return claim_run_dir(Path(config.out or Path("results") / config.name), overwrite=config.overwrite,
+                         explicit=bool(config.out))
+
+
+def claim_run_dir(run_dir, *, overwrite=False, explicit=True):
+    """The run folder of a new run, every training script's. A run already there, finished or
+    resumable, is never overwritten silently: in a folder the user named it is refused unless
+    `overwrite`; in a default folder (`explicit` False) a fresh one (name-2, name-3...) is picked.
+    Whatever an overwritten run left that would pass for this one's (metrics, summary, checkpoint)
+    is removed."""
+    run_dir = Path(run_dir)
     held = _holds_run(run_dir)
-    if held and not config.overwrite:
+    if held and not overwrite:
         if explicit and held == "finished":
             raise DNIError(f"{run_dir} already holds a finished run; pass --overwrite True or another --out")
         if explicit:
@@ -103,8 +111,8 @@ def command_line():
 
 
 def record_environment(run_dir, config, device):
-    """config.json, command.txt and env.json of a new run."""
-    write_json(run_dir / "config.json", config.to_dict())
+    """config.json, command.txt and env.json of a new run (`config`: any settings dataclass)."""
+    write_json(run_dir / "config.json", dataclasses.asdict(config))
     (run_dir / "command.txt").write_text(command_line() + "\n")
     env = environment(device)
     write_json(run_dir / "env.json", env)
@@ -219,3 +227,57 @@ def save_checkpoint(path, net, optimizers, config, epoch, step, **extra):
     torch.save({"version": CHECKPOINT_VERSION, "net": net.state_dict(), "optimizers": optimizers.state_dict(),
                 "config": config.to_dict(), "epoch": epoch, "step": step, **extra}, tmp)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- what a training loop writes
+# The sequential loop (dnilab.train) and the pipelined one (dnilab.pipeline) write the same lines
+# through these functions, so their run folders share one schema: "step" lines, one "epoch" line
+# per epoch, summary.json last (its presence marks a finished run).
+
+def check_batches(steps_per_epoch, config, train_size):
+    """Refuse a batch larger than the training set before anything trains."""
+    if steps_per_epoch == 0:
+        raise DNIError(f"--batch_size {config.batch_size} is larger than the training set ({train_size})")
+
+
+def announce(config, net, device, run_dir, *, workers="", backend=""):
+    """The run's first line: its name, size, budget and folder (`workers`, `backend`: the pipeline's)."""
+    print(f"{config.name}: {sum(p.numel() for p in net.stages.parameters()):,} stage parameters, "
+          f"{len(net.stages)} stages{workers}, {config.num_epochs} epochs on {device}{backend} -> {run_dir}",
+          flush=True)
+
+
+def step_record(epoch, step, loss, sg_loss=None, sg_cos=None):
+    """One "step" line of metrics.jsonl; sg_loss and sg_cos (one value per synthesizer) where there are any."""
+    stats = {"kind": "step", "epoch": epoch, "step": step, "loss": loss}
+    if sg_loss:
+        stats["sg_loss"], stats["sg_cos"] = sg_loss, sg_cos
+    return stats
+
+
+def mean_sg_loss(stats):
+    """A step's synthesizer loss, averaged over its synthesizers (0 without any): what the epoch line sums."""
+    return sum(stats.get("sg_loss", [0.0])) / len(stats.get("sg_loss", [0.0]))
+
+
+def epoch_record(epoch, step, totals, steps_per_epoch, accs, seconds):
+    """The "epoch" line of metrics.jsonl, printed as the log line too; `totals` holds the sums of the
+    epoch's step losses and mean synthesizer losses, `seconds` the training time so far."""
+    line = {"kind": "epoch", "epoch": epoch, "step": step, "train_loss": totals["loss"] / steps_per_epoch,
+            "sg_loss": totals["sg_loss"] / steps_per_epoch, **accs, "seconds": seconds}
+    print(f"epoch {epoch} step {step} loss {line['train_loss']:.4f} sg_loss {line['sg_loss']:.1e} "
+          + "".join(f"{k} {v:.4f} " for k, v in accs.items()) + f"{seconds:.1f}s", flush=True)
+    return line
+
+
+def finish_run(run_dir, config, device, *, accs, step, seconds, **extra):
+    """Write summary.json (last: it marks the run finished) and, with --plot, the plots; returns the summary."""
+    summary = {"val_acc": accs.get("val_acc"), "test_acc": accs["test_acc"], "val_size": config.val_size,
+               "epochs": config.num_epochs, "steps": step, "seconds": round(seconds, 2),
+               "method": config.method, "model_type": config.model_type, "conditioned": config.conditioned,
+               "dataset": config.dataset, "seed": config.seed, "device": str(device), **extra}
+    write_json(run_dir / "summary.json", summary)
+    if config.plot:
+        from dnilab.plots import plot_run
+        plot_run(run_dir)
+    return summary
