@@ -89,6 +89,8 @@ class ConvSynthesizer(nn.Module):
     drops both: the paper's conv synthesizer (section 3.1), label planes only.
     """
 
+    conv, norm, spatial = nn.Conv2d, nn.BatchNorm2d, ("H", "W")  # Conv1dSynthesizer: one dimension
+
     def __init__(self, *, shape, context_features=0, hidden_layers=1, width=64, kernel_size=5, position_map=True,
                  batch_norm=True):
         super().__init__()
@@ -96,24 +98,25 @@ class ConvSynthesizer(nn.Module):
         channels, pad = shape[0], kernel_size // 2
         layers, n_in = [], channels + context_features
         for _ in range(hidden_layers):
-            layers += [nn.Conv2d(n_in, width, kernel_size, padding=pad),
-                       nn.BatchNorm2d(width) if batch_norm else nn.Identity(), nn.ReLU()]
+            layers += [self.conv(n_in, width, kernel_size, padding=pad),
+                       self.norm(width) if batch_norm else nn.Identity(), nn.ReLU()]
             n_in = width
-        layers.append(zero_head(nn.Conv2d(n_in, channels, kernel_size, padding=pad)))
+        layers.append(zero_head(self.conv(n_in, channels, kernel_size, padding=pad)))
         self.net = nn.Sequential(*layers)
         self.shape = tuple(shape)
-        self.position = nn.Parameter(torch.zeros(self.shape)) if position_map else None  # (C, H, W)
-        self.free_dims = {} if position_map else {1: "H", 2: "W"}  # trigger dims of any size, for DNI's checks
-        self.context_map = zero_head(nn.Linear(context_features, channels * shape[1] * shape[2])) \
+        self.position = nn.Parameter(torch.zeros(self.shape)) if position_map else None  # (C, *spatial)
+        # trigger dims of any size, for DNI's checks
+        self.free_dims = {} if position_map else {i + 1: name for i, name in enumerate(self.spatial)}
+        self.context_map = zero_head(nn.Linear(context_features, math.prod(shape[1:]) * channels)) \
             if context_features and position_map else None
 
     def forward(self, trigger, context=None):
-        B, _, H, W = trigger.shape
+        B, sizes = trigger.shape[0], trigger.shape[2:]
         out = self.position if self.position is not None else 0
         if context is not None:
-            context = context.to(trigger.dtype)
-            planes = context[:, :, None, None].expand(B, context.shape[1], H, W)
-            trigger = torch.cat([trigger, planes], dim=1)  # (B, C + classes, H, W)
+            context = context.flatten(1).to(trigger.dtype)  # (B, context_features)
+            planes = context.view(*context.shape, *[1] * len(sizes)).expand(B, context.shape[1], *sizes)
+            trigger = torch.cat([trigger, planes], dim=1)  # (B, C + context_features, *spatial)
             if self.context_map is not None:
                 out = out + self.context_map(context).view(B, *self.shape)
         return self.net(trigger) + out
@@ -137,7 +140,7 @@ class SequenceSynthesizer(DenseSynthesizer):
         return super().forward(trigger.reshape(B * T, D), context).view(B, T, D)
 
 
-class Conv1dSynthesizer(nn.Module):
+class Conv1dSynthesizer(ConvSynthesizer):
     """M(h, c) for channels over time (B, C, L), the output of a Conv1d (audio, time series):
     ConvSynthesizer in one dimension. `hidden_layers` x (same Conv1d of `kernel_size` -> BatchNorm
     -> ReLU) of `width` channels, then a zero-initialised Conv1d back to C; under cDNI the context,
@@ -146,34 +149,7 @@ class Conv1dSynthesizer(nn.Module):
     both starting at zero; without it the synthesizer serves any length L.
     """
 
-    def __init__(self, *, shape, context_features=0, hidden_layers=1, width=64, kernel_size=5, position_map=True,
-                 batch_norm=True):
-        super().__init__()
-        self.context_features = context_features
-        channels, pad = shape[0], kernel_size // 2
-        layers, n_in = [], channels + context_features
-        for _ in range(hidden_layers):
-            layers += [nn.Conv1d(n_in, width, kernel_size, padding=pad),
-                       nn.BatchNorm1d(width) if batch_norm else nn.Identity(), nn.ReLU()]
-            n_in = width
-        layers.append(zero_head(nn.Conv1d(n_in, channels, kernel_size, padding=pad)))
-        self.net = nn.Sequential(*layers)
-        self.shape = tuple(shape)
-        self.position = nn.Parameter(torch.zeros(self.shape)) if position_map else None  # (C, L)
-        self.context_map = zero_head(nn.Linear(context_features, channels * shape[1])) \
-            if context_features and position_map else None
-        self.free_dims = {} if position_map else {1: "L"}  # trigger dims of any size, for DNI's checks
-
-    def forward(self, trigger, context=None):
-        B, _, L = trigger.shape
-        out = self.position if self.position is not None else 0
-        if context is not None:
-            context = context.flatten(1).to(trigger.dtype)  # (B, context_features)
-            channels = context[:, :, None].expand(B, context.shape[1], L)
-            trigger = torch.cat([trigger, channels], dim=1)  # (B, C + context_features, L)
-            if self.context_map is not None:
-                out = out + self.context_map(context).view(B, *self.shape)
-        return self.net(trigger) + out
+    conv, norm, spatial = nn.Conv1d, nn.BatchNorm1d, ("L",)
 
 
 KINDS = ("conv", "dense", "conv1d")
