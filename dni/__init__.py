@@ -35,9 +35,10 @@ Glossary (paper, section 2):
 - loss multiplier k: a factor the loss carries beyond its reduction (a GradScaler's scale, 1 / n
   over n accumulated micro-batches); DNI(..., loss_multiplier=k) keeps the target free of it.
 
-Modules (the library; it needs torch alone): dni.interface (the update, `DNI`, the stage-wise
-`dni_step`), dni.synthesizers, dni.unlock (update and complete unlock, section 3.3) and
-dni.recurrent (synthetic gradients at truncated-BPTT window boundaries, section 3.2).
+Modules (the library; it needs torch alone): dni.interface (the update and `DNI`), dni.stages
+(the stage-wise `DNINet` and `dni_step`), dni.params (`param_groups`), dni.synthesizers,
+dni.unlock (update and complete unlock, section 3.3), dni.local (`LocalLoss`) and dni.recurrent
+(synthetic gradients at truncated-BPTT window boundaries, section 3.2).
 The application that trains with them (configs, data, the paper's networks, the training loops,
 run folders, plots) is the separate package dnilab; the paper's tables, searches and benchmarks
 live in experiments/. Both import dni as a user would; dni imports neither.
@@ -45,15 +46,16 @@ live in experiments/. Both import dni as a user would; dni imports neither.
 
 # Exports load on first use, so `import dni.errors` stays free of torch.
 _EXPORTS = {
-    "DNI": "dni.interface", "DNINet": "dni.interface", "StepStats": "dni.interface",
-    "dni_step": "dni.interface", "backprop_step": "dni.interface", "run_stages": "dni.interface",
-    "stage_update": "dni.interface", "loss_update": "dni.interface", "synthesizer_update": "dni.interface",
-    "synthesize": "dni.interface", "synthetic_gradient": "dni.interface",
+    "DNI": "dni.interface", "synthesize": "dni.interface", "synthetic_gradient": "dni.interface",
     "synthesizer_objective": "dni.interface", "resolve_loss_scale": "dni.interface",
+    "InterfaceError": "dni.interface", "resolve_loss_multiplier": "dni.interface",
+    "DNINet": "dni.stages", "StepStats": "dni.stages", "dni_step": "dni.stages", "backprop_step": "dni.stages",
+    "run_stages": "dni.stages", "stage_update": "dni.stages", "loss_update": "dni.stages",
+    "synthesizer_update": "dni.stages",
+    "param_groups": "dni.params",
     "DenseSynthesizer": "dni.synthesizers", "ConvSynthesizer": "dni.synthesizers",
     "SequenceSynthesizer": "dni.synthesizers", "make_synthesizer": "dni.synthesizers",
     "synthesizer_loss": "dni.synthesizers", "Conv1dSynthesizer": "dni.synthesizers", "zero_head": "dni.synthesizers",
-    "InterfaceError": "dni.interface", "resolve_loss_multiplier": "dni.interface", "param_groups": "dni.interface",
     "LocalLoss": "dni.local",
 }
 __all__ = sorted(_EXPORTS)
