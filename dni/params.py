@@ -1,11 +1,12 @@
 """The parameters of a model that holds interfaces, in two groups: the model's and its synthesizers'."""
 from dni.interface import DNI
+from dni.recurrent import RecurrentDNI
 from dni.stages import DNINet
 
 
 def param_groups(model, *, lr, sg_lr=None, **sg_options):
     """The parameters of `model` in two groups for any torch optimizer: the model's at `lr`, and its
-    synthesizers' (those of every `DNI` in it, and a `DNINet`'s) at `sg_lr` (default: `lr`), with
+    synthesizers' (those of every `DNI` and `RecurrentDNI` in it, and a `DNINet`'s) at `sg_lr` (default: `lr`), with
     `sg_options` (momentum, weight_decay, betas, ...) for their group only; e.g.
     `torch.optim.AdamW(dni.param_groups(model, lr=1e-3, weight_decay=0.0), weight_decay=0.01)`.
 
@@ -14,7 +15,7 @@ def param_groups(model, *, lr, sg_lr=None, **sg_options):
     """
     synthesizers = []
     for m in model.modules():
-        if isinstance(m, DNI):
+        if isinstance(m, (DNI, RecurrentDNI)):
             synthesizers.append(m.synthesizer)
         elif isinstance(m, DNINet) and m.synthesizers is not None:
             synthesizers.append(m.synthesizers)
