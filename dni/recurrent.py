@@ -88,9 +88,9 @@ class RecurrentDNI(nn.Module):
     (detached) in one pass: g_end, the synthetic gradient at the window's end, and g_start, its
     prediction at the start; (2) backward of loss + factor * <s_end, g_end> / s, which accumulates
     into .grad the gradients of the user's parameters and of the start state; (3) the synthesizer
-    learns: synthesizer_objective(g_start, d objective / d s_start, s), so its target is
-    s * d objective / d s_start, zero where no gradient reaches the start (a model that resets
-    its state there); its gradient accumulates into its parameters' .grad. Returns the end
+    learns: `synthesizer_objective` of g_start on the target s * d objective / d s_start, zero
+    where no gradient reaches the start (a model that resets its state there); its gradient
+    accumulates into its parameters' .grad. Returns the end
     state, detached, where the next window begins. The caller zeroes grads before and steps its
     optimizer(s) after, as with loss.backward(); with these parameters in one optimizer
     (`model.parameters()` of a model that holds this module) one step updates both. A first
@@ -116,6 +116,9 @@ class RecurrentDNI(nn.Module):
         super().__init__()
         if synthesizer is None and features is None:
             raise InterfaceError("RecurrentDNI needs the state's size per example (features=...) or a synthesizer module")
+        if synthesizer is not None and not isinstance(synthesizer, nn.Module):
+            raise InterfaceError(f"RecurrentDNI got a synthesizer of type {type(synthesizer).__name__}; expected a "
+                                 f"module (for the default one, pass the state's size as features=...)")
         self.synthesizer = synthesizer if synthesizer is not None else DenseSynthesizer(features=features,
                                                                                        hidden_layers=0)
         self.features, self.factor, self.discount = features, factor, discount

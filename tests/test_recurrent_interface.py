@@ -208,3 +208,5 @@ def test_backward_twice_after_one_begin_and_a_bad_synthesizer_are_named():
             sg.backward((state * 2).sum(), state * 2)
     with pytest.raises(dni.InterfaceError, match="needs the state's size per example"):
         dni.RecurrentDNI()
+    with pytest.raises(dni.InterfaceError, match="got a synthesizer of type int; expected a module"):
+        dni.RecurrentDNI(128)
