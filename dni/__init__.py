@@ -11,6 +11,13 @@ Add DNI to your own model, keeping your loss, optimizer and loop:
 Or cut a network into stages and take decoupled steps, as the paper's experiments do:
 `dni.dni_step(dni.DNINet(stages=..., synthesizers=...), optimizer, None, x, y)`.
 
+Or, in the truncated-BPTT loop of a recurrent model (section 3.2):
+
+    sg = dni.RecurrentDNI(features=2 * hidden)     # a synthesizer for the state, here nn.LSTM's (h, c)
+    state = sg.begin(state)                        # at each window's start
+    out, state = lstm(x, state)                    # as before; loss from out
+    state = sg.backward(loss, state)               # instead of loss.backward(); the end state, detached
+
 Glossary (paper, section 2):
 - stage: a part of the network f_i between two interfaces; the unit DNI decouples. The last
   stage ends in the loss; every other one learns from a synthetic gradient alone.
@@ -32,12 +39,17 @@ Glossary (paper, section 2):
 - bootstrapped target: what M_i learns to predict, s * dL/dh_i as the layers above send it back.
   Those layers learn from their own synthetic gradient, so the target is itself bootstrapped
   from M_{i+1}'s prediction. s, the loss scale, is the batch size for a batch-mean loss.
+- window: T steps of a recurrent model trained by truncated BPTT. The cut between two windows is
+  the state there (a tensor or a tuple such as (h, c)), the trigger of `RecurrentDNI`'s
+  synthesizer; its synthetic gradient, times a factor (0.1 in the paper), enters the window
+  with the window's loss (section 3.2).
 - loss multiplier k: a factor the loss carries beyond its reduction (a GradScaler's scale, 1 / n
   over n accumulated micro-batches); DNI(..., loss_multiplier=k) keeps the target free of it.
 
-Modules (the library; it needs torch alone): dni.interface (the update, `DNI`, the stage-wise
-`dni_step`), dni.synthesizers, dni.unlock (update and complete unlock, section 3.3) and
-dni.recurrent (synthetic gradients at truncated-BPTT window boundaries, section 3.2).
+Modules (the library; it needs torch alone): dni.interface (the update and `DNI`), dni.stages
+(the stage-wise `DNINet` and `dni_step`), dni.params (`param_groups`), dni.synthesizers,
+dni.unlock (update and complete unlock, section 3.3), dni.local (`LocalLoss`) and dni.recurrent
+(synthetic gradients at truncated-BPTT window boundaries, section 3.2).
 The application that trains with them (configs, data, the paper's networks, the training loops,
 run folders, plots) is the separate package dnilab; the paper's tables, searches and benchmarks
 live in experiments/. Both import dni as a user would; dni imports neither.
@@ -45,16 +57,18 @@ live in experiments/. Both import dni as a user would; dni imports neither.
 
 # Exports load on first use, so `import dni.errors` stays free of torch.
 _EXPORTS = {
-    "DNI": "dni.interface", "DNINet": "dni.interface", "StepStats": "dni.interface",
-    "dni_step": "dni.interface", "backprop_step": "dni.interface", "run_stages": "dni.interface",
-    "stage_update": "dni.interface", "loss_update": "dni.interface", "synthesizer_update": "dni.interface",
-    "synthesize": "dni.interface", "synthetic_gradient": "dni.interface",
+    "DNI": "dni.interface", "synthesize": "dni.interface", "synthetic_gradient": "dni.interface",
     "synthesizer_objective": "dni.interface", "resolve_loss_scale": "dni.interface",
+    "InterfaceError": "dni.interface", "resolve_loss_multiplier": "dni.interface",
+    "DNINet": "dni.stages", "StepStats": "dni.stages", "dni_step": "dni.stages", "backprop_step": "dni.stages",
+    "run_stages": "dni.stages", "stage_update": "dni.stages", "loss_update": "dni.stages",
+    "synthesizer_update": "dni.stages",
+    "param_groups": "dni.params",
     "DenseSynthesizer": "dni.synthesizers", "ConvSynthesizer": "dni.synthesizers",
     "SequenceSynthesizer": "dni.synthesizers", "make_synthesizer": "dni.synthesizers",
     "synthesizer_loss": "dni.synthesizers", "Conv1dSynthesizer": "dni.synthesizers", "zero_head": "dni.synthesizers",
-    "InterfaceError": "dni.interface", "resolve_loss_multiplier": "dni.interface", "param_groups": "dni.interface",
     "LocalLoss": "dni.local",
+    "RecurrentDNI": "dni.recurrent",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -43,7 +43,7 @@ from the network input x alone. One step (`complete_unlock_step`), in order:
          i < L: update f_i on s from g_hat_i = M_i(f_i(s), c)        (stage_update)
          i = L: update f_L on s from the real loss CE(f_L(s), y)      (loss_update)
          i > 1: train M_{i-1} on the gradient stage i's backward left on s (synthesizer_update)
-    (steps 2 are `dni.interface.run_stages`, the loop of every stage-wise step, given these inputs)
+    (steps 2 are `dni.stages.run_stages`, the loop of every stage-wise step, given these inputs)
 
 So a stage needs neither its neighbours' forward pass (it runs on I_i(x)) nor
 their backward pass (it learns from M_i); the real forward pass is only needed
@@ -65,7 +65,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dni.interface import StepStats, count_correct, run_stages
+from dni.stages import StepStats, count_correct, run_stages
 
 UNLOCKS = ("update", "complete")
 DRAW_SEED_TAG = 0x5EED_D1A1  # mixed into the draws' seeds, so they never share a stream with the data order
@@ -103,7 +103,7 @@ def backprop_updates(picked):
 
 def stochastic_dni_step(net, stage_optimizers, synth_optimizers, x, y, picked):
     """A DNI step in which only the `picked` stages update (see the module docstring): the stage
-    loop of `dni.interface.run_stages`, with `picked`.
+    loop of `dni.stages.run_stages`, with `picked`.
 
     With every stage picked this is exactly `dni_step`. Returns UnlockStats; per-synthesizer
     losses are in extra["sg_loss_partial"] (null where M_i had no target this step)."""
@@ -203,7 +203,7 @@ def frozen_statistics(module):
 def complete_unlock_step(net, stage_optimizers, synth_optimizers, input_optimizers, x, y):
     """One step of complete unlock: every stage trains on a synthetic input and a synthetic gradient.
 
-    See the module docstring for the order; the stage loop is `dni.interface.run_stages`, given
+    See the module docstring for the order; the stage loop is `dni.stages.run_stages`, given
     the synthetic inputs. Returns UnlockStats: loss and correct of the real forward pass (the
     network as it is tested), sg_loss / sg_cos per synthesizer, and the input models' losses in
     extra["in_loss"]."""

@@ -16,11 +16,17 @@ carry the target IGNORE.
 - Repeat Copy: read N symbols, a delimiter, then a repeat count R (one step, a
   scalar channel R / max_repeats, R drawn from 1..max_repeats per batch of episodes);
   output the N symbols R times over, then stop. NR + N + 3 steps, NR + 1 scored.
+
+The model that learns them (`CopyModel`) is an LSTM core whose state is reset where an episode
+begins, with a readout, and, for DNI, the library's `dni.RecurrentDNI` at its window boundaries.
 """
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from dni.recurrent import IGNORE  # target of a step the model is not asked to answer
+from dni.recurrent import SG_FACTOR, RecurrentDNI
+
+IGNORE = -100  # target of a step the model is not asked to answer (F.cross_entropy's ignore_index)
 
 
 class Copy:
@@ -168,3 +174,59 @@ class Curriculum:
         if self.grow:
             self.length += 1
         return self.grow
+
+
+class RecurrentCore(nn.Module):
+    """An LSTM and a linear readout. The state is one tensor s = [h, c] of shape (B, 2 * hidden);
+    it is reset to zero at the first step of each episode, stream by stream (so the gradient stops there too).
+    The forget gate's bias starts at `forget_bias` (1: remember by default, Jozefowicz et al. 2015)."""
+
+    def __init__(self, *, input_features, hidden, classes, forget_bias=1.0):
+        super().__init__()
+        self.hidden = hidden
+        self.lstm = nn.LSTM(input_features, hidden)
+        self.readout = nn.Linear(hidden, classes)
+        with torch.no_grad():  # gates are stacked (input, forget, cell, output)
+            self.lstm.bias_ih_l0[hidden:2 * hidden].fill_(forget_bias)
+            self.lstm.bias_hh_l0[hidden:2 * hidden].zero_()
+
+    def initial_state(self, batch_size, device=None):
+        """The zero state s_0, (B, 2 * hidden)."""
+        return torch.zeros(batch_size, 2 * self.hidden, device=device)
+
+    def forward(self, x, state, starts):
+        """x (T, B, F), state (B, 2H), starts (T, B) bool on the CPU, True where a stream's episode
+        begins -> logits (T, B, classes), state after the T steps (B, 2H)."""
+        T = x.shape[0]
+        resets = starts.any(dim=1)                                                 # (T,)
+        bounds = [0] + [t for t in resets.nonzero().flatten().tolist() if t > 0] + [T]
+        keep = (~starts).to(x.device, x.dtype)[..., None]                          # (T, B, 1)
+        h, c = (part[None].contiguous() for part in state.chunk(2, dim=1))   # (1, B, H) each
+        outputs = []
+        for a, b in zip(bounds[:-1], bounds[1:]):                           # runs of steps without a reset
+            if resets[a]:
+                h, c = h * keep[a], c * keep[a]
+            out, (h, c) = self.lstm(x[a:b], (h, c))                         # (b - a, B, H)
+            outputs.append(out)
+        return self.readout(torch.cat(outputs)), torch.cat([h[0], c[0]], dim=1)
+
+
+class CopyModel(nn.Module):
+    """The core and, when `dni`, the recurrent interface at its window boundaries (`dni.RecurrentDNI`,
+    paper section 3.2): a linear synthesizer of the state [h, c], zero-initialised so that its first
+    output is 0. (A hidden layer would bring DenseSynthesizer's BatchNorm, whose batch here is B
+    states all at the same step of their episodes.)"""
+
+    def __init__(self, *, input_features, hidden, classes, dni=True, sg_factor=SG_FACTOR, sg_discount=None):
+        super().__init__()
+        self.core = RecurrentCore(input_features=input_features, hidden=hidden, classes=classes)
+        self.interface = RecurrentDNI(features=2 * hidden, factor=sg_factor, discount=sg_discount) if dni else None
+
+    def forward(self, x, y, starts, state):
+        """x (T, B, F) inputs, y (T, B) targets (IGNORE where unscored), starts (T, B) episode starts
+        (on the CPU), state (B, 2H) -> per-step cross-entropy in nats (T, B), 0 on unscored steps,
+        and the state at the window's end (B, 2H)."""
+        logits, end = self.core(x, state, starts)                                       # (T, B, C), (B, 2H)
+        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE,
+                             reduction="none").view_as(y)                             # (T, B)
+        return ce, end

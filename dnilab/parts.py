@@ -5,7 +5,7 @@ imports none of them.
 - `set_seed`, `pick_device`: seeds and the device, in one place.
 - `load_run_data`: the data set with its validation split held out.
 - `build_net`: the stages of a model (`dnilab.models`) with a synthesizer after each but the last
-  (paper, section 2), as a `dni.interface.DNINet`.
+  (paper, section 2), as a `dni.stages.DNINet`.
 - `Optimizers`: one Adam and one schedule per stage and per synthesizer, so each can live on
   its own worker.
 - `evaluate_splits`, `check_finite`: what an epoch ends with; what every step is checked for.
@@ -19,7 +19,7 @@ import torch
 
 from dnilab.data import load_data, split_validation
 from dni.errors import DNIError
-from dni.interface import DNINet
+from dni.stages import DNINet
 from dnilab.models import MODELS, stage_shapes
 from dnilab.runs import one_line
 from dni.synthesizers import make_synthesizer

@@ -1,8 +1,8 @@
 """The recurrent run of `python rnn.py`: Copy / Repeat Copy under a curriculum, an LSTM trained
 on truncated BPTT windows with or without DNI (paper, section 3.2), and its run folder.
 
-The recurrent form itself (the core, its synthesizer, one window's backward) is the library's:
-dni.recurrent.
+The model is dnilab.copy_tasks'; its synthetic gradients at the window boundaries are the
+library's recurrent form, dni.RecurrentDNI, used as a user would.
 """
 import dataclasses
 import json
@@ -18,9 +18,9 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from dni.errors import DNIError
-from dni.recurrent import IGNORE, SG_FACTOR, RecurrentDNI, window_backward
+from dni.recurrent import SG_FACTOR
 from dnilab.config import DEVICES
-from dnilab.copy_tasks import TASKS, Curriculum, EpisodeStream, make_task
+from dnilab.copy_tasks import IGNORE, TASKS, CopyModel, Curriculum, EpisodeStream, make_task
 from dnilab.runs import claim_run_dir, environment, record_environment, write_json
 from dnilab.parts import pick_device, set_seed
 
@@ -86,11 +86,11 @@ class RecurrentConfig:
 def build(config, device):
     """The task, the model on `device` and its optimizer, as `config` says."""
     task = make_task(config.task, symbols=config.symbols, max_repeats=config.max_repeats)
-    model = RecurrentDNI(input_features=task.input_features, hidden=config.hidden, classes=task.classes,
-                         dni=config.dni).to(device)
+    model = CopyModel(input_features=task.input_features, hidden=config.hidden, classes=task.classes,
+                      dni=config.dni, sg_factor=config.sg_factor, sg_discount=config.sg_discount).to(device)
     groups = [dict(params=model.core.parameters(), lr=config.lr)]
-    if model.synthesizer is not None:
-        groups.append(dict(params=model.synthesizer.parameters(), lr=config.sg_lr))
+    if model.interface is not None:
+        groups.append(dict(params=model.interface.parameters(), lr=config.sg_lr))
     optimizer = torch.optim.Adam(groups, foreach=True)
     return task, model, optimizer
 
@@ -111,24 +111,31 @@ def train(config, *, log=print, metrics=None):
     curriculum = Curriculum(threshold=config.threshold, min_scored=config.min_scored,
                             length=config.length or 1, grow=not config.length)
     core_params = list(model.core.parameters())
+    interface = model.interface
     state = model.core.initial_state(config.batch_size, device)
     bits, scored, sg_loss = 0.0, 0, 0.0  # since the last log line
     t0 = time.perf_counter()
     for step in tqdm(range(1, config.steps + 1), disable=not sys.stderr.isatty(), leave=False):
         x, y, starts, lengths = stream.read(config.truncation, curriculum.length)   # (T, B, F), 3 x (T, B)
         optimizer.zero_grad(set_to_none=True)
-        window = window_backward(model, x.to(device), y.to(device), starts, state, sg_factor=config.sg_factor,
-                                 sg_discount=config.sg_discount)
+        if interface is not None:
+            state = interface.begin(state)                                   # the window's start
+        ce, end = model(x.to(device), y.to(device), starts, state)          # (T, B), (B, 2H)
+        loss = ce.sum() / config.batch_size                                  # summed over steps, mean over streams
+        if interface is None:                                                # truncated BPTT
+            loss.backward()
+            state = end.detach()
+        else:                                                                # and the synthetic gradient at the end
+            state = interface.backward(loss, end)
         if config.clip > 0:
             nn.utils.clip_grad_norm_(core_params, config.clip)
         optimizer.step()
-        state = window.end_state
 
-        step_bits = window.ce.cpu() / math.log(2)                                   # (T, B)
+        step_bits = ce.detach().cpu() / math.log(2)                                 # (T, B)
         current = (lengths == curriculum.length) & (y != IGNORE)           # (T, B) scored at length N
         bits += float(step_bits.sum())
         scored += int((y != IGNORE).sum())
-        sg_loss += 0.0 if window.sg_loss is None else float(window.sg_loss)
+        sg_loss += 0.0 if interface is None or interface.sg_loss is None else float(interface.sg_loss)
         if curriculum.record(float(step_bits[current].sum()), int(current.sum())) and metrics is not None:
             metrics(dict(kind="length", step=step, length=curriculum.length, solved=curriculum.solved))
         if step % config.log_every == 0:

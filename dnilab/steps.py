@@ -4,7 +4,7 @@ import warnings
 
 import torch
 
-from dni.interface import backprop_step, dni_step, nobprop_step
+from dni.stages import backprop_step, dni_step, nobprop_step
 from dni.unlock import complete_unlock_step, draw_seed, draw_updates, stochastic_backprop_step, stochastic_dni_step
 
 

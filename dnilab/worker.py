@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from dni.errors import DNIError
-from dni.interface import loss_update, stage_update, synthesize, synthesizer_update
+from dni.interface import synthesize
+from dni.stages import loss_update, stage_update, synthesizer_update
 from dni.unlock import frozen_statistics
 from dnilab.data import Data, held_bytes, placeholder
 from dnilab.models import stage_shapes

@@ -46,7 +46,7 @@ from dnilab.cli import OneLineParser
 from dnilab.config import Config
 from dnilab.data import batches, load_data, num_batches
 from dni.errors import DNIError
-from dni.interface import DNINet, backprop_step, dni_step
+from dni.stages import DNINet, backprop_step, dni_step
 from dni.synthesizers import make_synthesizer
 from dnilab.runs import write_json, write_text
 from dnilab.parts import Optimizers, build_net, evaluate, load_run_data, set_seed

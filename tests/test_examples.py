@@ -12,13 +12,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "<!-- tests/test_examples.py runs the next block -->"
+RECURRENT_MARK = "<!-- tests/test_examples.py runs the next block: recurrent -->"
 FORTUNES = "/usr/share/games/fortunes"
 
 
-def readme_snippet():
+def readme_snippet(mark=MARK):
     text = (ROOT / "README.md").read_text()
-    assert MARK in text, "README.md lost the marked snippet"
-    match = re.match(r"\s*```python\n(.*?)\n```", text.split(MARK, 1)[1], re.S)
+    assert mark in text, "README.md lost the marked snippet"
+    match = re.match(r"\s*```python\n(.*?)\n```", text.split(mark, 1)[1], re.S)
     assert match, "the marker must be followed by a ```python block"
     return match.group(1)
 
@@ -41,6 +42,18 @@ def test_readme_snippet_runs_outside_the_repository_in_five_lines(tmp_path):
     first, last = map(float, re.search(r"loss (\S+) -> (\S+),", done.stdout).groups())
     assert last < 0.75 * first, done.stdout  # it learns
     assert float(re.search(r"below moved (\S+)", done.stdout).group(1)) > 1e-3, done.stdout
+
+
+def test_readme_recurrent_snippet_runs_outside_the_repository_in_five_lines(tmp_path):
+    """dni.RecurrentDNI in an nn.LSTM's truncated-BPTT loop, as README shows it: it runs, learns and
+    trains its synthesizer."""
+    code = readme_snippet(RECURRENT_MARK)
+    assert len([line for line in code.splitlines() if "# DNI" in line]) <= 5
+    (tmp_path / "snippet.py").write_text(code)
+    done = run(["snippet.py"], cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    first, last, sg_loss = map(float, re.search(r"loss (\S+) -> (\S+), synthesizer loss (\S+)", done.stdout).groups())
+    assert last < 0.25 * first and 0 < sg_loss < float("inf"), done.stdout
 
 
 def fashion_available():

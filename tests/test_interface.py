@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import dni.interface as interface
+import dni.stages as stages
 from dnilab.config import Config
-from dni.interface import DNINet, backprop_step, dni_step, stage_update, synthesizer_update
+from dni.stages import DNINet, backprop_step, dni_step, stage_update, synthesizer_update
 from dnilab.models import MODELS, stage_shapes
 from dni.synthesizers import ConvSynthesizer, DenseSynthesizer, make_synthesizer, synthesizer_loss
 from dnilab.parts import build_net
@@ -148,8 +148,8 @@ def test_synthesizer_target_is_next_stage_backward_of_its_synthetic_gradient(mon
     x, y = batch()
     snapshot = copy.deepcopy(net)  # the parameters the step starts from
     targets = []
-    real_update = interface.synthesizer_update
-    monkeypatch.setattr(interface, "synthesizer_update",
+    real_update = stages.synthesizer_update
+    monkeypatch.setattr(stages, "synthesizer_update",
                         lambda opt, g_hat, grad, **kw: targets.append(grad.clone()) or real_update(opt, g_hat, grad, **kw))
     dni_step(net, adams(net.stages), adams(net.synthesizers), x, y)
 

@@ -23,7 +23,7 @@ import torch
 
 from dnilab.config import Config
 from dni.errors import DNIError
-from dni.interface import dni_step
+from dni.stages import dni_step
 from dnilab.parts import Optimizers, build_net, step_schedules
 from dnilab.transport import Peers
 from dnilab.worker import PipelineWorker

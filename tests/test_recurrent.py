@@ -1,6 +1,7 @@
-"""Tests of recurrent DNI (paper, section 3.2): the window step against hand-built BPTT,
-the bootstrapped target, the zero first synthetic gradient, a short Copy run, the CLI
-and the table's quick slice."""
+"""Tests of recurrent DNI on the copy tasks (paper, section 3.2): a window of the Copy model with
+dni.RecurrentDNI against hand-built BPTT, the bootstrapped target, the zero first synthetic
+gradient, a short Copy run, the CLI and the table's quick slice. The public form on torch's own
+recurrent modules is tested in tests/test_recurrent_interface.py."""
 import json
 import subprocess
 import sys
@@ -11,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dnilab.cli import main_guard, parse_config
-from dnilab.copy_tasks import IGNORE, Copy, Curriculum, EpisodeStream, RepeatCopy
-from dni.recurrent import RecurrentDNI, window_backward
+from dnilab.copy_tasks import IGNORE, Copy, CopyModel, Curriculum, EpisodeStream, RepeatCopy
 from dnilab.recurrent import RecurrentConfig, run
 from experiments.recurrent_table import TableConfig, main as table_main
 from dni.synthesizers import synthesizer_loss
@@ -55,7 +55,16 @@ def random_sequence(steps, generator):
 
 def make_model(dni=True):
     torch.manual_seed(0)
-    return RecurrentDNI(input_features=FEATURES, hidden=H, classes=CLASSES, dni=dni).double()
+    return CopyModel(input_features=FEATURES, hidden=H, classes=CLASSES, dni=dni).double()
+
+
+def window_backward(model, x, y, starts, state, *, sg_factor=0.1, sg_discount=None):
+    """One window of rnn.py's loop (dnilab.recurrent.train): begin, forward, the interface's backward.
+    Returns the interface, which holds the window's synthetic gradient, target and sg_loss, and the end state."""
+    interface = model.interface
+    interface.factor, interface.discount = sg_factor, sg_discount
+    ce, end = model(x, y, starts, interface.begin(state))
+    return interface, interface.backward(ce.sum() / x.shape[1], end)
 
 
 def core_grads(model):
@@ -85,7 +94,7 @@ class TrueFutureGradient(torch.nn.Module):
         self.future = future                               # (B, 2H)
         self.anchor = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
 
-    def forward(self, trigger):                            # trigger: [s_start; s_end], (2B, 2H)
+    def forward(self, trigger, context=None):              # trigger: [s_start; s_end], (2B, 2H)
         return torch.cat([torch.zeros_like(self.future), self.future]) + self.anchor
 
 
@@ -105,10 +114,10 @@ def test_windows_with_true_synthetic_gradients_are_bptt():
             boundary = states[k + 1].clone().requires_grad_()
             logits, _ = manual_unroll(model.core, x[(k + 1) * T:], starts[(k + 1) * T:], boundary)
             future = torch.autograd.grad(episode_loss(logits, y[(k + 1) * T:]), boundary)[0]
-        model.synthesizer = TrueFutureGradient(future)
-        window = window_backward(model, x[k * T:(k + 1) * T], y[k * T:(k + 1) * T], starts[k * T:(k + 1) * T],
-                                 states[k], sg_factor=1.0)
-        torch.testing.assert_close(window.end_state, states[k + 1])
+        model.interface.synthesizer = TrueFutureGradient(future)
+        _, end_state = window_backward(model, x[k * T:(k + 1) * T], y[k * T:(k + 1) * T], starts[k * T:(k + 1) * T],
+                                       states[k], sg_factor=1.0)
+        torch.testing.assert_close(end_state, states[k + 1])
     for ours, theirs in zip(core_grads(model), bptt_grads(model, x, y, starts, state)):
         torch.testing.assert_close(ours, theirs)
 
@@ -120,20 +129,21 @@ def test_discount_sets_the_target_and_factor_the_core_gradient():
     starts[:] = False                                     # the end state depends on the start: M's gradient flows back
     model = make_model()
     with torch.no_grad():
-        for p in model.synthesizer.parameters():
+        for p in model.interface.synthesizer.parameters():
             p.normal_(0, 0.3, generator=generator)
 
     def window(**scales):
         model.zero_grad()
-        return window_backward(model, x, y, starts, state, **scales), core_grads(model)
+        interface, _ = window_backward(model, x, y, starts, state, **scales)
+        return interface.target.clone(), core_grads(model)
 
     decoupled, decoupled_grads = window(sg_factor=1.0, sg_discount=0.1)
     strong, strong_grads = window(sg_factor=1.0)
     weak, _ = window(sg_factor=0.1)
     for ours, theirs in zip(decoupled_grads, strong_grads):
         torch.testing.assert_close(ours, theirs)
-    torch.testing.assert_close(decoupled.target, weak.target)
-    assert not torch.allclose(strong.target, weak.target)
+    torch.testing.assert_close(decoupled, weak)
+    assert not torch.allclose(strong, weak)
 
 
 def test_a_discount_of_its_own_names_the_run_and_the_factor_s_is_the_paper_scheme():
@@ -148,35 +158,35 @@ def test_target_is_gradient_at_next_window_start():
     x, y, starts, state = random_sequence(8, generator)
     model = make_model()
     with torch.no_grad():
-        for p in model.synthesizer.parameters():
+        for p in model.interface.synthesizer.parameters():
             p.normal_(0, 0.3, generator=generator)
-    first = window_backward(model, x[:4], y[:4], starts[:4], state, sg_factor=0.1)
-    synthesizer = {n: p.detach().clone() for n, p in model.synthesizer.named_parameters()}
+    _, first_end = window_backward(model, x[:4], y[:4], starts[:4], state, sg_factor=0.1)
+    synthesizer = {n: p.detach().clone() for n, p in model.interface.synthesizer.named_parameters()}
     model.zero_grad()
-    second = window_backward(model, x[4:], y[4:], starts[4:], first.end_state, sg_factor=0.1)
+    second, _ = window_backward(model, x[4:], y[4:], starts[4:], first_end, sg_factor=0.1)
 
-    s = first.end_state.clone().requires_grad_()          # the state where window 1 ended and window 2 starts
+    s = first_end.clone().requires_grad_()          # the state where window 1 ended and window 2 starts
     logits, end = manual_unroll(model.core, x[4:], starts[4:], s)
-    g_end = torch.func.functional_call(model.synthesizer, synthesizer, (end.detach(),))
+    g_end = torch.func.functional_call(model.interface.synthesizer, synthesizer, (end.detach(),))
     objective = episode_loss(logits, y[4:]) + 0.1 * (end * g_end.detach()).sum()
     expected = torch.autograd.grad(objective, s)[0]
     torch.testing.assert_close(second.target, expected)
     assert second.target.abs().sum() > 0
 
     # ... and the synthesizer learns to predict it at that state.
-    prediction = torch.func.functional_call(model.synthesizer, synthesizer, (first.end_state,))
+    prediction = torch.func.functional_call(model.interface.synthesizer, synthesizer, (first_end,))
     torch.testing.assert_close(second.sg_loss, synthesizer_loss(prediction, expected))
     torch.testing.assert_close(second.synthetic, g_end)
 
 
 def test_first_synthetic_gradient_is_exactly_zero():
-    model = RecurrentDNI(input_features=FEATURES, hidden=H, classes=CLASSES)
-    last = model.synthesizer.net[-1]
+    model = CopyModel(input_features=FEATURES, hidden=H, classes=CLASSES)
+    last = model.interface.synthesizer.net[-1]
     assert torch.count_nonzero(last.weight) == 0 and torch.count_nonzero(last.bias) == 0
     x, y, starts, state = (t.float() if t.is_floating_point() else t
                            for t in random_sequence(3, torch.Generator().manual_seed(4)))
-    window = window_backward(model, x, y, starts, state)
-    assert torch.count_nonzero(window.synthetic) == 0
+    interface, _ = window_backward(model, x, y, starts, state)
+    assert torch.count_nonzero(interface.synthetic) == 0
 
 
 def test_tasks_and_stream():

@@ -14,7 +14,7 @@ import torch
 
 from dnilab.config import Config
 from dnilab.data import load_data
-from dni.interface import nobprop_step
+from dni.stages import nobprop_step
 from dnilab.presets import paper_epochs
 from dnilab.presets import PAPER_ITERATIONS
 from experiments.grid import stale_settings, typed_command

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import dnilab.train
 from dnilab.config import Config
 from dnilab.data import batches, load_data
-from dni.interface import DNINet, backprop_step, dni_step, synthesizer_update
+from dni.stages import DNINet, backprop_step, dni_step, synthesizer_update
 from dnilab.models import MODELS, stage_shapes
 from dni.synthesizers import make_synthesizer
 from dnilab.parts import Optimizers, build_net, evaluate, set_seed
