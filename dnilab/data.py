@@ -13,7 +13,7 @@ one host or on hosts sharing --data_dir) take turns to fetch or build a missing 
 set, so one builds it and the others find it built (`_one_at_a_time`).
 
 Text: `load_fortunes` reads Debian's fortunes as character ids in three splits, one
-definition for every model that reads it (examples/char_gpt.py; a character-level LSTM).
+definition for every character-level model that reads it (examples/char_gpt.py).
 """
 import contextlib
 import fcntl
