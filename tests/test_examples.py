@@ -171,3 +171,21 @@ def test_examples_refuse_bad_input_in_one_line(tmp_path):
                          ("resnet_fashion.py", "--cuts")]:
         done = run([f"examples/{script}", flag, "0" if flag != "--cuts" else "4"], cwd=ROOT, timeout=60)
         assert done.returncode == 2 and "error: " in done.stderr.strip().splitlines()[-1], done.stderr
+
+
+def test_the_table_reads_run_folders_with_their_budgets_and_spread_over_seeds(tmp_path):
+    table = example("table")
+    for seed, (val, test) in enumerate([(0.90, 0.89), (0.92, 0.91), (0.94, 0.93)]):
+        for method, shift in (("backprop", 0.0), ("local", -0.1)):
+            folder = tmp_path / f"resnet_fashion_{method}_seed{seed}"
+            folder.mkdir()
+            (folder / "config.json").write_text(json.dumps({"method": method, "subset": 0, "epochs": 7}))
+            (folder / "env.json").write_text(json.dumps({"git_commit": "a" * 40, "git_dirty": False, "cpu": "x86_64",
+                                                         "threads": 1, "torch": "2.0", "gpu": None}))
+            (folder / "summary.json").write_text(json.dumps({
+                "example": "resnet_fashion", "method": method, "cuts": 0 if method == "backprop" else 1, "seed": seed,
+                "epochs": 7, "steps": 100, "val_acc": val + shift, "test_acc": test + shift, "seconds": 10.0}))
+    text = table.table(tmp_path)
+    assert "| backprop | 0 | 7 | 3 | 92.00 ± 2.00% | 91.00 ± 2.00% |  | 10 s |" in text
+    assert "| local | 1 | 7 | 3 | 82.00 ± 2.00% | 81.00 ± 2.00% | -10.00 pt | 10 s |" in text
+    assert "seeds 0, 1, 2" in text and "Provenance" not in text
