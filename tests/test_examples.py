@@ -189,3 +189,21 @@ def test_the_table_reads_run_folders_with_their_budgets_and_spread_over_seeds(tm
     assert "| backprop | 0 | 7 | 3 | 92.00 ± 2.00% | 91.00 ± 2.00% |  | 10 s |" in text
     assert "| local | 1 | 7 | 3 | 82.00 ± 2.00% | 81.00 ± 2.00% | -10.00 pt | 10 s |" in text
     assert "seeds 0, 1, 2" in text and "Provenance" not in text
+
+
+def test_the_examples_grid_skips_finished_runs_and_names_stale_ones(tmp_path):
+    done = run(["-m", "experiments.examples_grid", "--list", "--results", str(tmp_path)], cwd=ROOT, timeout=60)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and len(lines) == 2 * (4 * 3 + 2) and all(x.startswith("to train") for x in lines)
+    finished, moved = tmp_path / "char_gpt_local_cuts1_seed2", tmp_path / "resnet_fashion_backprop_seed0"
+    for folder, settings in ((finished, {"method": "local", "seed": 2, "steps": 3000, "cuts": 1}),
+                             (moved, {"method": "backprop", "seed": 0, "epochs": 3})):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(settings))
+        (folder / "summary.json").write_text("{}")
+    lines = run(["-m", "experiments.examples_grid", "--list", "--results", str(tmp_path)], cwd=ROOT).stdout.splitlines()
+    assert sum(x.startswith("finished") for x in lines) == 1 and f"--out {finished} " in next(
+        x for x in lines if x.startswith("finished"))
+    assert [x for x in lines if x.startswith("stale")][0].endswith(f"--out {moved}")
+    done = run(["-m", "experiments.examples_grid", "--results", str(tmp_path)], cwd=ROOT, timeout=60)
+    assert done.returncode == 2 and "epochs 3 -> 10" in done.stderr  # trains nothing until told to retrain it
