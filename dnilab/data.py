@@ -11,6 +11,9 @@ checked against the MD5s of the canonical IDX files; Fashion-MNIST is copied
 from Debian's `dataset-fashion-mnist` package. Workers started together (torchrun, on
 one host or on hosts sharing --data_dir) take turns to fetch or build a missing data
 set, so one builds it and the others find it built (`_one_at_a_time`).
+
+Text: `load_fortunes` reads Debian's fortunes as character ids in three splits, one
+definition for every character-level model that reads it (examples/char_gpt.py).
 """
 import contextlib
 import fcntl
@@ -357,6 +360,48 @@ def split_validation(data, val_size):
     cut = n - val_size
     return Data(train_x=data.train_x[:cut], train_y=data.train_y[:cut], test_x=data.test_x, test_y=data.test_y,
                 num_classes=data.num_classes, val_x=data.train_x[cut:], val_y=data.train_y[cut:])
+
+
+# ---------------------------------------------------------------- a text corpus
+
+FORTUNES_DIR = "/usr/share/games/fortunes"  # apt-get install fortunes
+
+
+@dataclass
+class Corpus:
+    """A character-level corpus as three splits of character ids, each a contiguous stretch of every
+    file (see `load_fortunes`); `chars[i]` is the character of id i."""
+    train: torch.Tensor  # (N,) int64
+    val: torch.Tensor  # (V,) int64
+    test: torch.Tensor  # (M,) int64
+    chars: str  # the vocabulary, sorted: every character of the corpus, once
+
+
+def load_fortunes(folder=FORTUNES_DIR, device="cpu"):
+    """Debian's `fortunes` as a `Corpus`: the plain-text files of /usr/share/games/fortunes (not
+    their .dat and .u8 index files), about 2.6 million characters of quotations, jokes and verse,
+    with the '%' lines that end each fortune kept as characters.
+
+    Each file is split contiguously into its first 90% (train), next 5% (validation) and last 5%
+    (test), so every topic is in every split and no text is in two; a split is the concatenation
+    of its part of every file, in the files' sorted order. The vocabulary is every character of
+    the corpus, sorted. A missing corpus is a DNIError naming the package to install.
+    """
+    names = sorted(f for f in os.listdir(folder) if not f.endswith((".dat", ".u8"))
+                   and os.path.isfile(os.path.join(folder, f))) if os.path.isdir(folder) else []
+    if not names:
+        raise DNIError(f"no fortunes corpus at {folder}: apt-get install fortunes")
+    texts = ["", "", ""]
+    for name in names:
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            text = f.read()
+        a, b = int(0.9 * len(text)), int(0.95 * len(text))
+        for i, part in enumerate([text[:a], text[a:b], text[b:]]):
+            texts[i] += part
+    chars = "".join(sorted(set("".join(texts))))
+    index = {c: i for i, c in enumerate(chars)}
+    train, val, test = (torch.tensor([index[c] for c in t], dtype=torch.int64, device=device) for t in texts)
+    return Corpus(train=train, val=val, test=test, chars=chars)
 
 
 # ---------------------------------------------------------------- minibatches

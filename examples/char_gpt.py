@@ -1,31 +1,34 @@
 """DNI in a small GPT-style Transformer: character-level language modelling of Debian's fortunes.
 
-A nanoGPT-style model (pre-LayerNorm blocks of causal self-attention and an MLP) with a `dni.DNI`
-between consecutive blocks (the statements marked `# DNI`): each cuts the residual stream (B, T, D) and its
-per-position synthesizer predicts the gradient at every position (Jaderberg et al. 2016,
-section 2; `dni.SequenceSynthesizer`). The blocks below an interface learn from its synthetic
-gradient only. The loss is the mean over B * T tokens, so the loss scale is B * T: the
-synthesizers predict per-token gradients (dni/interface.py).
+A nanoGPT-style model (pre-LayerNorm blocks of causal self-attention and an MLP) cut on its residual
+stream (B, T, D) between blocks (the statements marked `# DNI`). By default a `dni.DNI` sits between
+every pair of consecutive blocks (three cuts with four blocks; `--cuts 1`: one, in the middle); its
+per-position synthesizer predicts the gradient at every position (Jaderberg et al. 2016, section 2;
+`dni.SequenceSynthesizer`). The blocks below an interface learn from its synthetic gradient only.
+The loss is the mean over B * T tokens, so the loss scale is B * T: the synthesizers predict
+per-token gradients (dni/interface.py).
 
-    python examples/char_gpt.py --method backprop     # or dni, cdni; --help for the rest
+    python examples/char_gpt.py --method backprop     # or dni, cdni, local; --help for the rest
 
 Under cDNI (section 2's conditional DNI) every position's synthesizer also reads the one-hot of
 the character that position predicts: the context is (B, T, vocab), one label per position.
+Under `--method local` each cut is a `dni.LocalLoss` instead (Decoupled Greedy Learning,
+Belilovsky et al. 2020): a small auxiliary head, a LayerNorm and one linear map from the residual
+stream to the vocabulary at every position (D * vocab weights, a tenth of a block), predicts the
+next character; the blocks below learn from its cross-entropy alone, the blocks above read the
+residual stream detached.
 
-Corpus: the plain-text files of Debian's `fortunes` package (/usr/share/games/fortunes, without
-its .dat and .u8 index files; apt-get install fortunes), about 2.6 million characters of English
-quotations, jokes and verse. The '%' lines that end each fortune are kept as characters. Each
-file is split contiguously into its first 90% (train), next 5% (validation) and last 5% (test),
-so every topic is in every split. Validation bits per character are measured during training,
-test once at the end, each over the whole split in consecutive windows of --block_size.
+Corpus: `dnilab.data.load_fortunes`, Debian's `fortunes` (apt-get install fortunes), each file
+split contiguously into train, validation and test (90/5/5). Validation bits per character are
+measured every --eval_every steps, test once at the end, each over the whole split in
+consecutive windows of --block_size. The run's folder (--out) holds config.json, command.txt,
+env.json, metrics.jsonl (the validation curve) and summary.json (dnilab/example_runs.py).
 """
-import argparse
-import json
 import math
 import os
-import platform
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -33,23 +36,48 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 import dni  # noqa: E402
-from dnilab.runs import environment  # noqa: E402
+from dni.errors import DNIError  # noqa: E402
+from dnilab.cli import parse_config  # noqa: E402
+from dnilab.data import FORTUNES_DIR, load_fortunes  # noqa: E402
+from dnilab.example_runs import METHODS, cut_positions, finish_run, log_metrics, start_run  # noqa: E402
 
-CORPUS = "/usr/share/games/fortunes"
+
+def _opt(default, help, **meta):
+    return field(default=default, metadata={"help": help, **meta})
 
 
-def load_corpus(folder):
-    """(train, val, test) text, each the concatenation of every file's 90% / 5% / 5% part."""
-    names = sorted(f for f in os.listdir(folder) if not f.endswith((".dat", ".u8"))
-                   and os.path.isfile(os.path.join(folder, f)))
-    splits = ["", "", ""]
-    for name in names:
-        with open(os.path.join(folder, name), encoding="utf-8") as f:
-            text = f.read()
-        a, b = int(0.9 * len(text)), int(0.95 * len(text))
-        for i, part in enumerate([text[:a], text[a:b], text[b:]]):
-            splits[i] += part
-    return splits
+@dataclass
+class Settings:
+    """The example's settings; each is a flag (`--steps 3000`)."""
+    method: str = _opt("dni", "how the blocks below a cut learn", choices=METHODS)
+    cuts: int = _opt(0, "cuts on the residual stream, spread evenly: 1 is the middle; 0, one between every "
+                        "pair of consecutive blocks")
+    steps: int = _opt(1000, "training steps", positive=True)
+    batch_size: int = _opt(32, "windows per step", positive=True)
+    block_size: int = _opt(128, "context length T", positive=True)
+    n_layer: int = _opt(4, "blocks", positive=True)
+    d_model: int = _opt(128, "width of the residual stream", positive=True)
+    n_head: int = _opt(4, "attention heads", positive=True)
+    synth_width: int = _opt(512, "hidden units of each per-position synthesizer", positive=True)
+    lr: float = _opt(1e-3, "AdamW, cosine decay to 0 over the run", positive=True)
+    eval_every: int = _opt(200, "steps between validation measurements", positive=True)
+    eval_chars: int = _opt(0, "measure on the first N characters of val and test (0: all)")
+    corpus: str = _opt(FORTUNES_DIR, "folder of the fortunes' text files")
+    seed: int = _opt(0, "seed of the initialisation and of the windows drawn")
+    device: str = _opt("cuda" if torch.cuda.is_available() else "cpu", "torch device")
+    out: str = _opt("", "the run's folder (default: results/examples/char_gpt_<method>_seed<seed>)")
+    overwrite: bool = _opt(False, "replace a finished run in --out")
+
+    def __post_init__(self):
+        if self.d_model % self.n_head or self.eval_chars < 0 or self.cuts < 0:
+            raise DNIError("--d_model must be a multiple of --n_head, --eval_chars and --cuts at least 0")
+        if self.method != "backprop":
+            cut_positions(self.n_layer, self.cuts)  # refuses cuts the blocks cannot hold
+
+
+def token_cross_entropy(logits, targets):
+    """Mean cross-entropy over every position: logits (B, T, vocab), targets (B, T)."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
 class Block(nn.Module):
@@ -72,27 +100,39 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     """Token and position embeddings, `n_layer` blocks, a final LayerNorm and a linear head (not
-    tied to the embedding, which sits below every interface). `dni`: an interface between
-    consecutive blocks; in eval mode they are the identity."""
+    tied to the embedding, which sits below every cut). `method` "dni" or "cdni": a `dni.DNI` at
+    each cut; "local": a `dni.LocalLoss` whose head is a LayerNorm and a linear map to the vocabulary
+    (a small head: no attention, so it reads each position's residual stream alone); "backprop": no
+    cut. `cuts`: how many, spread evenly (`cut_positions`; 0: between every pair of blocks). In eval
+    mode the cuts are the identity."""
 
-    def __init__(self, *, vocab, block_size=128, n_layer=4, d_model=128, n_head=4, dni_between=False,
-                 synth_width=512, conditioned=False):
+    def __init__(self, *, vocab, block_size=128, n_layer=4, d_model=128, n_head=4, method="backprop", cuts=0,
+                 synth_width=512):
         super().__init__()
         self.tok, self.pos = nn.Embedding(vocab, d_model), nn.Embedding(block_size, d_model)
         self.blocks = nn.ModuleList(Block(d_model, n_head) for _ in range(n_layer))
         self.ln, self.head = nn.LayerNorm(d_model), nn.Linear(d_model, vocab, bias=False)
-        self.interfaces = nn.ModuleList(  # DNI: a per-position synthesizer for each (T, D) cut
-            dni.DNI(shape=(block_size, d_model), width=synth_width, context_features=vocab if conditioned else 0,
-                    loss_scale=lambda h: h.shape[0] * h.shape[1])
-            for _ in range(n_layer - 1)) if dni_between else None
-        self.vocab, self.conditioned = vocab, conditioned
+        self.cut_after = cut_positions(n_layer, cuts) if method != "backprop" else ()  # blocks below each cut
+        if method in ("dni", "cdni"):  # DNI: a per-position synthesizer for each (T, D) cut
+            self.cuts = nn.ModuleList(
+                dni.DNI(shape=(block_size, d_model), width=synth_width,
+                        context_features=vocab if method == "cdni" else 0, loss_scale=lambda h: h.shape[0] * h.shape[1])
+                for _ in self.cut_after)
+        elif method == "local":
+            self.cuts = nn.ModuleList(
+                dni.LocalLoss(nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, vocab)),
+                              loss_fn=token_cross_entropy) for _ in self.cut_after)
+        else:
+            self.cuts = nn.ModuleList()
+        self.vocab, self.method = vocab, method
 
-    def forward(self, idx, targets=None):  # DNI (cDNI: the targets)
+    def forward(self, idx, targets=None):  # DNI (cDNI and local: the targets)
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))  # (B, T, D)
-        context = F.one_hot(targets, self.vocab) if self.conditioned and targets is not None else None  # (B, T, V)
+        cuts = dict(zip(self.cut_after, self.cuts))  # blocks below -> its cut
+        context = F.one_hot(targets, self.vocab) if self.method == "cdni" and targets is not None else None  # (B, T, V)
         for i, block in enumerate(self.blocks):
-            if self.interfaces is not None and i > 0:
-                x = self.interfaces[i - 1](x, context=context)  # DNI
+            if i in cuts:
+                x = cuts[i](x, targets) if self.method == "local" else cuts[i](x, context=context)  # DNI
             x = block(x)
         return self.head(self.ln(x))  # (B, T, vocab)
 
@@ -111,80 +151,63 @@ def bits_per_char(model, data, block_size, batch_size=64):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--method", default="dni", choices=["backprop", "dni", "cdni"])
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--block_size", type=int, default=128, help="context length T")
-    p.add_argument("--n_layer", type=int, default=4)
-    p.add_argument("--d_model", type=int, default=128)
-    p.add_argument("--n_head", type=int, default=4)
-    p.add_argument("--synth_width", type=int, default=512, help="hidden units of each per-position synthesizer")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW, cosine decay to 0 over the run")
-    p.add_argument("--eval_every", type=int, default=200)
-    p.add_argument("--eval_chars", type=int, default=0, help="measure on the first N characters of val and test (0: all)")
-    p.add_argument("--corpus", default=CORPUS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="results/examples", help="folder for char_gpt_<method>.json")
-    args = p.parse_args(argv)
-    if min(args.steps, args.batch_size, args.block_size, args.n_layer, args.eval_every, args.synth_width) < 1 \
-            or args.lr <= 0 or args.d_model % args.n_head or args.eval_chars < 0:
-        p.error("sizes, steps and --lr must be positive, --d_model a multiple of --n_head")
-    if not os.path.isdir(args.corpus):
-        sys.exit(f"error: no corpus at {args.corpus}: apt-get install fortunes (or give --corpus DIR)")
+    settings = parse_config(Settings, argv, description=__doc__.split("\n")[0])
+    try:
+        corpus = load_fortunes(settings.corpus, settings.device)
+        run_dir = start_run(settings, torch.device(settings.device), f"char_gpt_{settings.method}_seed{settings.seed}")
+    except DNIError as error:
+        sys.exit(f"error: {error}")
+    print(f"char_gpt {settings.method}, {settings.steps} steps on {settings.device} -> {run_dir}", flush=True)
+    summary = train(settings, corpus, run_dir)
+    print(f"test_bpc {summary['test_bpc']:.3f}")
 
-    torch.manual_seed(args.seed)
-    texts = load_corpus(args.corpus)
-    chars = sorted(set("".join(texts)))  # the vocabulary: every character of the corpus
-    index = {c: i for i, c in enumerate(chars)}
-    train, val, test = (torch.tensor([index[c] for c in t], device=args.device) for t in texts)
-    m = args.eval_chars or None
-    val, test = val[:m], test[:m]
-    model = GPT(vocab=len(chars), block_size=args.block_size, n_layer=args.n_layer, d_model=args.d_model,
-                n_head=args.n_head, dni_between=args.method != "backprop", synth_width=args.synth_width,
-                conditioned=args.method == "cdni").to(args.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)  # holds the synthesizers too
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
-    generator = torch.Generator().manual_seed(args.seed)
 
-    curve, losses, train_seconds, start = [], [], 0.0, time.perf_counter()
-    for step in range(1, args.steps + 1):
-        offsets = torch.randint(len(train) - args.block_size, (args.batch_size,), generator=generator)
-        window = torch.arange(args.block_size + 1)
-        chunk = train[(offsets[:, None] + window).to(args.device)]  # (B, T + 1)
-        logits = model(chunk[:, :-1], chunk[:, 1:])  # DNI (cDNI: the targets)
+def train(settings, corpus, run_dir):
+    """Train, measuring validation bits per character every `eval_every` steps (metrics.jsonl)
+    and test once at the end; returns the summary written to summary.json."""
+    s = settings
+    torch.manual_seed(s.seed)
+    m = s.eval_chars or None
+    train_ids, val, test = corpus.train, corpus.val[:m], corpus.test[:m]
+    model = GPT(vocab=len(corpus.chars), block_size=s.block_size, n_layer=s.n_layer, d_model=s.d_model,
+                n_head=s.n_head, method=s.method, cuts=s.cuts, synth_width=s.synth_width).to(s.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr)  # holds the synthesizers and local heads too
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=s.steps)
+    generator = torch.Generator().manual_seed(s.seed)
+
+    losses, aux_losses, train_seconds, start = [], [], 0.0, time.perf_counter()
+    for step in range(1, s.steps + 1):
+        offsets = torch.randint(len(train_ids) - s.block_size, (s.batch_size,), generator=generator)
+        window = torch.arange(s.block_size + 1)
+        chunk = train_ids[(offsets[:, None] + window).to(s.device)]  # (B, T + 1)
+        logits = model(chunk[:, :-1], chunk[:, 1:])  # DNI (cDNI, local: the targets)
         loss = F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten())  # mean over B * T tokens
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-        if step % args.eval_every == 0 or step == args.steps:
-            if args.device.startswith("cuda"):
+        if s.method == "local":
+            aux_losses.append([cut.aux_loss.item() for cut in model.cuts])
+        if step % s.eval_every == 0 or step == s.steps:
+            if s.device.startswith("cuda"):
                 torch.cuda.synchronize()
             train_seconds += time.perf_counter() - start
-            val_bpc = bits_per_char(model, val, args.block_size)
-            train_bpc = sum(losses) / len(losses) / math.log(2)
-            curve.append({"step": step, "train_bpc": train_bpc, "val_bpc": val_bpc,
-                          "train_seconds": round(train_seconds, 1)})
-            print(f"step {step} train_bpc {train_bpc:.3f} val_bpc {val_bpc:.3f} {train_seconds:.0f}s", flush=True)
-            losses, start = [], time.perf_counter()
-    test_bpc = bits_per_char(model, test, args.block_size)  # once, at the end
-    print(f"test_bpc {test_bpc:.3f}")
-
-    result = {"example": "char_gpt", "config": vars(args), "command": " ".join(["python"] + sys.argv),
-              "corpus": {"path": args.corpus, "vocab": len(chars), "train_chars": len(texts[0]),
-                         "val_chars": len(texts[1]), "test_chars": len(texts[2])},
-              "parameters": sum(p.numel() for n, p in model.named_parameters() if not n.startswith("interfaces")),
-              "curve": curve, "val_bpc": curve[-1]["val_bpc"], "test_bpc": test_bpc,
-              "train_seconds": round(train_seconds, 1), "torch": torch.__version__,
-              "hardware": torch.cuda.get_device_name() if args.device.startswith("cuda")
-              else f"{platform.machine()} cpu, {torch.get_num_threads()} threads",
-              "env": environment(torch.device(args.device))}  # commit and git_dirty, as a run folder's env.json
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"char_gpt_{args.method}.json"), "w") as f:
-        json.dump(result, f, indent=1)
+            val_bpc = bits_per_char(model, val, s.block_size)
+            line = {"kind": "eval", "step": step, "train_bpc": sum(losses) / len(losses) / math.log(2),
+                    "val_bpc": val_bpc, "seconds": round(train_seconds, 2)}
+            if aux_losses:  # each local head's own loss, in bits per character
+                line["aux_bpc"] = [sum(col) / len(col) / math.log(2) for col in zip(*aux_losses)]
+            log_metrics(run_dir, line)
+            print(f"step {step} train_bpc {line['train_bpc']:.3f} val_bpc {val_bpc:.3f} {train_seconds:.0f}s", flush=True)
+            losses, aux_losses, start = [], [], time.perf_counter()
+    test_bpc = bits_per_char(model, test, s.block_size)  # once, at the end
+    return finish_run(run_dir, {
+        "example": "char_gpt", "method": s.method, "cuts": len(model.cut_after), "seed": s.seed, "steps": s.steps,
+        "val_bpc": val_bpc, "test_bpc": test_bpc, "seconds": round(train_seconds, 2), "device": s.device,
+        "parameters": sum(p.numel() for n, p in model.named_parameters() if not n.startswith("cuts.")),
+        "corpus": {"path": s.corpus, "vocab": len(corpus.chars), "train_chars": len(corpus.train),
+                   "val_chars": len(corpus.val), "test_chars": len(corpus.test)}})
 
 
 if __name__ == "__main__":

@@ -1,24 +1,29 @@
 """DNI in torchvision's ResNet-18 on Fashion-MNIST: a synthetic gradient between its residual groups.
 
 The model, loss, optimizer and loop are the user's own; DNI is the statements marked `# DNI`:
-a `dni.DNI` after layer1, layer2 and layer3, each with a conv synthesizer built from the shape of
-its trigger (Jaderberg et al. 2016, section 3.1). Under cDNI the synthesizers also read the label.
-The layers below each interface learn from its synthetic gradient, never from the true one.
+by default a `dni.DNI` after layer1, layer2 and layer3 (`--cuts 1`: after layer2 alone, the middle),
+each with a conv synthesizer built from the shape of its trigger (Jaderberg et al. 2016, section
+3.1). Under cDNI the synthesizers also read the label. The layers below each interface learn from
+its synthetic gradient, never from the true one. Under `--method local` each cut is a
+`dni.LocalLoss` instead (Decoupled Greedy Learning, Belilovsky et al. 2020): a small auxiliary
+classifier, global average pooling and one linear layer (C * 10 + 10 weights), reads the cut's
+activation; the layers below learn from its cross-entropy alone, the layers above read the
+activation detached.
 
-    python examples/resnet_fashion.py --method backprop     # or dni, cdni; --help for the rest
+    python examples/resnet_fashion.py --method backprop     # or dni, cdni, local; --help for the rest
 
 By default the stem keeps ResNet-18's stride-2 7x7 conv and max pool, so a 28x28 image is 7x7 at
 layer1 and an epoch takes minutes on two CPU cores. `--full_resolution` gives the CIFAR-style stem
 (3x3 stride-1 conv, no max pool; 28x28 at layer1, about 16 times the cost): the variant for a GPU.
-The last 10,000 training images are the validation split, read every epoch; the test set is
-evaluated once, at the end. Results: a JSON in --out (docs/examples.md has the table).
+The last 10,000 training images are the validation split (`dnilab.data.split_validation`), read
+every epoch; the test set is evaluated once, at the end. The run's folder (--out) holds
+config.json, command.txt, env.json, metrics.jsonl (one line per epoch) and summary.json
+(dnilab/example_runs.py).
 """
-import argparse
-import json
 import os
-import platform
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -27,18 +32,49 @@ import torchvision
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 import dni  # noqa: E402
-from dnilab.data import load_data, split_validation  # noqa: E402
-from dnilab.runs import environment  # noqa: E402
 from dni.errors import DNIError  # noqa: E402
+from dnilab.cli import parse_config  # noqa: E402
+from dnilab.data import load_data, split_validation  # noqa: E402
+from dnilab.example_runs import METHODS, cut_positions, finish_run, log_metrics, start_run  # noqa: E402
 
 MEAN, STD = 0.286, 0.353  # Fashion-MNIST's training pixels
+VAL_SIZE = 10_000  # the last training images, held out as the validation split
+
+
+def _opt(default, help, **meta):
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class Settings:
+    """The example's settings; each is a flag (`--epochs 10`)."""
+    method: str = _opt("cdni", "how the layers below a cut learn", choices=METHODS)
+    cuts: int = _opt(0, "cuts between residual groups: 1 is after layer2; 0, after layer1, layer2 and layer3")
+    epochs: int = _opt(3, "passes over the 50,000 training images", positive=True)
+    batch_size: int = _opt(128, "images per step", positive=True)
+    lr: float = _opt(1e-3, "Adam, cosine decay to 0 over the run", positive=True)
+    full_resolution: bool = _opt(False, "3x3 stride-1 stem, no max pool (for a GPU)")
+    subset: int = _opt(0, "use the first N images of each split (a quick look; 0: all)")
+    data: str = _opt("data", "where Fashion-MNIST is (copied from Debian's package or downloaded)")
+    seed: int = _opt(0, "seed of the initialisation and of the data order")
+    device: str = _opt("cuda" if torch.cuda.is_available() else "cpu", "torch device")
+    out: str = _opt("", "the run's folder (default: results/examples/resnet_fashion_<method>_seed<seed>)")
+    overwrite: bool = _opt(False, "replace a finished run in --out")
+
+    def __post_init__(self):
+        if self.subset < 0 or self.cuts < 0:
+            raise DNIError("--subset and --cuts must be at least 0")
+        if self.method != "backprop":
+            cut_positions(4, self.cuts)  # refuses cuts the four residual groups cannot hold
 
 
 class ResNet18(nn.Module):
-    """torchvision's ResNet-18 for 1x28x28 images, with a DNI after layer1, layer2 and layer3
-    (method "dni" or "cdni"; "backprop": none). In eval mode the interfaces are the identity."""
+    """torchvision's ResNet-18 for 1x28x28 images, cut between its residual groups: a `dni.DNI` at
+    each cut (method "dni" or "cdni"), a `dni.LocalLoss` with a pooled linear classifier ("local"),
+    or none ("backprop"). `cuts`: how many, spread evenly over the four groups (`cut_positions`; 0:
+    after layer1, layer2 and layer3). In eval mode the cuts are the identity."""
 
-    def __init__(self, *, method="backprop", full_resolution=False, classes=10):
+    def __init__(self, *, method="backprop", cuts=0, full_resolution=False, classes=10):
         super().__init__()
         self.net = torchvision.models.resnet18(num_classes=classes)
         if full_resolution:  # 28x28 at layer1
@@ -48,19 +84,27 @@ class ResNet18(nn.Module):
             self.net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
         side = 28 if full_resolution else 7
         shapes = [(64, side, side), (128, (side + 1) // 2, (side + 1) // 2), (256, (side + 3) // 4, (side + 3) // 4)]
-        self.classes, self.conditioned = classes, method == "cdni"
-        self.interfaces = nn.ModuleList(  # DNI: one interface per cut, a conv synthesizer for its (C, H, W)
-            dni.DNI(shape=s, context_features=classes if self.conditioned else 0) for s in shapes
-        ) if method != "backprop" else None
+        self.cut_after = cut_positions(4, cuts) if method != "backprop" else ()  # groups below each cut
+        self.classes, self.method = classes, method
+        if method in ("dni", "cdni"):  # DNI: one interface per cut, a conv synthesizer for its (C, H, W)
+            self.cuts = nn.ModuleList(dni.DNI(shape=shapes[i - 1], context_features=classes if method == "cdni" else 0)
+                                      for i in self.cut_after)
+        elif method == "local":
+            self.cuts = nn.ModuleList(
+                dni.LocalLoss(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(shapes[i - 1][0], classes)))
+                for i in self.cut_after)
+        else:
+            self.cuts = nn.ModuleList()
 
-    def forward(self, x, y=None):  # DNI (cDNI: the label)
+    def forward(self, x, y=None):  # DNI (cDNI and local: the label)
         n = self.net
         h = n.maxpool(n.relu(n.bn1(n.conv1(x))))  # (B, 64, 7, 7)
-        context = F.one_hot(y, self.classes) if self.conditioned and y is not None else None  # DNI (cDNI)
-        for i, layer in enumerate([n.layer1, n.layer2, n.layer3, n.layer4]):
+        cuts = dict(zip(self.cut_after, self.cuts))  # groups below -> its cut
+        context = F.one_hot(y, self.classes) if self.method == "cdni" and y is not None else None  # DNI (cDNI)
+        for i, layer in enumerate([n.layer1, n.layer2, n.layer3, n.layer4], 1):
             h = layer(h)
-            if self.interfaces is not None and i < 3:
-                h = self.interfaces[i](h, context=context)  # DNI
+            if i in cuts:
+                h = cuts[i](h, y) if self.method == "local" else cuts[i](h, context=context)  # DNI
         return n.fc(torch.flatten(n.avgpool(h), 1))  # (B, classes)
 
 
@@ -74,69 +118,64 @@ def accuracy(model, x, y, batch_size=1000):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--method", default="cdni", choices=["backprop", "dni", "cdni"])
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam, cosine decay to 0 over the run")
-    p.add_argument("--full_resolution", action="store_true", help="3x3 stride-1 stem, no max pool (for a GPU)")
-    p.add_argument("--subset", type=int, default=0, help="use the first N images of each split (a quick look; 0: all)")
-    p.add_argument("--data", default="data", help="where Fashion-MNIST is (copied from Debian's package or downloaded)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="results/examples", help="folder for resnet_fashion_<method>.json")
-    args = p.parse_args(argv)
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.subset < 0:
-        p.error("--epochs, --batch_size and --lr must be positive, --subset at least 0")
-
-    torch.manual_seed(args.seed)
+    settings = parse_config(Settings, argv, description=__doc__.split("\n")[0])
     try:
-        data = split_validation(load_data("fashion_mnist", args.data, args.device), 10000)
+        data = split_validation(load_data("fashion_mnist", settings.data, settings.device), VAL_SIZE)
+        run_dir = start_run(settings, torch.device(settings.device),
+                            f"resnet_fashion_{settings.method}_seed{settings.seed}")
     except DNIError as error:
         sys.exit(f"error: {error}")
-    n = args.subset or None
-    train_x, train_y = data.train_x[:n], data.train_y[:n]  # (50000, 1, 28, 28), (50000,)
-    model = ResNet18(method=args.method, full_resolution=args.full_resolution).to(args.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)  # holds the synthesizers too
-    steps = args.epochs * (len(train_x) // args.batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    print(f"resnet_fashion {settings.method}, {settings.epochs} epochs on {settings.device} -> {run_dir}", flush=True)
+    summary = train(settings, data, run_dir)
+    print(f"test_acc {summary['test_acc']:.4f}")
 
-    curve, train_seconds = [], 0.0
-    for epoch in range(1, args.epochs + 1):
-        start, losses = time.perf_counter(), []
-        order = torch.randperm(len(train_x), generator=generator).to(args.device)
-        for i in range(0, len(order) - args.batch_size + 1, args.batch_size):  # full batches only
-            x, y = (train_x[order[i:i + args.batch_size]] - MEAN) / STD, train_y[order[i:i + args.batch_size]]
-            loss = F.cross_entropy(model(x, y), y)  # DNI (cDNI: the label)
+
+def train(settings, data, run_dir):
+    """Train, measuring validation accuracy after every epoch (metrics.jsonl) and test accuracy
+    once at the end; returns the summary written to summary.json."""
+    s = settings
+    torch.manual_seed(s.seed)
+    n = s.subset or None
+    train_x, train_y = data.train_x[:n], data.train_y[:n]  # (50000, 1, 28, 28), (50000,)
+    model = ResNet18(method=s.method, cuts=s.cuts, full_resolution=s.full_resolution).to(s.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)  # holds the synthesizers and local heads too
+    steps = s.epochs * (len(train_x) // s.batch_size)
+    if steps == 0:
+        sys.exit(f"error: --batch_size {s.batch_size} is larger than the {len(train_x)} training images")
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    generator = torch.Generator(device="cpu").manual_seed(s.seed)
+
+    train_seconds, step = 0.0, 0
+    for epoch in range(1, s.epochs + 1):
+        start, losses, aux_losses = time.perf_counter(), [], []
+        order = torch.randperm(len(train_x), generator=generator).to(s.device)
+        for i in range(0, len(order) - s.batch_size + 1, s.batch_size):  # full batches only
+            x, y = (train_x[order[i:i + s.batch_size]] - MEAN) / STD, train_y[order[i:i + s.batch_size]]
+            loss = F.cross_entropy(model(x, y), y)  # DNI (cDNI, local: the label)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
             losses.append(loss.item())
-        if args.device.startswith("cuda"):
+            if s.method == "local":
+                aux_losses.append([cut.aux_loss.item() for cut in model.cuts])
+            step += 1
+        if s.device.startswith("cuda"):
             torch.cuda.synchronize()
         train_seconds += time.perf_counter() - start
         val_acc = accuracy(model, data.val_x[:n], data.val_y[:n])
-        curve.append({"epoch": epoch, "train_loss": sum(losses) / len(losses), "first_loss": losses[0],
-                      "val_acc": val_acc, "train_seconds": round(train_seconds, 1)})
-        print(f"epoch {epoch} loss {curve[-1]['train_loss']:.4f} val_acc {val_acc:.4f} {train_seconds:.0f}s", flush=True)
+        line = {"kind": "epoch", "epoch": epoch, "step": step, "train_loss": sum(losses) / len(losses),
+                "first_loss": losses[0], "val_acc": val_acc, "seconds": round(train_seconds, 2)}
+        if aux_losses:  # each local head's own loss
+            line["aux_loss"] = [sum(col) / len(col) for col in zip(*aux_losses)]
+        log_metrics(run_dir, line)
+        print(f"epoch {epoch} loss {line['train_loss']:.4f} val_acc {val_acc:.4f} {train_seconds:.0f}s", flush=True)
     test_acc = accuracy(model, data.test_x[:n], data.test_y[:n])  # once, at the end
-    print(f"test_acc {test_acc:.4f}")
-
-    result = {"example": "resnet_fashion", "config": vars(args), "command": " ".join(["python"] + sys.argv),
-              "curve": curve, "val_acc": curve[-1]["val_acc"], "test_acc": test_acc,
-              "train_seconds": round(train_seconds, 1), "torch": torch.__version__,
-              "hardware": hardware(args.device), "env": environment(torch.device(args.device))}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"resnet_fashion_{args.method}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-
-
-def hardware(device):
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    return f"{platform.machine()} cpu, {torch.get_num_threads()} threads"
+    return finish_run(run_dir, {
+        "example": "resnet_fashion", "method": s.method, "cuts": len(model.cut_after), "seed": s.seed,
+        "epochs": s.epochs, "steps": step, "val_acc": val_acc, "test_acc": test_acc,
+        "seconds": round(train_seconds, 2), "device": s.device,
+        "parameters": sum(p.numel() for name, p in model.named_parameters() if not name.startswith("cuts."))})
 
 
 if __name__ == "__main__":

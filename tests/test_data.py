@@ -14,8 +14,8 @@ import pytest
 import torch
 import torchvision
 
-from dnilab.data import (DATASETS, FASHION_DEBIAN_DIR, MNIST_MD5, batches, load_data, num_batches,
-                      verify_mnist)
+from dnilab.data import (DATASETS, FASHION_DEBIAN_DIR, FORTUNES_DIR, MNIST_MD5, batches, load_data, load_fortunes,
+                         num_batches, verify_mnist)
 from dni.errors import DNIError
 
 # Class counts of the canonical MNIST training set.
@@ -189,3 +189,48 @@ def test_batches_refuse_batch_larger_than_data():
         next(batches(x, y, 6, torch.Generator()))
     with pytest.raises(DNIError):
         num_batches(5, 0)
+
+
+# ---------------------------------------------------------------- the fortunes corpus
+
+def _fortune_files(folder):
+    return sorted(f for f in os.listdir(folder) if not f.endswith((".dat", ".u8"))
+                  and os.path.isfile(os.path.join(folder, f)))
+
+
+def test_a_corpus_splits_each_file_contiguously(tmp_path):
+    (tmp_path / "a").write_text("".join(chr(ord("a") + i % 20) for i in range(200)))
+    (tmp_path / "b").write_text("XYZ%\n" * 8)
+    (tmp_path / "b.dat").write_bytes(b"\0\1")  # index files are not text
+    corpus = load_fortunes(tmp_path)
+    text = lambda ids: "".join(corpus.chars[i] for i in ids.tolist())  # noqa: E731
+    a, b = (tmp_path / "a").read_text(), (tmp_path / "b").read_text()
+    assert text(corpus.train) == a[:180] + b[:36]
+    assert text(corpus.val) == a[180:190] + b[36:38]
+    assert text(corpus.test) == a[190:] + b[38:]
+    assert corpus.chars == "".join(sorted(set(a + b))) and corpus.train.dtype == torch.int64
+
+
+def test_a_missing_corpus_is_one_sentence(tmp_path):
+    with pytest.raises(DNIError, match="apt-get install fortunes"):
+        load_fortunes(tmp_path / "none")
+
+
+@pytest.mark.skipif(not os.path.isdir(FORTUNES_DIR), reason=f"no {FORTUNES_DIR}: apt-get install fortunes")
+def test_fortunes_splits_are_disjoint_and_90_5_5():
+    corpus = load_fortunes()
+    parts = ["", "", ""]
+    for name in _fortune_files(FORTUNES_DIR):
+        with open(os.path.join(FORTUNES_DIR, name), encoding="utf-8") as f:
+            text = f.read()
+        a, b = int(0.9 * len(text)), int(0.95 * len(text))
+        parts = [parts[0] + text[:a], parts[1] + text[a:b], parts[2] + text[b:]]
+    index = {c: i for i, c in enumerate(corpus.chars)}
+    # Each split is exactly its own stretch of every file, so no character of the corpus is in two.
+    for split, part in zip([corpus.train, corpus.val, corpus.test], parts):
+        assert split.tolist() == [index[c] for c in part]
+    sizes = [len(corpus.train), len(corpus.val), len(corpus.test)]
+    total = sum(sizes)
+    assert total == sum(len(p) for p in parts) > 2_000_000
+    assert abs(sizes[0] / total - 0.9) < 1e-3 and abs(sizes[1] / total - 0.05) < 1e-3
+    assert len(corpus.chars) > 90 and sorted(corpus.chars) == list(corpus.chars)
