@@ -121,6 +121,8 @@ def main(argv=None):
     settings = parse_config(Settings, argv, description=__doc__.split("\n")[0])
     try:
         data = split_validation(load_data("fashion_mnist", settings.data, settings.device), VAL_SIZE)
+        if len(data.train_x[:settings.subset or None]) < settings.batch_size:
+            raise DNIError(f"--batch_size {settings.batch_size} is larger than the training set")
         run_dir = start_run(settings, torch.device(settings.device),
                             f"resnet_fashion_{settings.method}_seed{settings.seed}")
     except DNIError as error:
@@ -140,8 +142,6 @@ def train(settings, data, run_dir):
     model = ResNet18(method=s.method, cuts=s.cuts, full_resolution=s.full_resolution).to(s.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)  # holds the synthesizers and local heads too
     steps = s.epochs * (len(train_x) // s.batch_size)
-    if steps == 0:
-        sys.exit(f"error: --batch_size {s.batch_size} is larger than the {len(train_x)} training images")
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     generator = torch.Generator(device="cpu").manual_seed(s.seed)
 
