@@ -30,11 +30,18 @@ def cut_positions(layers, cuts):
     return tuple(round(layers * j / (cuts + 1)) for j in range(1, cuts + 1))
 
 
-def start_run(settings, device, name):
-    """Claim the run folder (`settings.out`, or results/examples/<name> by default, where a finished
-    run is kept and a fresh name-2 is taken) and write config.json, command.txt and env.json."""
-    run_dir = claim_run_dir(Path(settings.out or EXAMPLES_DIR / name), overwrite=settings.overwrite,
-                            explicit=bool(settings.out))
+def run_name(example, method, cuts, seed):
+    """A run folder's name: resnet_fashion_local_cuts1_seed0; without the cuts where they are the
+    default (0) or there are none (backprop)."""
+    cut = f"_cuts{cuts}" if cuts and method != "backprop" else ""
+    return f"{example}_{method}{cut}_seed{seed}"
+
+
+def start_run(settings, device, example):
+    """Claim the run folder (`settings.out`, or results/examples/<run_name> by default, where a
+    finished run is kept and a fresh name-2 is taken) and write config.json, command.txt and env.json."""
+    default = EXAMPLES_DIR / run_name(example, settings.method, settings.cuts, settings.seed)
+    run_dir = claim_run_dir(Path(settings.out or default), overwrite=settings.overwrite, explicit=bool(settings.out))
     record_environment(run_dir, settings, device)
     return run_dir
 

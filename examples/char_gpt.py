@@ -65,7 +65,7 @@ class Settings:
     corpus: str = _opt(FORTUNES_DIR, "folder of the fortunes' text files")
     seed: int = _opt(0, "seed of the initialisation and of the windows drawn")
     device: str = _opt("cuda" if torch.cuda.is_available() else "cpu", "torch device")
-    out: str = _opt("", "the run's folder (default: results/examples/char_gpt_<method>_seed<seed>)")
+    out: str = _opt("", "the run's folder (default: results/examples/char_gpt_<method>[_cuts<cuts>]_seed<seed>)")
     overwrite: bool = _opt(False, "replace a finished run in --out")
 
     def __post_init__(self):
@@ -154,7 +154,7 @@ def main(argv=None):
     settings = parse_config(Settings, argv, description=__doc__.split("\n")[0])
     try:
         corpus = load_fortunes(settings.corpus, settings.device)
-        run_dir = start_run(settings, torch.device(settings.device), f"char_gpt_{settings.method}_seed{settings.seed}")
+        run_dir = start_run(settings, torch.device(settings.device), "char_gpt")
     except DNIError as error:
         sys.exit(f"error: {error}")
     print(f"char_gpt {settings.method}, {settings.steps} steps on {settings.device} -> {run_dir}", flush=True)
@@ -199,7 +199,8 @@ def train(settings, corpus, run_dir):
             if aux_losses:  # each local head's own loss, in bits per character
                 line["aux_bpc"] = [sum(col) / len(col) / math.log(2) for col in zip(*aux_losses)]
             log_metrics(run_dir, line)
-            print(f"step {step} train_bpc {line['train_bpc']:.3f} val_bpc {val_bpc:.3f} {train_seconds:.0f}s", flush=True)
+            print(f"step {step} train_bpc {line['train_bpc']:.3f} val_bpc {val_bpc:.3f} {train_seconds:.0f}s",
+                  flush=True)
             losses, aux_losses, start = [], [], time.perf_counter()
     test_bpc = bits_per_char(model, test, s.block_size)  # once, at the end
     return finish_run(run_dir, {

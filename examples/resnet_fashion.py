@@ -58,7 +58,7 @@ class Settings:
     data: str = _opt("data", "where Fashion-MNIST is (copied from Debian's package or downloaded)")
     seed: int = _opt(0, "seed of the initialisation and of the data order")
     device: str = _opt("cuda" if torch.cuda.is_available() else "cpu", "torch device")
-    out: str = _opt("", "the run's folder (default: results/examples/resnet_fashion_<method>_seed<seed>)")
+    out: str = _opt("", "the run's folder (default: results/examples/resnet_fashion_<method>[_cuts<cuts>]_seed<seed>)")
     overwrite: bool = _opt(False, "replace a finished run in --out")
 
     def __post_init__(self):
@@ -91,7 +91,8 @@ class ResNet18(nn.Module):
                                       for i in self.cut_after)
         elif method == "local":
             self.cuts = nn.ModuleList(
-                dni.LocalLoss(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(shapes[i - 1][0], classes)))
+                dni.LocalLoss(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                            nn.Linear(shapes[i - 1][0], classes)))  # (B, C, H, W) -> (B, classes)
                 for i in self.cut_after)
         else:
             self.cuts = nn.ModuleList()
@@ -121,8 +122,9 @@ def main(argv=None):
     settings = parse_config(Settings, argv, description=__doc__.split("\n")[0])
     try:
         data = split_validation(load_data("fashion_mnist", settings.data, settings.device), VAL_SIZE)
-        run_dir = start_run(settings, torch.device(settings.device),
-                            f"resnet_fashion_{settings.method}_seed{settings.seed}")
+        if len(data.train_x[:settings.subset or None]) < settings.batch_size:
+            raise DNIError(f"--batch_size {settings.batch_size} is larger than the training set")
+        run_dir = start_run(settings, torch.device(settings.device), "resnet_fashion")
     except DNIError as error:
         sys.exit(f"error: {error}")
     print(f"resnet_fashion {settings.method}, {settings.epochs} epochs on {settings.device} -> {run_dir}", flush=True)
@@ -140,8 +142,6 @@ def train(settings, data, run_dir):
     model = ResNet18(method=s.method, cuts=s.cuts, full_resolution=s.full_resolution).to(s.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)  # holds the synthesizers and local heads too
     steps = s.epochs * (len(train_x) // s.batch_size)
-    if steps == 0:
-        sys.exit(f"error: --batch_size {s.batch_size} is larger than the {len(train_x)} training images")
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     generator = torch.Generator(device="cpu").manual_seed(s.seed)
 

@@ -22,6 +22,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from dnilab.example_runs import run_name
+
 ROOT = Path(__file__).resolve().parent.parent
 BUDGETS = {"resnet_fashion": ("epochs", 10), "char_gpt": ("steps", 3000)}
 ONE_CUT = [(method, 1, seed) for method in ("backprop", "dni", "cdni", "local") for seed in (0, 1, 2)]
@@ -34,9 +36,7 @@ def grid(results):
     runs = []
     for example, (budget, length) in BUDGETS.items():
         for method, cuts, seed in ONE_CUT + THREE_CUTS:
-            name = f"{example}_{method}_seed{seed}" if method == "backprop" else \
-                f"{example}_{method}_cuts{cuts}_seed{seed}"
-            folder = Path(results) / name
+            folder = Path(results) / run_name(example, method, cuts, seed)
             args = [f"examples/{example}.py", "--method", method, "--seed", str(seed), f"--{budget}", str(length),
                     "--out", str(folder)] + ([] if method == "backprop" else ["--cuts", str(cuts)])
             runs.append((folder, args))
