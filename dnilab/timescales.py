@@ -463,7 +463,9 @@ def train_two_processes(config, data, *, log=print, metrics=None):
     torch.set_num_threads(1)
     (train_x, train_y), (val_x, val_y), _ = data
     val = fixed_streams(val_x, val_y, config.val_streams, config.span)
-    context = mp.get_context("spawn")
+    # fork where there is one: B starts in a moment, with torch already imported (A and B run on the
+    # CPU, one thread each, so nothing forked is in use); spawn elsewhere
+    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     spans_q, grads_q, results_q = context.Queue(maxsize=config.in_flight), context.Queue(), context.Queue()
     worker = context.Process(target=_b_worker, args=(config, spans_q, grads_q, results_q), daemon=True)
     worker.start()
