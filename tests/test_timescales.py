@@ -177,3 +177,15 @@ def test_bad_input_is_one_line(argv, words, capsys):
         parse_config(TimescalesConfig, argv, prog="timescales.py")
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and words in err and err.count("\n") == 1
+
+
+def test_table_only_reads_the_run_folders(tmp_path):
+    """--table_only trains nothing: it tabulates the finished runs it finds, with their own settings."""
+    from experiments.timescales_table import TableConfig, make_table
+    for method in ("dni", "frozen"):
+        run(tiny(method=method, out=str(tmp_path / "timescales")), log=lambda line: None, load=fake_load)
+    table = make_table(TableConfig(results=str(tmp_path), table_only=True, ticks=999, target=0.1), log=lambda line: None)
+    assert [(c["T"], c["method"], c["ticks"]) for c in table["cells"]] == [(3, "dni", 12), (3, "frozen", 12)]
+    assert "| 3 | DNI" in (tmp_path / "timescales.md").read_text()
+    with pytest.raises(DNIError, match="no finished run"):
+        make_table(TableConfig(results=str(tmp_path / "empty"), table_only=True), log=lambda line: None)
