@@ -5,12 +5,16 @@ The task (our choice: the paper's exact task could not be confirmed where this w
 S streams of MNIST digits, one image per tick per stream, drawn at random from the training
 split. Network A, an RNN, reads one digit every tick. Network B, an RNN, ticks once every T ticks
 on the T outputs of A since its last tick (a_{t-T+1}, ..., a_t, concatenated in order) and predicts
-how many of those T digits were odd: a class in 0..T. Only B has this loss; nothing tells A what
-to output except what comes back across the A-to-B interface.
+a target of those T digits (`task`): "count", how many were odd, a class in 0..T (the default; the
+gradient for a_t then depends on every other digit of the span, so a synthesizer that reads a_t
+alone can predict only its expectation), or "parities", the parity of each digit (T two-way
+answers, the loss summed over them; the gradient for a_t depends mostly on digit t). B's accuracy
+is the fraction of spans it gets right (every parity right, under "parities"). Only B has this
+loss; nothing tells A what to output except what comes back across the A-to-B interface.
 
     A:  a_t = GRUCell(relu(W x_t), a_{t-1})                  every tick; its state is its output
     B:  b_k = GRUCell([a_{kT-T+1}, ..., a_{kT}], b_{k-1});   every T ticks
-        logits_k = V b_k                                     loss_k = CE(logits_k, #odd digits in span k)
+        logits_k = V b_k                                     loss_k = CE(logits_k, target of span k)
 
 Methods (`METHODS`):
 - "backprop": A waits for B. A keeps its graph over the span; B's backward gives d loss_k / d a_t
@@ -66,6 +70,7 @@ from dnilab.parts import set_seed
 from dnilab.runs import claim_run_dir, environment, record_environment, write_json
 
 METHODS = ("backprop", "dni", "frozen", "own_task")
+TASKS = ("count", "parities")  # what B predicts at each of its ticks (see `targets_of`)
 TRAINS_A_FROM_B = ("backprop", "dni")  # methods under which B's error reaches A (truly or synthetically)
 
 
@@ -73,6 +78,8 @@ TRAINS_A_FROM_B = ("backprop", "dni")  # methods under which B's error reaches A
 class TimescalesConfig:
     """Every default of `python timescales.py`, defined once."""
     method: str = field(default="dni", metadata=dict(help="how A learns", choices=METHODS))
+    task: str = field(default="count", metadata=dict(help="B's target: count (of odd digits in the span, 0..T) or "
+                                                          "parities (of each digit of the span)", choices=TASKS))
     span: int = field(default=4, metadata=dict(help="T: A's ticks per tick of B", positive=True))
     processes: int = field(default=1, metadata=dict(help="1: A and B in one process; 2: one process (one core) each",
                                                     choices=(1, 2)))
@@ -98,7 +105,7 @@ class TimescalesConfig:
     seed: int = field(default=0, metadata=dict(help="seed of the weights and of the digit streams"))
     out: str = field(default="results/timescales", metadata=dict(help="parent folder of the run folder"))
     overwrite: bool = field(default=False, metadata=dict(help="replace a finished run in <out>/<name>"))
-    name: str = field(default="", metadata=dict(help="run folder name (default: T<T>_<method>[_2p]_s<seed>)"))
+    name: str = field(default="", metadata=dict(help="run folder name (default: T<T>_<method>[_parities][_2p]_s<seed>)"))
 
     def __post_init__(self):
         if self.synth_layers < 0:
@@ -106,7 +113,8 @@ class TimescalesConfig:
         if self.ticks < self.span:
             raise DNIError(f"--ticks {self.ticks} is less than one span of --span {self.span}: B would never tick")
         if not self.name:
-            self.name = f"T{self.span}_{self.method}{'_2p' if self.processes == 2 else ''}_s{self.seed}"
+            task = "" if self.task == "count" else f"_{self.task}"
+            self.name = f"T{self.span}_{self.method}{task}{'_2p' if self.processes == 2 else ''}_s{self.seed}"
         if "/" in self.name or self.name in (".", ".."):
             raise DNIError(f"--name must be a plain folder name, got {self.name!r}")
 
@@ -140,14 +148,14 @@ class NetA(nn.Module):
 
 
 class NetB(nn.Module):
-    """The slow network: a GRU cell that reads a whole span of A's outputs at once, and a readout
-    of the number of odd digits in the span (T + 1 classes)."""
+    """The slow network: a GRU cell that reads a whole span of A's outputs at once, and a linear
+    readout of `classes` scores (`task_classes`)."""
 
-    def __init__(self, *, span, in_features=32, hidden=64):
+    def __init__(self, *, span, in_features=32, hidden=64, classes=None):
         super().__init__()
         self.hidden = hidden
         self.cell = nn.GRUCell(span * in_features, hidden)
-        self.readout = nn.Linear(hidden, span + 1)
+        self.readout = nn.Linear(hidden, span + 1 if classes is None else classes)
 
     def forward(self, outputs, state):
         """One tick of B: A's span of outputs (S, T, H_A), B's state (S, H_B) -> (logits (S, T+1), state)."""
@@ -171,7 +179,8 @@ def build(config):
     for every method at a seed (A, B and the synthesizer are built in that order, whatever is used)."""
     set_seed(config.seed)
     a = NetA(encoder=config.encoder, hidden=config.hidden_a)
-    b = NetB(span=config.span, in_features=config.hidden_a, hidden=config.hidden_b)
+    b = NetB(span=config.span, in_features=config.hidden_a, hidden=config.hidden_b,
+             classes=task_classes(config.task, config.span))
     m = make_synthesizer((config.hidden_a,), kind="dense", context_features=config.span,
                          hidden_layers=config.synth_layers, width=config.synth_width, batch_norm=False)
     dni = config.method == "dni"
@@ -187,8 +196,34 @@ def position_context(position, span, streams):
 
 
 def odd_count(digits):
-    """B's target: how many of a span's digits (S, T) are odd, (S,) in 0..T."""
+    """How many of a span's digits (S, T) are odd, (S,) in 0..T."""
     return (digits % 2).sum(1)
+
+
+def task_classes(task, span):
+    """B's scores per tick: T + 1 counts, or two per digit of the span."""
+    return span + 1 if task == "count" else 2 * span
+
+
+def targets_of(task, digits):
+    """B's target for a span's digits (S, T): "count", the number of odd ones (S,) in 0..T, one
+    answer that depends on every digit of the span; "parities", each digit's parity (S, T)."""
+    return odd_count(digits) if task == "count" else digits % 2
+
+
+def task_loss(task):
+    """B's loss on its scores (S, classes): cross-entropy over the count, or summed over the span's
+    T parities (averaged over streams, so the loss scale is S under both)."""
+    if task == "count":
+        return F.cross_entropy
+    return lambda logits, targets: F.cross_entropy(logits.view(-1, 2), targets.flatten(), reduction="sum") / len(targets)
+
+
+def correct_spans(task, logits, targets):
+    """Spans B got right: the count, or every parity of the span."""
+    if task == "count":
+        return int((logits.argmax(1) == targets).sum())
+    return int((logits.view(len(targets), -1, 2).argmax(2) == targets).all(1).sum())
 
 
 # ---------------------------------------------------------------- the steps, one per clock
@@ -230,7 +265,7 @@ def a_backward(system, outputs, grad):
     system.opt_a.step()
 
 
-def b_tick(system, outputs, targets, state, *, input_grad, step=True):
+def b_tick(system, outputs, targets, state, *, input_grad, task="count", step=True):
     """One tick of B (`dni.loss_update`) on A's detached span outputs (S, T, H): forward from its
     detached state, backward its loss, step B unless `step` False (the caller steps it later).
     Returns (logits, loss, d loss / d outputs or None, B's next state, detached)."""
@@ -243,7 +278,7 @@ def b_tick(system, outputs, targets, state, *, input_grad, step=True):
     if not step:
         system.opt_b.zero_grad(set_to_none=True)
     logits, loss, grad = loss_update(stage, system.opt_b if step else None, outputs, targets,
-                                     needs_input_grad=input_grad)
+                                     needs_input_grad=input_grad, loss_fn=task_loss(task))
     return logits, loss, grad, new["state"].detach()
 
 
@@ -261,11 +296,12 @@ def span_step(system, config, xs, digits, a_state, b_state):
     """One span of T ticks of the whole system in one process, as `config.method` says.
     xs (T, S, 784), digits (T, S). Returns (a_state, b_state, stats dict)."""
     T = config.span
-    targets = odd_count(digits.T)  # (S,)
+    targets = targets_of(config.task, digits.T)  # (S,) or (S, T)
     stats = {}
     if config.method == "backprop":
         outputs = a_span_graph(system, xs, a_state)                       # (S, T, H), graph to A
-        logits, loss, grad, b_state = b_tick(system, outputs.detach(), targets, b_state, input_grad=True)
+        logits, loss, grad, b_state = b_tick(system, outputs.detach(), targets, b_state, input_grad=True,
+                                                 task=config.task)
         a_backward(system, outputs, grad)                                 # A waited for B's gradient
         a_state = outputs[:, -1].detach()
     elif config.method == "dni":
@@ -275,7 +311,7 @@ def span_step(system, config, xs, digits, a_state, b_state):
             outputs.append(a_state)
             contexts.append(context)
         outputs, contexts = torch.stack(outputs, 1), torch.stack(contexts, 1)  # (S, T, H), (S, T, T)
-        logits, loss, grad, b_state = b_tick(system, outputs, targets, b_state, input_grad=True)
+        logits, loss, grad, b_state = b_tick(system, outputs, targets, b_state, input_grad=True, task=config.task)
         stats["sg_loss"], stats["sg_cos"] = (float(v) for v in synthesizer_step(system, outputs, contexts, grad))
     else:
         outputs = []
@@ -286,9 +322,10 @@ def span_step(system, config, xs, digits, a_state, b_state):
                 with torch.no_grad():
                     a_state = system.a(xs[t], a_state)
             outputs.append(a_state)
-        logits, loss, _, b_state = b_tick(system, torch.stack(outputs, 1), targets, b_state, input_grad=False)
+        logits, loss, _, b_state = b_tick(system, torch.stack(outputs, 1), targets, b_state, input_grad=False,
+                                        task=config.task)
     stats["loss"] = float(loss)
-    stats["correct"] = int((logits.argmax(1) == targets).sum())
+    stats["correct"] = correct_spans(config.task, logits, targets)
     return a_state, b_state, stats
 
 
@@ -318,8 +355,8 @@ def fixed_streams(images, labels, streams, span):
 
 
 @torch.no_grad()
-def accuracy(a, b, images, digits, span):
-    """B's accuracy on fixed streams (L, V, 784), both networks from zero states."""
+def accuracy(a, b, images, digits, span, task="count"):
+    """B's accuracy (spans right) on fixed streams (L, V, 784), both networks from zero states."""
     L, V = digits.shape
     a_state, b_state = torch.zeros(V, a.hidden), torch.zeros(V, b.hidden)
     correct = 0
@@ -329,7 +366,7 @@ def accuracy(a, b, images, digits, span):
             a_state = a(images[t], a_state)
             outputs.append(a_state)
         logits, b_state = b(torch.stack(outputs, 1), b_state)
-        correct += int((logits.argmax(1) == odd_count(digits[k * span:(k + 1) * span].T)).sum())
+        correct += correct_spans(task, logits, targets_of(task, digits[k * span:(k + 1) * span].T))
     return correct / (V * (L // span))
 
 
@@ -366,7 +403,7 @@ def train(config, data, *, log=print, metrics=None):
         spent += time.perf_counter() - start
         _accumulate(since, stats)
         if k % config.eval_spans == 0 or k == config.spans:
-            row = _row(config, k, since, spent, counts, accuracy(system.a, system.b, *val, config.span))
+            row = _row(config, k, since, spent, counts, accuracy(system.a, system.b, *val, config.span, config.task))
             rows.append(row)
             _log_row(log, row)
             if metrics is not None:
@@ -437,11 +474,12 @@ def _b_worker(config, spans_q, grads_q, results_q):
             break
         k, outputs, targets = message
         outputs, targets = torch.from_numpy(outputs), torch.from_numpy(targets)
-        logits, loss, grad, b_state = b_tick(system, outputs, targets, b_state, input_grad=sends, step=False)
+        logits, loss, grad, b_state = b_tick(system, outputs, targets, b_state, input_grad=sends, task=config.task,
+                                             step=False)
         if sends:
             grads_q.put((k, grad.numpy()))
         system.opt_b.step()
-        _accumulate(since, dict(loss=float(loss), correct=int((logits.argmax(1) == targets).sum())))
+        _accumulate(since, dict(loss=float(loss), correct=correct_spans(config.task, logits, targets)))
         if k % config.eval_spans == 0 or k == config.spans:
             weights = {name: value.numpy() for name, value in _cpu_state(system.b).items()}
             snapshots.append((k, time.monotonic(), weights, dict(since), counts["b_steps"]))
@@ -489,7 +527,7 @@ def train_two_processes(config, data, *, log=print, metrics=None):
     t0 = time.monotonic()
     for k in range(1, config.spans + 1):
         xs, digits = stream.read(config.span)
-        targets = odd_count(digits.T).numpy()
+        targets = targets_of(config.task, digits.T).numpy()
         if config.method == "backprop":
             outputs = a_span_graph(system, xs, a_state)
             spans_q.put((k, outputs.detach().numpy(), targets))
@@ -538,7 +576,7 @@ def train_two_processes(config, data, *, log=print, metrics=None):
         a_eval.load_state_dict(a_weights)
         b_eval.load_state_dict({name: torch.from_numpy(value) for name, value in b_weights.items()})
         since.update({key: sg_since[key] for key in ("sg_loss", "sg_cos", "sg_n")})
-        row = _row(config, k, since, when - t0, dict(a_counts, b_steps=b_steps), accuracy(a_eval, b_eval, *val, config.span))
+        row = _row(config, k, since, when - t0, dict(a_counts, b_steps=b_steps), accuracy(a_eval, b_eval, *val, config.span, config.task))
         rows.append(row)
         _log_row(log, row)
         if metrics is not None:
@@ -570,7 +608,7 @@ def run(config, *, log=print, load=load_data):
     with open(folder / "metrics.jsonl", "w") as f:
         system, summary = trainer(config, data, log=log, metrics=lambda row: f.write(json.dumps(row) + "\n"))
     summary["test_acc"] = accuracy(system.a, system.b, *fixed_streams(*data[2], config.val_streams, config.span),
-                                   config.span)
+                                   config.span, config.task)
     summary.update(config=dataclasses.asdict(config), env=environment(device))
     write_json(folder / "summary.json", summary)
     log(f"T={config.span} {config.method} ({config.processes} process{'es' if config.processes == 2 else ''}): "

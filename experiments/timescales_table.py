@@ -23,7 +23,7 @@ from pathlib import Path
 from dni.errors import DNIError
 from dnilab.cli import main_guard, parse_config
 from dnilab.runs import write_json, write_text
-from dnilab.timescales import METHODS, TimescalesConfig, run
+from dnilab.timescales import METHODS, TASKS, TimescalesConfig, run
 from experiments.grid import mean_std
 from experiments.provenance import modified_tree_line
 
@@ -38,6 +38,7 @@ METHOD_NAMES = {"backprop": "backprop (A waits for B)", "dni": "DNI (A taught by
 class TableConfig:
     """The grid's settings; those of each run are TimescalesConfig's defaults unless given here."""
     spans: str = field(default="2,4,8", metadata=dict(help="values of T, comma-separated"))
+    task: str = field(default="count", metadata=dict(help="B's target (dnilab.timescales.TASKS)", choices=TASKS))
     methods: str = field(default=",".join(METHODS), metadata=dict(help="methods, comma-separated"))
     seeds: int = field(default=3, metadata=dict(help="seeds 0..seeds-1 per cell", positive=True))
     ticks: int = field(default=TimescalesConfig.ticks, metadata=dict(help="training ticks of A per run", positive=True))
@@ -85,8 +86,8 @@ def train_grid(config, log=print):
     for T in config.span_list:
         for method in config.method_list:
             for seed in range(config.seeds):
-                run_config = TimescalesConfig(method=method, span=T, ticks=config.ticks, processes=config.processes,
-                                              seed=seed, out=str(out))
+                run_config = TimescalesConfig(method=method, task=config.task, span=T, ticks=config.ticks,
+                                              processes=config.processes, seed=seed, out=str(out))
                 path = out / run_config.name / "summary.json"
                 if path.exists() and _settings(json.loads(path.read_text())["config"]) == \
                         _settings(dataclasses.asdict(run_config)):
@@ -109,11 +110,11 @@ def tabulate(runs, target):
     cells = {}
     for run_dir, summary, rows in runs:
         c = summary["config"]
-        key = (c["span"], c["method"], c["processes"])
+        key = (c.get("task", "count"), c["span"], c["method"], c["processes"])
         cell = cells.setdefault(key, dict(settings=_settings(c), runs=[]))
         if cell["settings"] != _settings(c):
             differ = sorted(k for k in cell["settings"] if cell["settings"][k] != _settings(c).get(k))
-            raise DNIError(f"runs of T={key[0]} {key[1]} differ in {', '.join(differ)} ({run_dir}); "
+            raise DNIError(f"runs of {key[0]} T={key[1]} {key[2]} differ in {', '.join(differ)} ({run_dir}); "
                            f"move one set out of the folder")
         cell["runs"].append(dict(folder=str(run_dir), seed=c["seed"], val_acc=summary["val_acc"],
                                  test_acc=summary["test_acc"], train_s=summary["train_s"],
@@ -138,18 +139,18 @@ def _reached(cell, index, digits):
 def write_markdown(table, path):
     meta, cells = table["meta"], table["cells"]
     lines = ["# Two networks at two timescales", "",
-             "B's accuracy at counting the odd digits among the last T that A read (validation split: the last "
+             "B's accuracy (spans right) at its task on the last T digits that A read: count, how many were odd; parities, the parity of each (validation split: the last "
              "10,000 training images, read as fixed streams; test once at the end). "
              f"Runs: {meta['runs']}; command: `{meta['command']}`. "
              f"{meta['hardware']}.", ""]
     if meta["modified_tree"]:
         lines += [meta["modified_tree"], ""]
-    lines += ["| T | method | processes | ticks | seeds | val acc | test acc | "
+    lines += ["| task | T | method | processes | ticks | seeds | val acc | test acc | "
               f"ticks to {meta['target']:g} | seconds to {meta['target']:g} | train s |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for cell in cells:
         runs = cell["runs"]
-        lines.append(f"| {cell['T']} | {METHOD_NAMES[cell['method']]} | {cell['processes']} | "
+        lines.append(f"| {cell['task']} | {cell['T']} | {METHOD_NAMES[cell['method']]} | {cell['processes']} | "
                      f"{cell['ticks']} | {len(runs)} | {_pm([r['val_acc'] for r in runs])} | "
                      f"{_pm([r['test_acc'] for r in runs])} | {_reached(cell, 0, 0)} | {_reached(cell, 1, 1)} | "
                      f"{_pm([r['train_s'] for r in runs], 1)} |")
@@ -168,12 +169,12 @@ def plot(table, path):
     spans = sorted({c["T"] for c in table["cells"]})
     fig, axes = plt.subplots(1, len(spans), figsize=(4.5 * len(spans), 3.5), squeeze=False)
     for ax, T in zip(axes[0], spans):
-        for cell in (c for c in table["cells"] if c["T"] == T):
+        for cell in (c for c in table["cells"] if c["T"] == T):  # every task's, each labelled
             curves = [r["curve"] for r in cell["runs"]]
             n = min(len(c) for c in curves)
             ticks = [curves[0][i][0] for i in range(n)]
             mean = [sum(c[i][2] for c in curves) / len(curves) for i in range(n)]
-            ax.plot(ticks, mean, label=f"{cell['method']} ({cell['processes']}p)")
+            ax.plot(ticks, mean, label=f"{cell['task']} {cell['method']} ({cell['processes']}p)")
         ax.set(title=f"T = {T}", xlabel="A's ticks", ylabel="B's val accuracy")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -191,8 +192,10 @@ def make_table(config, argv=(), *, log=print):
         raise DNIError(f"no finished run in {folder}; train them with python -m experiments.timescales_table")
     cells = tabulate(runs, config.target)
     ordered = []
-    for (T, method, processes), cell in sorted(cells.items(), key=lambda kv: (kv[0][0], METHODS.index(kv[0][1]), kv[0][2])):
-        ordered.append(dict(T=T, method=method, processes=processes, ticks=cell["settings"]["ticks"], runs=cell["runs"]))
+    for (task, T, method, processes), cell in sorted(
+            cells.items(), key=lambda kv: (TASKS.index(kv[0][0]), kv[0][1], METHODS.index(kv[0][2]), kv[0][3])):
+        ordered.append(dict(task=task, T=T, method=method, processes=processes, ticks=cell["settings"]["ticks"],
+                            runs=cell["runs"]))
     env = runs[0][1]["env"]
     kept = [a for a in argv if a not in ("--table_only", "--table_only=True")]
     meta = dict(target=config.target, runs=len(runs), command=shlex.join(["python", "-m", "experiments.timescales_table", *kept]),

@@ -92,10 +92,11 @@ def test_no_true_gradient_crosses_the_interface():
     assert not torch.equal(next(iter(results[0].a.parameters())), next(iter(build(config).a.parameters())))
 
 
-def test_backprop_equals_autograd_through_both():
+@pytest.mark.parametrize("task", ["count", "parities"])
+def test_backprop_equals_autograd_through_both(task):
     """The backprop span (A's graph, B's backward, A's backward from B's gradient) is one backward
     of B's loss through B and A: the same parameters after an SGD step (float64)."""
-    config = tiny(method="backprop")
+    config = tiny(method="backprop", task=task)
     system = build(config)
     system.a.double()
     system.b.double()
@@ -112,7 +113,11 @@ def test_backprop_equals_autograd_through_both():
         state = a(x, state)
         outputs.append(state)
     logits, _ = b(torch.stack(outputs, 1), b_state)
-    F.cross_entropy(logits, odd_count(digits.T)).backward()
+    if task == "count":
+        F.cross_entropy(logits, odd_count(digits.T)).backward()
+    else:  # the T parities' cross-entropies, summed over the span, averaged over streams
+        parities = digits.T % 2                                                          # (S, T)
+        sum(F.cross_entropy(logits[:, 2 * t:2 * t + 2], parities[:, t]) for t in range(config.span)).backward()
     with torch.no_grad():
         for p in list(a.parameters()) + list(b.parameters()):
             if p.grad is not None:
@@ -185,7 +190,7 @@ def test_table_only_reads_the_run_folders(tmp_path):
     for method in ("dni", "frozen"):
         run(tiny(method=method, out=str(tmp_path / "timescales")), log=lambda line: None, load=fake_load)
     table = make_table(TableConfig(results=str(tmp_path), table_only=True, ticks=999, target=0.1), log=lambda line: None)
-    assert [(c["T"], c["method"], c["ticks"]) for c in table["cells"]] == [(3, "dni", 12), (3, "frozen", 12)]
-    assert "| 3 | DNI" in (tmp_path / "timescales.md").read_text()
+    assert [(c["task"], c["T"], c["method"], c["ticks"]) for c in table["cells"]] == [("count", 3, "dni", 12), ("count", 3, "frozen", 12)]
+    assert "| count | 3 | DNI" in (tmp_path / "timescales.md").read_text()
     with pytest.raises(DNIError, match="no finished run"):
         make_table(TableConfig(results=str(tmp_path / "empty"), table_only=True), log=lambda line: None)
