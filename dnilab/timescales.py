@@ -31,6 +31,12 @@ Methods (`METHODS`):
 - "own_task": A trains on a task of its own, classifying each digit through its own linear head,
   every tick; B trains on its outputs, and nothing flows back from B.
 
+A's learning rate under DNI (`dni_lr`, 1e-5) is a hundred times below backprop's (`lr`, 1e-3):
+Adam makes every step the same size whatever the gradient's scale, so at 1e-3 (and 1e-4) A
+follows the synthesizer's first, nearly uninformed predictions so fast that its outputs change
+faster than B can learn to read them or the synthesizer to predict B's gradient, and B ends below
+the frozen-A baseline (docs/recurrent.md has the short runs that set it).
+
 The synthesizer reads the one-hot position of the tick within the span as its context: B reads
 the span in order, so the gradient for a_t depends on where t falls in it. It has no BatchNorm,
 so its prediction for a trigger does not depend on what else is in the batch; then the
@@ -88,7 +94,9 @@ class TimescalesConfig:
     encoder: int = field(default=128, metadata=dict(help="units of A's linear encoder of the image", positive=True))
     hidden_a: int = field(default=32, metadata=dict(help="A's GRU units: the width of the interface", positive=True))
     hidden_b: int = field(default=64, metadata=dict(help="B's GRU units", positive=True))
-    lr: float = field(default=1e-3, metadata=dict(help="Adam learning rate of A and B", positive=True))
+    lr: float = field(default=1e-3, metadata=dict(help="Adam learning rate of B, and of A but under DNI", positive=True))
+    dni_lr: float = field(default=1e-5, metadata=dict(help="Adam learning rate of A under DNI (one step a tick, on "
+                                                           "the synthesizer's prediction)", positive=True))
     sg_lr: float = field(default=1e-3, metadata=dict(help="Adam learning rate of the synthesizer", positive=True))
     synth_layers: int = field(default=1, metadata=dict(help="hidden layers of the synthesizer (0: linear)"))
     synth_width: int = field(default=256, metadata=dict(help="units per hidden layer of the synthesizer",
@@ -185,7 +193,7 @@ def build(config):
                          hidden_layers=config.synth_layers, width=config.synth_width, batch_norm=False)
     dni = config.method == "dni"
     return System(a=a, b=b, synthesizer=m if dni else None,
-                  opt_a=torch.optim.Adam(a.parameters(), lr=config.lr),
+                  opt_a=torch.optim.Adam(a.parameters(), lr=config.dni_lr if dni else config.lr),
                   opt_b=torch.optim.Adam(b.parameters(), lr=config.lr),
                   opt_m=torch.optim.Adam(m.parameters(), lr=config.sg_lr) if dni else None)
 
