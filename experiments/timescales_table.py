@@ -42,9 +42,11 @@ class TableConfig:
     methods: str = field(default=",".join(METHODS), metadata=dict(help="methods, comma-separated"))
     seeds: int = field(default=3, metadata=dict(help="seeds 0..seeds-1 per cell", positive=True))
     ticks: int = field(default=TimescalesConfig.ticks, metadata=dict(help="training ticks of A per run", positive=True))
+    dni_lr: float = field(default=TimescalesConfig.dni_lr, metadata=dict(help="A's Adam learning rate under DNI",
+                                                                          positive=True))
     processes: int = field(default=2, metadata=dict(help="1 or 2 processes per run (the seconds need 2)",
                                                     choices=(1, 2)))
-    target: float = field(default=0.8, metadata=dict(help="the accuracy whose seconds and ticks the table reports",
+    target: float = field(default=0.6, metadata=dict(help="the accuracy whose seconds and ticks the table reports",
                                                      positive=True))
     results: str = field(default="results", metadata=dict(help="writes <results>/timescales.* and runs in "
                                                                "<results>/timescales/"))
@@ -66,8 +68,9 @@ class TableConfig:
 
 
 def _settings(config):
-    """What a run computed: its config less its place and seed."""
-    return {k: v for k, v in config.items() if k not in PLACE}
+    """What a run computed: its config less its place and seed (and dni_lr, unless it is a DNI run)."""
+    ignored = PLACE + (() if config.get("method") == "dni" else ("dni_lr",))
+    return {k: v for k, v in config.items() if k not in ignored}
 
 
 def finished_runs(folder):
@@ -87,7 +90,8 @@ def train_grid(config, log=print):
         for method in config.method_list:
             for seed in range(config.seeds):
                 run_config = TimescalesConfig(method=method, task=config.task, span=T, ticks=config.ticks,
-                                              processes=config.processes, seed=seed, out=str(out))
+                                              dni_lr=config.dni_lr, processes=config.processes, seed=seed,
+                                              out=str(out))
                 path = out / run_config.name / "summary.json"
                 if path.exists() and _settings(json.loads(path.read_text())["config"]) == \
                         _settings(dataclasses.asdict(run_config)):
