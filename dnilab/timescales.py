@@ -428,10 +428,12 @@ def count_steps(system, counts):
 
 
 def _fresh():
+    """Sums since the last evaluation: spans, B's loss and right answers, the synthesizer's loss and cosine."""
     return dict(spans=0, loss=0.0, correct=0, sg_loss=0.0, sg_cos=0.0, sg_n=0)
 
 
-def _accumulate(since, stats, streams=None):
+def _accumulate(since, stats):
+    """Add one span's stats to `since`."""
     since["spans"] += 1
     since["loss"] += stats["loss"]
     since["correct"] += stats["correct"]
@@ -442,6 +444,7 @@ def _accumulate(since, stats, streams=None):
 
 
 def _row(config, k, since, seconds, counts, val_acc):
+    """One metrics.jsonl row: the evaluation after span k, averages since the previous one."""
     n = max(since["spans"], 1)
     row = dict(kind="eval", tick=k * config.span, span=k, val_acc=val_acc, loss=since["loss"] / n,
                train_acc=since["correct"] / (n * config.streams), time=round(seconds, 3), **counts)
@@ -451,12 +454,14 @@ def _row(config, k, since, seconds, counts, val_acc):
 
 
 def _log_row(log, row):
+    """The row as one fixed-format log line."""
     sg = f" sg_loss {row['sg_loss']:.2e} sg_cos {row['sg_cos']:.3f}" if "sg_loss" in row else ""
     log(f"tick {row['tick']} span {row['span']} loss {row['loss']:.4f} train_acc {row['train_acc']:.4f} "
         f"val_acc {row['val_acc']:.4f}{sg} {row['time']:.1f}s")
 
 
 def _summary(config, rows, counts, seconds):
+    """summary.json's numbers (the test accuracy and settings are added by `run`)."""
     return dict(val_acc=rows[-1]["val_acc"], best_val_acc=max(r["val_acc"] for r in rows), ticks=config.spans * config.span,
                 spans=config.spans, train_s=round(seconds, 2), spans_per_s=round(config.spans / max(seconds, 1e-9), 1),
                 **counts)
@@ -475,7 +480,7 @@ def _b_worker(config, spans_q, grads_q, results_q):
     b_state = torch.zeros(config.streams, config.hidden_b)
     sends = config.method in TRAINS_A_FROM_B
     results_q.put("ready")
-    snapshots, since, stats = [], _fresh(), []
+    snapshots, since = [], _fresh()
     while True:
         message = spans_q.get()
         if message is None:
@@ -496,7 +501,20 @@ def _b_worker(config, spans_q, grads_q, results_q):
 
 
 def _cpu_state(module):
+    """A copy of a module's weights."""
     return {name: value.detach().clone() for name, value in module.state_dict().items()}
+
+
+def _alive(worker, call, *args):
+    """queue.get / put through `call`, waiting as long as it takes while process B lives; one line
+    if B has died (it cannot answer any more)."""
+    while True:
+        try:
+            return call(*args, timeout=1.0)
+        except (queue_module.Empty, queue_module.Full):
+            if not worker.is_alive():
+                raise DNIError(f"process B exited (code {worker.exitcode}) before the run ended; "
+                               f"its error is above") from None
 
 
 def train_two_processes(config, data, *, log=print, metrics=None):
@@ -530,7 +548,7 @@ def train_two_processes(config, data, *, log=print, metrics=None):
         sg["sg_cos"] += float(cos)
         sg["sg_n"] += 1
 
-    if results_q.get() != "ready":
+    if _alive(worker, results_q.get) != "ready":
         raise DNIError("process B did not start")
     t0 = time.monotonic()
     for k in range(1, config.spans + 1):
@@ -538,10 +556,11 @@ def train_two_processes(config, data, *, log=print, metrics=None):
         targets = targets_of(config.task, digits.T).numpy()
         if config.method == "backprop":
             outputs = a_span_graph(system, xs, a_state)
-            spans_q.put((k, outputs.detach().numpy(), targets))
+            _alive(worker, spans_q.put, (k, outputs.detach().numpy(), targets))
             start = time.monotonic()
-            got, grad = grads_q.get()                                     # A is locked until B's gradient
+            got, grad = _alive(worker, grads_q.get)                       # A is locked until B's gradient
             waited += time.monotonic() - start
+            assert got == k, f"B answered span {got} for span {k}"
             a_backward(system, outputs, torch.from_numpy(grad))
             a_state = outputs[:, -1].detach()
         else:
@@ -559,7 +578,7 @@ def train_two_processes(config, data, *, log=print, metrics=None):
             outputs = torch.stack(outputs, 1)
             if config.method == "dni":
                 pending[k] = (outputs, torch.stack(contexts, 1))
-            spans_q.put((k, outputs.numpy(), targets))
+            _alive(worker, spans_q.put, (k, outputs.numpy(), targets))
             while config.method == "dni":                                 # whatever has arrived; never wait
                 try:
                     learn(*grads_q.get_nowait())
@@ -568,8 +587,8 @@ def train_two_processes(config, data, *, log=print, metrics=None):
         if k % config.eval_spans == 0 or k == config.spans:
             a_snapshots[k] = (_cpu_state(system.a), dict(counts), dict(sg))
             sg = _fresh()
-    spans_q.put(None)
-    b_snapshots = results_q.get()
+    _alive(worker, spans_q.put, None)
+    b_snapshots = _alive(worker, results_q.get)
     a_done = time.monotonic() - t0
     while config.method == "dni":        # gradients of the last spans: A has finished; drained so B can exit
         try:
