@@ -194,3 +194,13 @@ def test_table_only_reads_the_run_folders(tmp_path):
     assert "| count | 3 | DNI" in (tmp_path / "timescales.md").read_text()
     with pytest.raises(DNIError, match="no finished run"):
         make_table(TableConfig(results=str(tmp_path / "empty"), table_only=True), log=lambda line: None)
+
+
+def test_two_processes_say_so_when_b_dies(monkeypatch):
+    """A does not wait forever on a process B that has exited: one line names it."""
+    import os
+    import dnilab.timescales as timescales
+    monkeypatch.setattr(timescales, "_b_worker", lambda *args: os._exit(3))   # forked: B runs the patched one
+    config = tiny(method="backprop", processes=2)
+    with pytest.raises(DNIError, match=r"process B exited \(code 3\)"):
+        train_two_processes(config, load_digits(config, fake_load), log=lambda line: None)
