@@ -41,8 +41,8 @@ The synthesizer reads the one-hot position of the tick within the span as its co
 the span in order, so the gradient for a_t depends on where t falls in it. It has no BatchNorm,
 so its prediction for a trigger does not depend on what else is in the batch; then the
 prediction M is trained on (recomputed from the stored triggers, `synthesizer_step`) is the one A
-used, as long as M has not stepped in between (always in one process; in two, M may have learnt
-from a later gradient that arrived first).
+used, as long as M has not stepped in between: always so in one process; in two, M may have
+stepped on the gradients of earlier spans that arrived after this span's ticks.
 
 Where the synthesizer lives when A and B are two processes (`processes=2`, one core each): with A.
 B sends back d loss_k / d(span k), the gradient its backward produces on its inputs anyway; A
