@@ -35,9 +35,12 @@ nn.RNN's (num_layers, B, H), batch_first or not, and dim 0 otherwise, as in nn.L
 The default M is linear and zero-initialised, as in the paper: its first synthetic gradient is
 exactly zero, so the first windows are plain truncated BPTT.
 
-The paper's "DNI + Aux" variant (an auxiliary loss whose target is the synthetic gradient at the
-window's end) is not implemented; `synthetic` (g_end, detached) after each backward is what its
-target would read.
+DNI + Aux, the paper's variant (section 3.2): the core also predicts, at each step of the window,
+the synthetic gradient that the window's end will receive, g_end (M's prediction there,
+detached); `aux_weight` times the squared error of that prediction trains the core. Pass the
+core's predictions to backward (`sg.backward(loss, state, aux=predictions)`). Its gradient
+reaches the core's parameters only: M's target is the gradient of the window's loss and
+synthetic term alone, and M never sees the auxiliary loss.
 """
 import functools
 import math
@@ -46,6 +49,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from dni.interface import InterfaceError, resolve_loss_scale, synthesize, synthesizer_objective
 from dni.synthesizers import DenseSynthesizer
@@ -112,7 +116,7 @@ class RecurrentDNI(nn.Module):
     """
 
     def __init__(self, synthesizer=None, *, features=None, factor=SG_FACTOR, discount=None, batch_dim=None,
-                 loss_scale=None):
+                 loss_scale=None, aux_weight=0.0):
         super().__init__()
         if synthesizer is None and features is None:
             raise InterfaceError("RecurrentDNI needs the state's size per example (features=...) or a synthesizer module")
@@ -122,9 +126,10 @@ class RecurrentDNI(nn.Module):
         self.synthesizer = synthesizer if synthesizer is not None else DenseSynthesizer(features=features,
                                                                                        hidden_layers=0)
         self.features, self.factor, self.discount = features, factor, discount
-        self.batch_dim, self.loss_scale = batch_dim, loss_scale
+        self.batch_dim, self.loss_scale, self.aux_weight = batch_dim, loss_scale, aux_weight
         self.sg_loss: Optional[torch.Tensor] = None
         self.sg_cos: Optional[torch.Tensor] = None
+        self.aux_loss: Optional[torch.Tensor] = None
         self.synthetic: Optional[torch.Tensor] = None
         self.target: Optional[torch.Tensor] = None
         self._start = _IDLE
@@ -171,10 +176,15 @@ class RecurrentDNI(nn.Module):
         self._start = (leaves, dims)
         return _rebuild(state, leaves)
 
-    def backward(self, loss, state):
+    def backward(self, loss, state, *, aux=None):
         """Backward of the window's `loss` (a scalar, reduced as `loss_scale` says) and of the
         synthetic gradient at its end `state`; trains the synthesizer on the start's target.
-        Returns the end state, detached. See the class docstring for the order."""
+        Returns the end state, detached. See the class docstring for the order.
+
+        `aux` (DNI + Aux, with aux_weight > 0): the core's predictions of the synthetic gradient
+        at the window's end, shaped (B, features) or (T, B, features) (one per step, time first);
+        `aux_weight` times their mean squared error to g_end (detached) is backpropagated after
+        the target is read, so it trains the core's parameters and nothing else."""
         label = self._label()
         if self._start is _IDLE:
             raise InterfaceError(f"{label}.backward() came without begin(): call state = sg.begin(state) at the "
@@ -201,7 +211,8 @@ class RecurrentDNI(nn.Module):
         scale = resolve_loss_scale(self.loss_scale, flat_end)
         objective = loss + self.factor * synthetic / scale
         rescale = start is not None and self.discount is not None and self.discount != self.factor
-        objective.backward(retain_graph=rescale)
+        aux_loss = self._aux_loss(aux, g_end, label)
+        objective.backward(retain_graph=rescale or aux_loss is not None)
         self.synthetic, self.sg_loss, self.sg_cos, self.target = g_end.detach(), None, None, None
         if start is not None:
             leaves, _ = start
@@ -209,14 +220,31 @@ class RecurrentDNI(nn.Module):
             grad = _flatten([t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves], dims)
             target = grad * scale                                                      # (B, features)
             if rescale and any(t.grad is not None for t in leaves):
-                carried = torch.autograd.grad(synthetic, leaves, allow_unused=True)  # J^T g_end: what M sent back
+                carried = torch.autograd.grad(synthetic, leaves, allow_unused=True,
+                                              retain_graph=aux_loss is not None)  # J^T g_end: what M sent back
                 if any(c is not None for c in carried):
                     target = target + (self.discount - self.factor) * _flatten(
                         [c if c is not None else torch.zeros_like(t) for c, t in zip(carried, leaves)], dims)
             sg_loss, self.sg_cos = synthesizer_objective(g_start, target, 1)  # the target is per example already
             sg_loss.backward()
             self.sg_loss, self.target = sg_loss.detach(), target.detach()
+        if aux_loss is not None:  # after the target was read: the core's parameters alone learn from it
+            aux_loss.backward()
+            self.aux_loss = aux_loss.detach()
         return _rebuild(state, [t.detach() for t in end])
+
+    def _aux_loss(self, aux, g_end, label):
+        """aux_weight * the mean squared error of the core's predictions `aux` to g_end, detached;
+        None without aux or at weight 0 (plain DNI)."""
+        self.aux_loss = None
+        if aux is None or not self.aux_weight:
+            return None
+        if not isinstance(aux, torch.Tensor) or aux.shape[-2:] != g_end.shape or aux.dim() > 3:
+            got = _shape(aux.shape) if isinstance(aux, torch.Tensor) else type(aux).__name__
+            raise InterfaceError(f"{label}.backward() got aux predictions of shape {got}; expected (B, features) or "
+                                 f"(T, B, features) with (B, features) = {_shape(g_end.shape)}")
+        target = g_end.detach().to(aux.dtype).expand_as(aux)
+        return self.aux_weight * F.mse_loss(aux, target)
 
     def _synthesize(self, trigger):
         """g_hat = M(trigger): the synthetic gradients of the states in `trigger`, (n, features)."""
