@@ -119,7 +119,7 @@ def _gap_table(table):
         for row in table["rows"]]
 
 
-# Issue 23's goals, read off the gap rows: (method, model, layers, most points above Bprop).
+# The goals the table is checked against, read off the gap rows: (method, model, layers, most points above Bprop).
 GOALS = (("cdni", "mlp", (3, 4, 5, 6), 0.2), ("dni", "mlp", (3, 4), 1.0), ("cdni", "cnn", (3, 4), 0.15))
 
 
