@@ -48,7 +48,8 @@ class Interrupted(Exception):
 
 class StopFlag:
     """While active, SIGINT and SIGTERM only set `signum`; the loop reads it between steps, so a
-    step is never cut in half. A second signal stops at once (KeyboardInterrupt)."""
+    step is never cut in half. A second signal stops at once (KeyboardInterrupt). Not `active`
+    (a pipeline worker, whose signals dnilab.pipeline handles), it leaves the handlers alone."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
