@@ -19,7 +19,8 @@ batches t:
 
 The pipeline is four modules: dnilab.partition (who trains which stages), dnilab.transport
 (messages between workers), dnilab.worker (`PipelineWorker`, one worker's loop, and its share of
-the net and data) and this one, the run: joining the workers, the epochs, rank 0's run folder.
+the net and data) and this one: joining the workers, and `Pipelined`, the step function that
+the one training loop (`dnilab.train.loop`) runs in place of the sequential one.
 
 A worker goes on to batch t+1 without waiting for worker r+1: that is update unlocking.
 At most `max_in_flight` batches wait for their true gradient; after that the worker blocks
@@ -62,7 +63,7 @@ Design choices, written once:
   step. Every wait on another worker has a deadline (--worker_timeout, also the process
   group's timeout); a dead peer is seen at once by its closed connection. Either way the
   worker stops with one line, `error: worker 0: ...`, and exit code 2 (at once, by os._exit:
-  see `run_pipeline`); files already written stay as they were. Workers started with
+  see `worker_process`); files already written stay as they were. Workers started with
   different settings refuse to start.
 """
 import contextlib
@@ -75,14 +76,12 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from dni.errors import DNIError
 from dnilab.data import batches, load_data, num_batches
-from dnilab.parts import Optimizers, build_net, check_finite, load_run_data, pick_device, set_seed
+from dnilab.parts import Optimizers, build_net, load_run_data, pick_device, set_seed
 from dnilab.partition import balanced_partition, describe_partition, parse_partition, stage_costs
-from dnilab.runs import (announce, check_batches, epoch_record, finish_run, git_commit, mean_sg_loss, prepare_run_dir,
-                         record_environment, save_checkpoint, step_record)
+from dnilab.runs import announce, check_batches, git_commit, prepare_run_dir, record_environment, step_record
 from dnilab.transport import _reason, collective
 from dnilab.worker import PipelineWorker, assemble, share_of_data
 
@@ -165,10 +164,10 @@ def _stop_on_sigterm(rank):
     signal.signal(signal.SIGTERM, handler)
 
 
-def run_pipeline(config):
-    """Train as `config` says, this process being one of the workers torchrun started.
+@contextlib.contextmanager
+def worker_process(config):
+    """Join the workers torchrun started; yields (rank, world size, device of this worker).
 
-    Rank 0 writes the run folder and returns the summary dict; the other workers return None.
     Once the workers are joined, a DNIError ends this process: one line on stderr, exit code 2."""
     if config.method not in ("dni", "backprop"):
         raise DNIError(f"--pipeline True trains --method dni or backprop, not {config.method}")
@@ -179,7 +178,7 @@ def run_pipeline(config):
     rank, world, device = init_workers(device, config.worker_timeout)
     _stop_on_sigterm(rank)
     try:
-        summary = _train(config, rank, world, device)
+        yield rank, world, device
     except DNIError as e:
         # One line, then out at once (files are closed by now): destroying the process group
         # could wait on a peer that is gone, and leaving it to the interpreter's exit can abort
@@ -192,95 +191,105 @@ def run_pipeline(config):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a bug's traceback follows: a later SIGTERM just ends us
         raise
     dist.destroy_process_group()
-    return summary
 
 
-def _train(config, rank, world, device):
-    timeout_s = config.worker_timeout
-    check_same_settings(config, rank, world, timeout_s)
-    set_seed(config.seed)  # the same seed everywhere: the same initial net on every worker
-    first = rank == 0
-    # Only worker 0 reads the images: the others load the labels and the images' shapes.
-    data = load_run_data(config, device, load=lambda *where: load_data(*where, images=first))
-    in_shape = data.in_shape
-    net = build_net(config, in_shape, data.num_classes).to(device)
-    costs = stage_costs(net, in_shape)
-    parts = (parse_partition(config.partition, len(net.stages), world) if config.partition
-             else balanced_partition(costs, world))
-    steps_per_epoch = num_batches(len(data.train_x), config.batch_size)
-    check_batches(steps_per_epoch, config, len(data.train_x))
-    # Each worker keeps its share: its stages, synthesizers and optimizer states, and the data it reads.
-    data = share_of_data(data, rank=rank, world=world, conditioned=config.conditioned and config.method == "dni")
-    optimizers = Optimizers(net, config, config.num_epochs * steps_per_epoch, owned=parts[rank])
-    worker = PipelineWorker(net=net, optimizers=optimizers, parts=parts, rank=rank, method=config.method,
-                            in_shape=in_shape, batch_size=config.batch_size,
-                            max_in_flight=config.max_in_flight, timeout_s=timeout_s, device=device,
-                            release_others=True)
-    order = torch.Generator().manual_seed(config.seed)
-    backend = dist.get_backend()
+class Pipelined:
+    """The pipelined step function: this worker trains its share of the stages over a whole epoch,
+    feeding and fed by the other workers (`PipelineWorker`), then rank 0 gathers what every
+    worker measured. The same methods as `dnilab.train.Sequential`, run by the same
+    `dnilab.train.loop`; only rank 0 writes the run folder."""
 
-    def start_run_dir():
-        run_dir = prepare_run_dir(config)
-        record_environment(run_dir, config, device)
+    resumable = False  # a checkpoint holds no resume state (--resume refuses a pipelined run)
+
+    def __init__(self, config, *, rank, world, device):
+        self.config, self.rank, self.world, self.device = config, rank, world, device
+        self.lead, timeout_s = rank == 0, config.worker_timeout
+        check_same_settings(config, rank, world, timeout_s)
+        set_seed(config.seed)  # the same seed everywhere: the same initial net on every worker
+        # Only worker 0 reads the images: the others load the labels and the images' shapes.
+        data = load_run_data(config, device, load=lambda *where: load_data(*where, images=self.lead))
+        self.net = net = build_net(config, data.in_shape, data.num_classes).to(device)
+        self.costs = stage_costs(net, data.in_shape)
+        self.parts = (parse_partition(config.partition, len(net.stages), world) if config.partition
+                      else balanced_partition(self.costs, world))
+        self.steps_per_epoch = num_batches(len(data.train_x), config.batch_size)
+        check_batches(self.steps_per_epoch, config, len(data.train_x))
+        # Each worker keeps its share: its stages, synthesizers and optimizer states, and the data it reads.
+        self.data = share_of_data(data, rank=rank, world=world,
+                                  conditioned=config.conditioned and config.method == "dni")
+        self.optimizers = Optimizers(net, config, config.num_epochs * self.steps_per_epoch, owned=self.parts[rank])
+        self.worker = PipelineWorker(net=net, optimizers=self.optimizers, parts=self.parts, rank=rank,
+                                     method=config.method, in_shape=data.in_shape, batch_size=config.batch_size,
+                                     max_in_flight=config.max_in_flight, timeout_s=timeout_s, device=device,
+                                     release_others=True)
+        self.backend = dist.get_backend()
+        self.unbounded = None  # for rank 0's end of an epoch: see EVALUATION_TIMEOUT
+        self.logs = self.states = None  # rank 0's: every worker's measurements and state of the last epoch
+
+    def start_run_dir(self):
+        def start():
+            run_dir = prepare_run_dir(self.config)
+            record_environment(run_dir, self.config, self.device)
+            return run_dir
+
+        run_dir = agree(self.rank, self.config.worker_timeout, "preparing the run folder", start)
+        self.unbounded = dist.new_group(timeout=EVALUATION_TIMEOUT)
         return run_dir
 
-    run_dir = agree(rank, timeout_s, "preparing the run folder", start_run_dir)
-    unbounded = dist.new_group(timeout=EVALUATION_TIMEOUT)  # for rank 0's evaluation: see agree
-    if rank == 0:
-        announce(config, net, device, run_dir, workers=f" on {world} workers ({describe_partition(parts, costs)})",
-                 backend=f" ({backend})")
+    def announce(self, run_dir):
+        announce(self.config, self.net, self.device, run_dir,
+                 workers=f" on {self.world} workers ({describe_partition(self.parts, self.costs)})",
+                 backend=f" ({self.backend})")
 
-    seconds, accs, held, num_synths = 0.0, {}, None, len(net.stages) - 1
-    with (open(run_dir / "metrics.jsonl", "a") if rank == 0 else contextlib.nullcontext()) as metrics:
-        for epoch in range(1, config.num_epochs + 1):
-            net.train()
-            # Only worker 0 needs the images: the others draw the same permutation over the labels.
-            source = batches(data.train_x if rank == 0 else data.train_y, data.train_y, config.batch_size, order)
-            if rank == 0:
-                source = tqdm(source, total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=None,
-                              mininterval=1.0)
-            first_step = worker.step
-            log = worker.train_epoch(source, steps_per_epoch)
-            log["accs"] = {}  # set on the last worker, which sees the labels
-            if len(data.val_y):
-                log["accs"]["val_acc"] = worker.evaluate(data.val_x, data.val_y, len(data.val_y))
-            log["accs"]["test_acc"] = worker.evaluate(data.test_x, data.test_y, len(data.test_y))
-            log["held_bytes"] = worker.held_bytes(data)
-            logs = [None] * world if rank == 0 else None
-            # Unbounded: the last worker ends its evaluation after worker 0 (see EVALUATION_TIMEOUT).
-            with collective(rank, f"gathering statistics of epoch {epoch}", timeout_s):
-                dist.gather_object(log, logs, dst=0, group=unbounded)
-                states = [None] * world if rank == 0 else None
-                dist.gather_object(worker.local_state(), states, dst=0, group=unbounded)
+    def batches(self, order):
+        # Only worker 0 needs the images: the others draw the same permutation over the labels.
+        data = self.data
+        return batches(data.train_x if self.lead else data.train_y, data.train_y, self.config.batch_size, order)
 
-            def finish_epoch():
-                nonlocal seconds, accs, held
-                seconds += max(entry["seconds"] for entry in logs)  # training only: no evaluation
-                last = logs[-1]
-                sg_loss = {i: v for entry in logs for i, v in entry["sg_loss"].items()}
-                sg_cos = {i: v for entry in logs for i, v in entry["sg_cos"].items()}
-                total_loss = total_sg = 0.0
-                synthesized = num_synths and config.method == "dni"
-                for t in range(steps_per_epoch):
-                    stats = step_record(epoch, first_step + t + 1, last["loss"][t],
-                                        [sg_loss[i][t] for i in range(num_synths)] if synthesized else None,
-                                        [sg_cos[i][t] for i in range(num_synths)] if synthesized else None)
-                    check_finite(stats, stats["step"])
-                    metrics.write(json.dumps(stats) + "\n")
-                    total_loss += stats["loss"]
-                    total_sg += mean_sg_loss(stats)
-                accs, held = logs[-1]["accs"], [entry["held_bytes"] for entry in logs]
-                line = epoch_record(epoch, worker.step, {"loss": total_loss, "sg_loss": total_sg}, steps_per_epoch,
-                                    accs, seconds)
-                metrics.write(json.dumps(line) + "\n")
-                metrics.flush()
-                save_checkpoint(run_dir / "checkpoint.pt", *assemble(net, states), config, epoch, worker.step)
+    def train_epoch(self, epoch, source, step):
+        """Train this worker's stages on every batch of `source`, evaluate the net together and
+        gather every worker's measurements and state on rank 0. Returns the epoch's step records
+        on rank 0 (none elsewhere)."""
+        data, worker, world = self.data, self.worker, self.world
+        log = worker.train_epoch(source, self.steps_per_epoch)
+        log["accs"] = {}  # set on the last worker, which sees the labels
+        if len(data.val_y):
+            log["accs"]["val_acc"] = worker.evaluate(data.val_x, data.val_y, len(data.val_y))
+        log["accs"]["test_acc"] = worker.evaluate(data.test_x, data.test_y, len(data.test_y))
+        log["held_bytes"] = worker.held_bytes(data)
+        self.logs = [None] * world if self.lead else None
+        self.states = [None] * world if self.lead else None
+        # Unbounded: the last worker ends its evaluation after worker 0 (see EVALUATION_TIMEOUT).
+        with collective(self.rank, f"gathering statistics of epoch {epoch}", self.config.worker_timeout):
+            dist.gather_object(log, self.logs, dst=0, group=self.unbounded)
+            dist.gather_object(worker.local_state(), self.states, dst=0, group=self.unbounded)
+        return self._records(epoch, step) if self.lead else ()
 
-            agree(rank, timeout_s, f"finishing epoch {epoch}", finish_epoch, group=unbounded)
+    def _records(self, epoch, first_step):
+        logs, num_synths = self.logs, len(self.net.stages) - 1
+        last = logs[-1]
+        sg_loss = {i: v for entry in logs for i, v in entry["sg_loss"].items()}
+        sg_cos = {i: v for entry in logs for i, v in entry["sg_cos"].items()}
+        synthesized = num_synths and self.config.method == "dni"
+        for t in range(self.steps_per_epoch):
+            yield step_record(epoch, first_step + t + 1, last["loss"][t],
+                              [sg_loss[i][t] for i in range(num_synths)] if synthesized else None,
+                              [sg_cos[i][t] for i in range(num_synths)] if synthesized else None)
 
-    if rank != 0:
-        return None
-    return finish_run(run_dir, config, device, accs=accs, step=worker.step, seconds=seconds,
-                      pipeline={"workers": world, "backend": backend, "max_in_flight": config.max_in_flight,
-                                "partition": [[p.start, p.stop] for p in parts],
-                                "stage_macs": costs, "held_bytes": held})
+    def epoch_seconds(self, start):
+        return max(entry["seconds"] for entry in self.logs)  # the slowest worker's training; no evaluation
+
+    def accuracies(self):
+        return self.logs[-1]["accs"]
+
+    def together(self, what, fn):
+        """Rank 0 runs fn(); the others wait for it, unbounded, and stop on its DNIError (`agree`)."""
+        return agree(self.rank, self.config.worker_timeout, what, fn, group=self.unbounded)
+
+    def checkpointed(self):
+        return assemble(self.net, self.states)
+
+    def summary_extra(self):
+        return {"pipeline": {"workers": self.world, "backend": self.backend, "max_in_flight": self.config.max_in_flight,
+                             "partition": [[p.start, p.stop] for p in self.parts],
+                             "stage_macs": self.costs, "held_bytes": [entry["held_bytes"] for entry in self.logs]}}

@@ -5,7 +5,6 @@
 writes loss.png (classification loss), sg_loss.png (synthetic-gradient loss per stage,
 log scale; the seed's two plots) and test_acc.png in each run folder.
 """
-import json
 import sys
 from pathlib import Path
 
@@ -21,14 +20,12 @@ except ImportError:
     pass
 
 from dni.errors import DNIError  # noqa: E402
+from dnilab.runs import metrics_rows  # noqa: E402
 
 
 def read_metrics(run_dir):
     """(step lines, epoch lines) of a run's metrics.jsonl."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise DNIError(f"{path} not found: is {run_dir} a run folder?")
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = metrics_rows(run_dir)
     return [m for m in lines if m["kind"] == "step"], [m for m in lines if m["kind"] == "epoch"]
 
 

@@ -5,7 +5,6 @@ The model is dnilab.copy_tasks'; its synthetic gradients at the window boundarie
 library's recurrent form, dni.RecurrentDNI, used as a user would.
 """
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -21,7 +20,7 @@ from dni.errors import DNIError
 from dni.recurrent import SG_FACTOR
 from dnilab.config import DEVICES
 from dnilab.copy_tasks import IGNORE, TASKS, CopyModel, Curriculum, EpisodeStream, make_task
-from dnilab.runs import claim_run_dir, environment, record_environment, write_json
+from dnilab.runs import MetricsFile, claim_run_dir, environment, metrics_rows, record_environment, write_summary
 from dnilab.parts import pick_device, set_seed
 
 
@@ -160,7 +159,7 @@ def plot_run(folder):
     import matplotlib.pyplot as plt
 
     folder = Path(folder)
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
+    rows = metrics_rows(folder)
     logged = [r for r in rows if r["kind"] == "log"]
     title = folder.name
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -177,17 +176,23 @@ def plot_run(folder):
     plt.close(fig)
 
 
+def metrics_row(event):
+    """`train`'s event as a line of metrics.jsonl in the schema of every run folder (`dnilab.runs`):
+    the time so far named "seconds", as the feed-forward runs name it."""
+    return {("seconds" if key == "time" else key): value for key, value in event.items()}
+
+
 def run(config, *, log=print):
     """Train as `config` says, in the run folder <out>/<name>/: config.json, command.txt, env.json,
     metrics.jsonl, summary.json, bits.png, length.png. Returns the summary dict."""
     device = pick_device(config.device)  # refuse a missing device before making the folder
     folder = claim_run_dir(Path(config.out) / config.name, overwrite=config.overwrite)
     record_environment(folder, config, device)
-    with open(folder / "metrics.jsonl", "w") as f:
-        summary = train(config, log=log, metrics=lambda row: f.write(json.dumps(row) + "\n"))
+    with MetricsFile(folder, "w") as metrics:
+        summary = train(config, log=log, metrics=lambda event: metrics.write(metrics_row(event)))
     plot_run(folder)
     summary.update(config=dataclasses.asdict(config), env=environment(device))
-    write_json(folder / "summary.json", summary)  # written last: its presence marks a finished run
+    write_summary(folder, summary)
     method = "DNI" if config.dni else "BPTT"
     log(f"{config.task} T={config.truncation} {method}: longest length solved {summary['solved']}, error at "
         f"N={summary['length']} {summary['last_bits']:.3f} bits per step ({summary['wall_s']:.0f}s) -> {folder}")

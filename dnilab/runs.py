@@ -230,9 +230,45 @@ def save_checkpoint(path, net, optimizers, config, epoch, step, **extra):
 
 
 # ---------------------------------------------------------------- what a training loop writes
-# The sequential loop (dnilab.train) and the pipelined one (dnilab.pipeline) write the same lines
-# through these functions, so their run folders share one schema: "step" lines, one "epoch" line
-# per epoch, summary.json last (its presence marks a finished run).
+# Every run writes its lines through MetricsFile and its summary through write_summary, so their
+# run folders share one schema: metrics.jsonl holds a JSON object a line, each with its "kind" and
+# its "step" (and the training time so far, where a line has it, as "seconds"); summary.json comes
+# last (its presence marks a finished run). dnilab.train's loop, sequential or pipelined, writes
+# "step" lines and one "epoch" line per epoch; dnilab.recurrent writes "log" and "length" lines.
+
+class MetricsFile:
+    """metrics.jsonl of `run_dir`, opened to append (mode "a") or afresh ("w"); `write(row)` adds a
+    line and flushes it, so a run killed outright still leaves every line written. `lines` counts
+    the lines the file holds, those already there (`lines` given) included."""
+
+    def __init__(self, run_dir, mode="a", lines=0):
+        self.file, self.lines = open(Path(run_dir) / "metrics.jsonl", mode), lines
+
+    def write(self, row):
+        if "kind" not in row or "step" not in row:
+            raise ValueError(f"a metrics line needs its kind and step, got {sorted(row)}")
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        self.lines += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def metrics_rows(run_dir):
+    """Every line of a run's metrics.jsonl, as dicts, in order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise DNIError(f"{path} not found: is {run_dir} a run folder?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_summary(run_dir, summary):
+    """summary.json, written last: its presence marks a finished run (`claim_run_dir`, `--resume`)."""
+    write_json(Path(run_dir) / "summary.json", summary)
 
 def check_batches(steps_per_epoch, config, train_size):
     """Refuse a batch larger than the training set before anything trains."""
@@ -271,13 +307,10 @@ def epoch_record(epoch, step, totals, steps_per_epoch, accs, seconds):
 
 
 def finish_run(run_dir, config, device, *, accs, step, seconds, **extra):
-    """Write summary.json (last: it marks the run finished) and, with --plot, the plots; returns the summary."""
+    """Write summary.json of a main.py run (last: it marks the run finished); returns the summary."""
     summary = {"val_acc": accs.get("val_acc"), "test_acc": accs["test_acc"], "val_size": config.val_size,
                "epochs": config.num_epochs, "steps": step, "seconds": round(seconds, 2),
                "method": config.method, "model_type": config.model_type, "conditioned": config.conditioned,
                "dataset": config.dataset, "seed": config.seed, "device": str(device), **extra}
-    write_json(run_dir / "summary.json", summary)
-    if config.plot:
-        from dnilab.plots import plot_run
-        plot_run(run_dir)
+    write_summary(run_dir, summary)
     return summary

@@ -69,7 +69,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dni.errors import DNIError
-from dni.interface import loss_update, stage_update, synthesize, synthesizer_update
+from dni.interface import synthesize
+from dni.stages import loss_update, stage_update, synthesizer_update
 from dni.synthesizers import make_synthesizer
 from dnilab.data import load_data, split_validation
 from dnilab.parts import set_seed

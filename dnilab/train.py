@@ -1,6 +1,8 @@
-"""The one training loop: backprop or DNI, MLP or CNN, CPU or CUDA.
+"""The one training loop: backprop or DNI, MLP or CNN, CPU or CUDA, in one process or pipelined.
 
-`run(config)` trains, evaluates after every epoch and writes a run folder (`dnilab.runs`):
+`loop` runs the epochs with either step function: `Sequential` (this process trains every
+stage) or `dnilab.pipeline.Pipelined` (one torchrun worker of several); `run(config)` picks
+one. It trains, evaluates after every epoch and writes a run folder (`dnilab.runs`):
 config.json, command.txt, env.json, metrics.jsonl (a line per step and per epoch),
 summary.json, checkpoint.pt and the PNG plots (see `dnilab.plots`).
 
@@ -11,6 +13,7 @@ the run with exit code 130/143; `--resume RUN_DIR` continues it from there and e
 with the same parameters and metrics, bit for bit on CPU, as a run never stopped.
 """
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -28,7 +31,7 @@ from dnilab.config import Config
 from dnilab.data import batches, load_data, num_batches
 from dni.errors import DNIError
 from dnilab.parts import Optimizers, build_net, check_finite, evaluate_splits, load_run_data, pick_device, set_seed
-from dnilab.runs import (announce, check_batches, check_resumable, epoch_record, finish_run, kept_metrics,
+from dnilab.runs import (MetricsFile, announce, check_batches, check_resumable, epoch_record, finish_run, kept_metrics,
                          load_checkpoint, mean_sg_loss, prepare_run_dir, record_environment, record_resume, restore,
                          resume_config, rng_states, save_checkpoint, set_rng_states, step_record, write_text)
 from dnilab.steps import make_train_step
@@ -45,12 +48,13 @@ class Interrupted(Exception):
 
 class StopFlag:
     """While active, SIGINT and SIGTERM only set `signum`; the loop reads it between steps, so a
-    step is never cut in half. A second signal stops at once (KeyboardInterrupt)."""
+    step is never cut in half. A second signal stops at once (KeyboardInterrupt). Not `active`
+    (a pipeline worker, whose signals dnilab.pipeline handles), it leaves the handlers alone."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
-        self.signum, self._previous = None, {}
+    def __init__(self, active=True):
+        self.signum, self._previous, self.active = None, {}, active
 
     def _handle(self, signum, frame):
         if self.signum is not None:
@@ -58,7 +62,7 @@ class StopFlag:
         self.signum = signum
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+        if self.active and threading.current_thread() is threading.main_thread():  # handlers live there only
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
@@ -67,29 +71,96 @@ class StopFlag:
             signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
 
 
+class Sequential:
+    """The sequential step function: this process trains every stage, batch after batch, with the
+    update `dnilab.steps` picks. Its pipelined twin, `dnilab.pipeline.Pipelined`, has the same
+    methods; `loop` runs either."""
+
+    lead = True  # this process writes the run folder
+    resumable = True  # its checkpoints carry the state --resume continues from
+
+    def __init__(self, config, device):
+        set_seed(config.seed)
+        self.data = load_run_data(config, device, load=load_data)  # looked up here, so a test can swap in tensors
+        self.steps_per_epoch = num_batches(len(self.data.train_x), config.batch_size)
+        check_batches(self.steps_per_epoch, config, len(self.data.train_x))
+        self.net = build_net(config, self.data.in_shape, self.data.num_classes).to(device)
+        self.optimizers = Optimizers(self.net, config, config.num_epochs * self.steps_per_epoch)
+        self.train_step = make_train_step(config, self.net, self.optimizers)
+        self.config, self.device = config, device
+
+    def start_run_dir(self):
+        run_dir = prepare_run_dir(self.config)
+        record_environment(run_dir, self.config, self.device)
+        return run_dir
+
+    def announce(self, run_dir):
+        announce(self.config, self.net, self.device, run_dir)
+
+    def batches(self, order):
+        return batches(self.data.train_x, self.data.train_y, self.config.batch_size, order)
+
+    def train_epoch(self, epoch, source, step):
+        """The records of the steps on the batches of `source`, each trained as it is asked for
+        (a generator), so every step is on disk before the next one trains."""
+        for x, y in source:
+            out = self.train_step(x, y, step)
+            self.optimizers.step_schedules()
+            step += 1
+            synthesized = bool(out.sg_loss)  # a step with synthesizers logs each one's loss and cosine
+            stats = step_record(epoch, step, out.loss.item(), [v.item() for v in out.sg_loss] if synthesized else None,
+                                [v.item() for v in out.sg_cos] if synthesized else None)
+            stats.update(getattr(out, "extra", {}))  # what only dni.unlock's steps measure
+            yield stats
+
+    def epoch_seconds(self, start):
+        """The epoch's training time, its steps begun at perf_counter `start`."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def accuracies(self):
+        return evaluate_splits(self.net, self.data)
+
+    def together(self, what, fn):
+        """Run fn() (the pipeline's runs it on rank 0, and every worker stops on its DNIError)."""
+        return fn()
+
+    def checkpointed(self):
+        """What checkpoint.pt holds: the net and its optimizers."""
+        return self.net, self.optimizers
+
+    def summary_extra(self):
+        return {}
+
+
 def run(config):
-    """Train one run as `config` says; returns its summary dict."""
+    """Train one run as `config` says; returns its summary dict (None on a pipeline worker but rank 0)."""
     if config.pipeline:  # this process is one worker of a torchrun launch: see dnilab.pipeline
-        from dnilab.pipeline import run_pipeline
-        return run_pipeline(config)
+        from dnilab.pipeline import Pipelined, worker_process
+        with worker_process(config) as (rank, world, device):
+            return loop(config, Pipelined(config, rank=rank, world=world, device=device), device)
     device = pick_device(config.device)
+    checkpoint = None
     if config.resume:  # every check first (bad input writes nothing), the cheap ones before the data
-        run_dir, checkpoint = Path(config.resume), load_checkpoint(config.resume)
-        check_resumable(config, checkpoint, run_dir)
-    set_seed(config.seed)
-    data = load_run_data(config, device, load=load_data)  # looked up here, so a test can swap in tensors
-    steps_per_epoch = num_batches(len(data.train_x), config.batch_size)
-    check_batches(steps_per_epoch, config, len(data.train_x))
-    net = build_net(config, data.in_shape, data.num_classes).to(device)
-    optimizers = Optimizers(net, config, config.num_epochs * steps_per_epoch)
+        checkpoint = load_checkpoint(config.resume)
+        check_resumable(config, checkpoint, Path(config.resume))
+    return loop(config, Sequential(config, device), device, checkpoint)
+
+
+def loop(config, steps, device, checkpoint=None):
+    """The epochs of a run, whichever step function `steps` is (`Sequential`, or the pipeline's
+    `Pipelined`): each step's record, the epoch line after evaluation, a checkpoint after every
+    epoch, the summary last. `checkpoint`: the one a --resume run continues from."""
+    net, optimizers, steps_per_epoch = steps.net, steps.optimizers, steps.steps_per_epoch
     order = torch.Generator().manual_seed(config.seed)
-    train_step = make_train_step(config, net, optimizers)
 
     # Where the run stands: next is batch `batch` (0-based) of epoch `epoch`, whose permutation is
     # drawn from `order_state`. A new run starts at the top; a resumed one where its checkpoint left.
     step, state = 0, {"epoch": 1, "batch": 0, "order_state": order.get_state(), "totals": {"loss": 0.0, "sg_loss": 0.0},
                       "seconds": 0.0, "accs": {}, "metrics_lines": 0}
     if config.resume:
+        run_dir = Path(config.resume)
         restore(net, optimizers, checkpoint, run_dir)
         if (run_dir / "summary.json").exists():
             print(f"{run_dir} holds a finished run ({checkpoint['step']} steps); nothing to resume")
@@ -102,68 +173,71 @@ def run(config):
         record_resume(run_dir, device, step)
         print(f"resuming {run_dir} at epoch {state['epoch']} step {step}")
     else:
-        run_dir = prepare_run_dir(config)
-        record_environment(run_dir, config, device)
-    announce(config, net, device, run_dir)
+        run_dir = steps.start_run_dir()
+    if steps.lead:
+        steps.announce(run_dir)
 
     # accs: the last epoch's {"val_acc", "test_acc"} (checkpoints written before the split held test_acc only)
-    seconds, totals, lines = state["seconds"], state["totals"], state["metrics_lines"]
+    seconds, totals = state["seconds"], state["totals"]
     accs = state.get("accs", {"test_acc": state.get("test_acc")})
     saved_step = step if config.resume else None  # the last checkpoint written, for the divergence message
 
     def save(epoch, batch, order_state, seconds):
         """Checkpoint the run as it stands before batch `batch` of `epoch` (and after `step`)."""
         nonlocal saved_step
-        save_checkpoint(run_dir / "checkpoint.pt", net, optimizers, config, epoch - 1, step, resume={
-            "epoch": epoch, "batch": batch, "order_state": order_state, "totals": dict(totals),
-            "seconds": seconds, "accs": accs, "metrics_lines": lines, "rng": rng_states(device)})
+        resume = {"resume": {
+            "epoch": epoch, "batch": batch, "order_state": order_state, "totals": dict(totals), "seconds": seconds,
+            "accs": accs, "metrics_lines": metrics.lines, "rng": rng_states(device)}} if steps.resumable else {}
+        save_checkpoint(run_dir / "checkpoint.pt", *steps.checkpointed(), config, epoch - 1, step, **resume)
         saved_step = step
 
-    with StopFlag() as stop, open(run_dir / "metrics.jsonl", "a") as metrics:
+    # A pipeline worker keeps the launcher's signal handling (dnilab.pipeline); only rank 0 writes.
+    with StopFlag(active=steps.resumable) as stop, \
+            (MetricsFile(run_dir, lines=state["metrics_lines"]) if steps.lead else contextlib.nullcontext()) as metrics:
         for epoch in range(state["epoch"], config.num_epochs + 1):
             net.train()
             done = state["batch"] if epoch == state["epoch"] else 0  # batches of this epoch already trained
             epoch_order, start = order.get_state(), time.perf_counter()  # the permutation is drawn from here
-            source = itertools.islice(batches(data.train_x, data.train_y, config.batch_size, order), done, None)
+            source = itertools.islice(steps.batches(order), done, None)
             bar = tqdm(source, total=steps_per_epoch, initial=done, desc=f"epoch {epoch}", leave=False,
-                       disable=None, mininterval=1.0)
-            for batch, (x, y) in enumerate(bar, start=done + 1):
-                out = train_step(x, y, step)
-                optimizers.step_schedules()
-                step += 1
-                synthesized = bool(out.sg_loss)  # a step with synthesizers logs each one's loss and cosine
-                stats = step_record(epoch, step, out.loss.item(), [v.item() for v in out.sg_loss] if synthesized else None,
-                                    [v.item() for v in out.sg_cos] if synthesized else None)
-                stats.update(getattr(out, "extra", {}))  # what only dni.unlock's steps measure
-                try:
-                    check_finite(stats, step)
-                except DNIError as e:  # stop here; the files on disk are those of the last good step
-                    kept = f"checkpoint of step {saved_step}" if saved_step is not None else "no checkpoint yet"
-                    raise DNIError(f"{e}; {run_dir} keeps the metrics to step {step - 1} and {kept}") from None
-                metrics.write(json.dumps(stats) + "\n")
-                metrics.flush()  # a run killed outright still leaves every finished step on disk
-                lines += 1
-                totals["loss"] += stats["loss"]
-                totals["sg_loss"] += mean_sg_loss(stats)
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
-                if stop.signum:  # SIGINT/SIGTERM came during this step: save, then end the run
-                    bar.close()
-                    save(epoch, batch, epoch_order, seconds + time.perf_counter() - start)
-                    raise Interrupted(stop.signum, step, run_dir)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds += time.perf_counter() - start  # training time only: evaluation is not timed
-            accs = evaluate_splits(net, data)
-            line = epoch_record(epoch, step, totals, steps_per_epoch, accs, seconds)
-            metrics.write(json.dumps(line) + "\n")
-            metrics.flush()
-            lines += 1
-            totals = {"loss": 0.0, "sg_loss": 0.0}
-            save(epoch + 1, 0, order.get_state(), seconds)
-            if stop.signum:  # it came during evaluation: the checkpoint just written is where to resume
-                raise Interrupted(stop.signum, step, run_dir)
+                       disable=None if steps.lead else True, mininterval=1.0)
+            records = steps.train_epoch(epoch, bar, step)  # the pipeline's has trained the epoch by now
 
-    return finish_run(run_dir, config, device, accs=accs, step=step, seconds=seconds)
+            def write_epoch():
+                nonlocal step, seconds, totals, accs
+                for batch, stats in enumerate(records, start=done + 1):
+                    step = stats["step"]
+                    try:
+                        check_finite(stats, step)
+                    except DNIError as e:  # stop here; the files on disk are those of the last good step
+                        kept = f"checkpoint of step {saved_step}" if saved_step is not None else "no checkpoint yet"
+                        raise DNIError(f"{e}; {run_dir} keeps the metrics to step {step - 1} and {kept}") from None
+                    metrics.write(stats)  # flushed: a run killed outright still leaves every finished step on disk
+                    totals["loss"] += stats["loss"]
+                    totals["sg_loss"] += mean_sg_loss(stats)
+                    bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
+                    if stop.signum:  # SIGINT/SIGTERM came during this step: save, then end the run
+                        bar.close()
+                        save(epoch, batch, epoch_order, seconds + time.perf_counter() - start)
+                        raise Interrupted(stop.signum, step, run_dir)
+                seconds += steps.epoch_seconds(start)  # training time only: evaluation is not timed
+                accs = steps.accuracies()
+                line = epoch_record(epoch, step, totals, steps_per_epoch, accs, seconds)
+                metrics.write(line)
+                totals = {"loss": 0.0, "sg_loss": 0.0}
+                save(epoch + 1, 0, order.get_state(), seconds)
+                if stop.signum:  # it came during evaluation: the checkpoint just written is where to resume
+                    raise Interrupted(stop.signum, step, run_dir)
+
+            steps.together(f"finishing epoch {epoch}", write_epoch)
+
+    if not steps.lead:
+        return None
+    summary = finish_run(run_dir, config, device, accs=accs, step=step, seconds=seconds, **steps.summary_extra())
+    if config.plot:
+        from dnilab.plots import plot_run  # matplotlib only for a run that draws
+        plot_run(run_dir)
+    return summary
 
 
 def given_flags(argv, **parser_kwargs):

@@ -41,7 +41,6 @@ import torch.nn.functional as F
 
 from dni.synthesizers import make_synthesizer, synthesizer_loss
 from dnilab.cli import OneLineParser, main_guard
-from dnilab.config import Config
 from dnilab.partition import balanced_partition, stage_costs
 from dnilab.runs import write_json, write_text
 

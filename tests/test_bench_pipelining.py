@@ -1,4 +1,4 @@
-"""The torch.distributed.pipelining baseline of experiments/bench.py: real worker processes on
+"""The torch.distributed.pipelining baseline of experiments/bench_pipelining.py: real worker processes on
 127.0.0.1, gloo, one thread each.
 
 What is checked:
@@ -22,20 +22,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from experiments import bench
+from experiments.bench_pipelining import pipelining_rows
+from experiments.bench_table import goals, markdown
+from experiments.bench_workloads import launch, make_net
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH, MICROBATCHES, LR = 64, 4, 0.1
 PARTS = [(0, 1), (1, 4)]  # main.py's mlp: 4 stages, worker 1 holding three of them
 
-# One step of bench.TorchPipelineWorker per schedule, from the same initial net and batch; each
+# One step of TorchPipelineWorker per schedule, from the same initial net and batch; each
 # worker saves the state of its own stages.
 ONE_STEP = f"""
 import sys
 from types import SimpleNamespace
 import torch
 import torch.distributed as dist
-from experiments.bench import TorchPipelineWorker, make_net
+from experiments.bench_pipelining import TorchPipelineWorker
+from experiments.bench_workloads import make_net
 
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
@@ -64,7 +67,7 @@ def free_port():
 def oracle_step():
     """Single-process backprop on the same batch, gradients accumulated over the micro-batches and
     averaged, as torch's schedules do (the sum first, then one division), then one SGD step."""
-    net = bench.make_net("mlp", "backprop", False)
+    net = make_net("mlp", "backprop", False)
     torch.manual_seed(1)
     x, y = torch.rand(BATCH, 1, 28, 28), torch.randint(0, 10, (BATCH,))
     for xm, ym in zip(x.chunk(MICROBATCHES), y.chunk(MICROBATCHES)):  # (16, 1, 28, 28), (16,)
@@ -89,14 +92,14 @@ def test_one_step_of_1f1b_and_gpipe_is_backprop_with_gradient_accumulation(tmp_p
         assert got.keys() == expected.keys()
         for key in expected:  # weights, biases, BatchNorm running statistics and batch counts
             torch.testing.assert_close(got[key], expected[key], msg=lambda m: f"{schedule} {key}: {m}")
-    assert not torch.equal(expected["stages.0.1.weight"], bench.make_net("mlp", "backprop", False)
+    assert not torch.equal(expected["stages.0.1.weight"], make_net("mlp", "backprop", False)
                            .state_dict()["stages.0.1.weight"])  # the step did move the weights
 
 
 def test_the_bench_workload_trains_with_finite_losses(tmp_path):
     args = argparse.Namespace(steps=4, warmup=1, batch_size=BATCH, max_in_flight=1, data_dir=str(ROOT / "data"),
                               data_batches=1, timeout=120)
-    out = bench.launch(args, "pipelining", "mlp", "1f1b", False, 2, 1, str(tmp_path), microbatches=MICROBATCHES)
+    out = launch(args, "pipelining", "mlp", "1f1b", False, 2, 1, str(tmp_path), microbatches=MICROBATCHES)
     assert len(out["losses"]) == 4 and all(math.isfinite(v) for v in out["losses"])
     assert out["losses"][0] < 3.0  # about ln 10 = 2.3 at the start
     assert out["partition"] == [list(p) for p in PARTS]  # the locked rows' cut
@@ -110,7 +113,7 @@ def fake_result(args, models):
              "cdni_pipeline_K": 9500, "dni_1proc": 8000, "dni_1thread": 5000, "cdni_1proc": 8000}
     rss = {key: [900, 900] if key.endswith("_K") else [900] for key in speed}
     rss["dni_pipeline_K"] = [975, 975]
-    for key, schedule, n in bench.pipelining_rows(args):  # 1F1B with 8 micro-batches: the fastest, and
+    for key, schedule, n in pipelining_rows(args):  # 1F1B with 8 micro-batches: the fastest, and
         speed[key] = (4000 if schedule == "1f1b" else 3000) + 1000 * n  # the closest to DNI's memory
         rss[key] = [900 + 10 * n, 900 + 10 * n]
     result = {"hardware": {"cpu": "cpu", "cores": 2, "torch": torch.__version__, "python": "3",
@@ -132,11 +135,11 @@ def test_the_markdown_says_where_dni_wins_and_loses():
     args = argparse.Namespace(workers=2, threads=1, batch_size=256, warmup=1, steps=1, rounds=1,
                               microbatches=[2, 4, 8], accuracy_epochs=10)
     models = ["wide"]
-    assert [key for key, _, _ in bench.pipelining_rows(args)] == [
+    assert [key for key, _, _ in pipelining_rows(args)] == [
         "gpipe_m2_K", "gpipe_m4_K", "gpipe_m8_K", "1f1b_m2_K", "1f1b_m4_K", "1f1b_m8_K"]
     result = fake_result(args, models)
-    result["goals"] = bench.goals(result, models, args)
-    text = bench.markdown(result, models, args)
+    result["goals"] = goals(result, models, args)
+    text = markdown(result, models, args)
     assert "| torch.distributed.pipelining 1F1B, K=2, 8 micro-batches of 32 | 12000 [11880-12120] | 2.40x |" in text
     assert "DNI pipeline vs 1F1B at equal memory: 0.83x (wide; 1F1B with 8 micro-batches" in text
     assert "| wide | locked model-parallel backprop, K=2 | 2.00x the samples/s | **wins** |" in text

@@ -266,7 +266,7 @@ def test_runs_older_than_a_setting_are_judged_by_what_they_did(tmp_path):
 
 
 def test_goal_lines_say_held_missed_or_not_measured():
-    from experiments.table1 import _goal_lines
+    from experiments.table1_table import _goal_lines
 
     def cell(mean):
         return {"test_error": [mean] if mean is not None else [], "mean": mean}
@@ -287,7 +287,7 @@ def test_goal_lines_say_held_missed_or_not_measured():
 
 
 def test_the_training_set_line_says_what_the_runs_held_out():
-    from experiments.table1 import _training_set
+    from experiments.table1_table import _training_set
     assert "first 50,000" in _training_set([10_000], "mnist") and "validation split" in _training_set([10_000], "mnist")
     assert "all 60,000" in _training_set([0], "mnist") and "nothing may be chosen" in _training_set([0], "mnist")
     assert "MIXED" in _training_set([0, 10_000], "mnist")
