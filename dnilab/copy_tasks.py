@@ -194,9 +194,10 @@ class RecurrentCore(nn.Module):
         """The zero state s_0, (B, 2 * hidden)."""
         return torch.zeros(batch_size, 2 * self.hidden, device=device)
 
-    def forward(self, x, state, starts):
+    def forward(self, x, state, starts, *, outputs=False):
         """x (T, B, F), state (B, 2H), starts (T, B) bool on the CPU, True where a stream's episode
-        begins -> logits (T, B, classes), state after the T steps (B, 2H)."""
+        begins -> logits (T, B, classes), state after the T steps (B, 2H); with `outputs`, also the
+        LSTM's outputs (T, B, H)."""
         T = x.shape[0]
         resets = starts.any(dim=1)                                                 # (T,)
         bounds = [0] + [t for t in resets.nonzero().flatten().tolist() if t > 0] + [T]
@@ -208,25 +209,32 @@ class RecurrentCore(nn.Module):
                 h, c = h * keep[a], c * keep[a]
             out, (h, c) = self.lstm(x[a:b], (h, c))                         # (b - a, B, H)
             outputs.append(out)
-        return self.readout(torch.cat(outputs)), torch.cat([h[0], c[0]], dim=1)
+        out = torch.cat(outputs)
+        end = torch.cat([h[0], c[0]], dim=1)
+        return (self.readout(out), end, out) if outputs else (self.readout(out), end)
 
 
 class CopyModel(nn.Module):
     """The core and, when `dni`, the recurrent interface at its window boundaries (`dni.RecurrentDNI`,
     paper section 3.2): a linear synthesizer of the state [h, c], zero-initialised so that its first
     output is 0. (A hidden layer would bring DenseSynthesizer's BatchNorm, whose batch here is B
-    states all at the same step of their episodes.)"""
+    states all at the same step of their episodes.) With `aux_weight` > 0, DNI + Aux: a linear
+    head on the LSTM's output predicts, at every step, the synthetic gradient of the window's end
+    (dni.recurrent)."""
 
-    def __init__(self, *, input_features, hidden, classes, dni=True, sg_factor=SG_FACTOR, sg_discount=None):
+    def __init__(self, *, input_features, hidden, classes, dni=True, sg_factor=SG_FACTOR, sg_discount=None,
+                 aux_weight=0.0):
         super().__init__()
         self.core = RecurrentCore(input_features=input_features, hidden=hidden, classes=classes)
-        self.interface = RecurrentDNI(features=2 * hidden, factor=sg_factor, discount=sg_discount) if dni else None
+        self.interface = RecurrentDNI(features=2 * hidden, factor=sg_factor, discount=sg_discount,
+                                      aux_weight=aux_weight) if dni else None
+        self.aux = nn.Linear(hidden, 2 * hidden) if dni and aux_weight else None
 
     def forward(self, x, y, starts, state):
         """x (T, B, F) inputs, y (T, B) targets (IGNORE where unscored), starts (T, B) episode starts
         (on the CPU), state (B, 2H) -> per-step cross-entropy in nats (T, B), 0 on unscored steps,
-        and the state at the window's end (B, 2H)."""
-        logits, end = self.core(x, state, starts)                                       # (T, B, C), (B, 2H)
+        the state at the window's end (B, 2H), and the auxiliary predictions (T, B, 2H) or None."""
+        logits, end, out = self.core(x, state, starts, outputs=True)                # (T, B, C), (B, 2H), (T, B, H)
         ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE,
                              reduction="none").view_as(y)                             # (T, B)
-        return ce, end
+        return ce, end, None if self.aux is None else self.aux(out)

@@ -42,6 +42,8 @@ class RecurrentConfig:
     sg_discount: Optional[float] = field(default=None, metadata=dict(
         help="how much the synthesizer's target counts the next window's synthetic gradient "
              "(default: sg_factor, the paper's scheme)", positive=True))
+    aux_weight: float = field(default=0.0, metadata=dict(
+        help="DNI + Aux: weight of the core's loss for predicting the window end's synthetic gradient (0: plain DNI)"))
     hidden: int = field(default=128, metadata=dict(help="LSTM units", positive=True))
     symbols: int = field(default=8, metadata=dict(help="alphabet size", positive=True))
     max_repeats: int = field(default=3, metadata=dict(help="repeat_copy: R drawn from 1..max_repeats", positive=True))
@@ -72,10 +74,13 @@ class RecurrentConfig:
             raise DNIError(f"--length must be >= 0, got {self.length}")
         if self.stagger < 0:
             raise DNIError(f"--stagger must be >= 0, got {self.stagger}")
+        if self.aux_weight < 0 or (self.aux_weight and not self.dni):
+            raise DNIError(f"--aux_weight must be >= 0, and acts only with --dni True; got {self.aux_weight}")
         if self.sg_discount == self.sg_factor:
             self.sg_discount = None                       # the paper's scheme, however it was asked for
         if not self.name:
             factor = factor_tag(self.sg_factor, self.sg_discount) if self.dni else ""
+            factor += f"_aux{self.aux_weight:g}" if self.aux_weight else ""
             fixed = f"_N{self.length}" if self.length else ""
             self.name = f"{self.task}_T{self.truncation}_{'dni' if self.dni else 'bptt'}{factor}{fixed}_s{self.seed}"
         if "/" in self.name or self.name in (".", ".."):
@@ -86,8 +91,11 @@ def build(config, device):
     """The task, the model on `device` and its optimizer, as `config` says."""
     task = make_task(config.task, symbols=config.symbols, max_repeats=config.max_repeats)
     model = CopyModel(input_features=task.input_features, hidden=config.hidden, classes=task.classes,
-                      dni=config.dni, sg_factor=config.sg_factor, sg_discount=config.sg_discount).to(device)
+                      dni=config.dni, sg_factor=config.sg_factor, sg_discount=config.sg_discount,
+                      aux_weight=config.aux_weight).to(device)
     groups = [dict(params=model.core.parameters(), lr=config.lr)]
+    if model.aux is not None:
+        groups[0]["params"] = [*model.core.parameters(), *model.aux.parameters()]
     if model.interface is not None:
         groups.append(dict(params=model.interface.parameters(), lr=config.sg_lr))
     optimizer = torch.optim.Adam(groups, foreach=True)
@@ -109,7 +117,7 @@ def train(config, *, log=print, metrics=None):
     stream = EpisodeStream(task=task, batch_size=config.batch_size, generator=generator, stagger=config.stagger)
     curriculum = Curriculum(threshold=config.threshold, min_scored=config.min_scored,
                             length=config.length or 1, grow=not config.length)
-    core_params = list(model.core.parameters())
+    core_params = list(model.core.parameters()) + ([] if model.aux is None else list(model.aux.parameters()))
     interface = model.interface
     state = model.core.initial_state(config.batch_size, device)
     bits, scored, sg_loss = 0.0, 0, 0.0  # since the last log line
@@ -119,13 +127,13 @@ def train(config, *, log=print, metrics=None):
         optimizer.zero_grad(set_to_none=True)
         if interface is not None:
             state = interface.begin(state)                                   # the window's start
-        ce, end = model(x.to(device), y.to(device), starts, state)          # (T, B), (B, 2H)
+        ce, end, aux = model(x.to(device), y.to(device), starts, state)     # (T, B), (B, 2H), aux or None
         loss = ce.sum() / config.batch_size                                  # summed over steps, mean over streams
         if interface is None:                                                # truncated BPTT
             loss.backward()
             state = end.detach()
         else:                                                                # and the synthetic gradient at the end
-            state = interface.backward(loss, end)
+            state = interface.backward(loss, end, aux=aux)
         if config.clip > 0:
             nn.utils.clip_grad_norm_(core_params, config.clip)
         optimizer.step()

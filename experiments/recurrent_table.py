@@ -49,10 +49,10 @@ RECURRENT_METHODS = {"bptt": False, "dni": True}  # method -> RecurrentConfig.dn
 # retrieved in this environment, so no number of it is quoted: None means "not confirmed".
 PAPER_NOTE = "n/c: not confirmed; the paper's Table 2 could not be retrieved where this table was made."
 PAPER_TABLE2 = {task: {method: {T: None for T in TRUNCATIONS} for method in RECURRENT_METHODS} for task in TASK_NAMES}
-# What runs made before a setting existed did instead: streams in step.
-LEGACY = dict(stagger=0)
+# What runs made before a setting existed did instead: streams in step, no auxiliary loss.
+LEGACY = dict(stagger=0, aux_weight=0.0)
 # Settings only a DNI run reads: a BPTT run made under other values is the same run.
-DNI_ONLY = ("sg_factor", "sg_discount", "sg_lr")
+DNI_ONLY = ("sg_factor", "sg_discount", "sg_lr", "aux_weight")
 # Where a run was written, not what it computed: a run made elsewhere and moved into place counts.
 PLACE = ("out", "name", "overwrite")
 

@@ -63,7 +63,7 @@ def window_backward(model, x, y, starts, state, *, sg_factor=0.1, sg_discount=No
     Returns the interface, which holds the window's synthetic gradient, target and sg_loss, and the end state."""
     interface = model.interface
     interface.factor, interface.discount = sg_factor, sg_discount
-    ce, end = model(x, y, starts, interface.begin(state))
+    ce, end, _ = model(x, y, starts, interface.begin(state))
     return interface, interface.backward(ce.sum() / x.shape[1], end)
 
 

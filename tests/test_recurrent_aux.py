@@ -100,3 +100,14 @@ def test_aux_of_the_wrong_shape_is_named_in_one_sentence():
     loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
     with pytest.raises(dni.InterfaceError, match=r"aux predictions of shape \(4, 5, 11\); expected"):
         sg.backward(loss, end, aux=aux[..., :-1])
+
+
+def test_copy_runs_take_dni_plus_aux_and_name_it(tmp_path):
+    from dnilab.recurrent import RecurrentConfig, run
+    config = RecurrentConfig(task="copy", truncation=3, steps=40, log_every=20, hidden=16, min_scored=50,
+                             aux_weight=0.1, out=str(tmp_path))
+    assert config.name == "copy_T3_dni_aux0.1_s0"
+    summary = run(config, log=lambda _: None)
+    assert summary["config"]["aux_weight"] == 0.1 and (tmp_path / config.name / "summary.json").exists()
+    with pytest.raises(Exception, match="aux_weight"):
+        RecurrentConfig(dni=False, aux_weight=0.1)
