@@ -301,10 +301,28 @@ def a_tick_own(system, x, digits, state):
     return h.detach()
 
 
+def a_ticks(system, config, xs, digits, a_state):
+    """A's T ticks of a span under every method but backprop: under DNI A steps at each tick from
+    its synthesizer (no wait for B), under own_task from its own head, frozen not at all.
+    Returns the state after the span, A's outputs (S, T, H) and, under DNI, the synthesizer's
+    contexts (S, T, T), else None."""
+    outputs, contexts = [], []
+    for t in range(config.span):
+        if config.method == "dni":
+            a_state, context = a_tick_dni(system, xs[t], a_state, t, config.span)
+            contexts.append(context)
+        elif config.method == "own_task":
+            a_state = a_tick_own(system, xs[t], digits[t], a_state)
+        else:
+            with torch.no_grad():
+                a_state = system.a(xs[t], a_state)
+        outputs.append(a_state)
+    return a_state, torch.stack(outputs, 1), torch.stack(contexts, 1) if contexts else None
+
+
 def span_step(system, config, xs, digits, a_state, b_state):
     """One span of T ticks of the whole system in one process, as `config.method` says.
     xs (T, S, 784), digits (T, S). Returns (a_state, b_state, stats dict)."""
-    T = config.span
     targets = targets_of(config.task, digits.T)  # (S,) or (S, T)
     stats = {}
     if config.method == "backprop":
@@ -313,26 +331,12 @@ def span_step(system, config, xs, digits, a_state, b_state):
                                                  task=config.task)
         a_backward(system, outputs, grad)                                 # A waited for B's gradient
         a_state = outputs[:, -1].detach()
-    elif config.method == "dni":
-        outputs, contexts = [], []
-        for t in range(T):
-            a_state, context = a_tick_dni(system, xs[t], a_state, t, T)   # A steps now: no wait for B
-            outputs.append(a_state)
-            contexts.append(context)
-        outputs, contexts = torch.stack(outputs, 1), torch.stack(contexts, 1)  # (S, T, H), (S, T, T)
-        logits, loss, grad, b_state = b_tick(system, outputs, targets, b_state, input_grad=True, task=config.task)
-        stats["sg_loss"], stats["sg_cos"] = (float(v) for v in synthesizer_step(system, outputs, contexts, grad))
     else:
-        outputs = []
-        for t in range(T):
-            if config.method == "own_task":
-                a_state = a_tick_own(system, xs[t], digits[t], a_state)
-            else:
-                with torch.no_grad():
-                    a_state = system.a(xs[t], a_state)
-            outputs.append(a_state)
-        logits, loss, _, b_state = b_tick(system, torch.stack(outputs, 1), targets, b_state, input_grad=False,
-                                        task=config.task)
+        dni = config.method == "dni"
+        a_state, outputs, contexts = a_ticks(system, config, xs, digits, a_state)  # (S, T, H), (S, T, T) or None
+        logits, loss, grad, b_state = b_tick(system, outputs, targets, b_state, input_grad=dni, task=config.task)
+        if dni:
+            stats["sg_loss"], stats["sg_cos"] = (float(v) for v in synthesizer_step(system, outputs, contexts, grad))
     stats["loss"] = float(loss)
     stats["correct"] = correct_spans(config.task, logits, targets)
     return a_state, b_state, stats
@@ -565,20 +569,9 @@ def train_two_processes(config, data, *, log=print, metrics=None):
             a_backward(system, outputs, torch.from_numpy(grad))
             a_state = outputs[:, -1].detach()
         else:
-            outputs, contexts = [], []
-            for t in range(config.span):
-                if config.method == "dni":
-                    a_state, ctx = a_tick_dni(system, xs[t], a_state, t, config.span)
-                    contexts.append(ctx)
-                elif config.method == "own_task":
-                    a_state = a_tick_own(system, xs[t], digits[t], a_state)
-                else:
-                    with torch.no_grad():
-                        a_state = system.a(xs[t], a_state)
-                outputs.append(a_state)
-            outputs = torch.stack(outputs, 1)
+            a_state, outputs, contexts = a_ticks(system, config, xs, digits, a_state)
             if config.method == "dni":
-                pending[k] = (outputs, torch.stack(contexts, 1))
+                pending[k] = (outputs, contexts)
             _alive(worker, spans_q.put, (k, outputs.numpy(), targets))
             while config.method == "dni":                                 # whatever has arrived; never wait
                 try:
