@@ -5,7 +5,8 @@ ticks and counts the odd digits among them. --method backprop | dni | frozen | o
 runs A and B as two processes, one core each. Writes results/timescales/<name>/.
 """
 from dnilab.cli import main_guard, parse_config
-from dnilab.timescales import TimescalesConfig, run
+from dnilab.timescales import TimescalesConfig
+from dnilab.timescales_train import run
 
 if __name__ == "__main__":
     config = parse_config(TimescalesConfig, prog="timescales.py",

@@ -66,6 +66,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dni.stages import StepStats, count_correct, run_stages
+from dni.synthesizers import zero_head
 
 UNLOCKS = ("update", "complete")
 DRAW_SEED_TAG = 0x5EED_D1A1  # mixed into the draws' seeds, so they never share a stream with the data order
@@ -154,10 +155,7 @@ class InputModel(nn.Module):
         for _ in range(hidden_layers):
             layers += [nn.Linear(n_in, width), nn.BatchNorm1d(width), nn.ReLU()]
             n_in = width
-        last = nn.Linear(n_in, int(torch.tensor(self.shape).prod()))
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
-        self.net = nn.Sequential(*layers, last)
+        self.net = nn.Sequential(*layers, zero_head(nn.Linear(n_in, int(torch.tensor(self.shape).prod()))))
 
     def forward(self, x):
         return self.net(x).view(len(x), *self.shape)  # (B, *shape)

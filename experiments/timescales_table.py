@@ -23,7 +23,8 @@ from pathlib import Path
 from dni.errors import DNIError
 from dnilab.cli import main_guard, parse_config
 from dnilab.runs import write_json, write_text
-from dnilab.timescales import METHODS, TASKS, TimescalesConfig, run
+from dnilab.timescales import METHODS, TASKS, TimescalesConfig
+from dnilab.timescales_train import run
 from experiments.grid import mean_std
 from experiments.provenance import modified_tree_line
 

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from dni.errors import DNIError
 from dnilab.cli import parse_config
 from dnilab.data import Data
-from dnilab.timescales import (TimescalesConfig, a_tick_dni, build, odd_count, position_context, run, span_step,
-                               synthesizer_step, train, train_two_processes, load_digits)
+from dnilab.timescales import (TimescalesConfig, a_tick_dni, build, load_digits, odd_count, position_context,
+                               span_step, synthesizer_step)
+from dnilab.timescales_train import run, train, train_two_processes
 
 STREAMS = 4
 
@@ -199,7 +200,7 @@ def test_table_only_reads_the_run_folders(tmp_path):
 def test_two_processes_say_so_when_b_dies(monkeypatch):
     """A does not wait forever on a process B that has exited: one line names it."""
     import os
-    import dnilab.timescales as timescales
+    import dnilab.timescales_train as timescales
     monkeypatch.setattr(timescales, "_b_worker", lambda *args: os._exit(3))   # forked: B runs the patched one
     config = tiny(method="backprop", processes=2)
     with pytest.raises(DNIError, match=r"process B exited \(code 3\)"):
