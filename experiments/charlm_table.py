@@ -22,12 +22,11 @@ from pathlib import Path
 from dnilab.charlm import METHODS, CharLMConfig, run
 from dnilab.cli import main_guard, parse_config
 from dnilab.runs import write_json, write_text
-from experiments.grid import mean_std
+from experiments.grid import RECURRENT_NAMES, mean_std
 from experiments.provenance import modified_tree_line
 
 TRUNCATIONS = (2, 3, 4, 5, 8)
 LONG_T = 128
-NAMES = {"bptt": "BPTT", "dni": "DNI", "dni_aux": "DNI + Aux"}
 PLACE = ("out", "overwrite")  # where a run was written, not what it computed
 
 
@@ -130,7 +129,7 @@ def markdown(table):
              f"LSTM of {', '.join(map(str, table['hidden']))} units; DNI + Aux weight "
              f"{', '.join(f'{w:g}' for w in table['aux_weight']) or '—'}. Validation bits per character (the "
              "early-stopping criterion) beside each.", "",
-             "| T | " + " | ".join(NAMES[m] for m in METHODS) + " | DNI ≤ BPTT | DNI + Aux ≤ DNI |",
+             "| T | " + " | ".join(RECURRENT_NAMES[m] for m in METHODS) + " | DNI ≤ BPTT | DNI + Aux ≤ DNI |",
              "|---|" + "---|" * (len(METHODS) + 2)]
     for T in TRUNCATIONS:
         row = [f"| {T} "]
@@ -164,7 +163,7 @@ def plot(table, path):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for m, rows in table["curves"].items():
-        ax.plot([r["chars"] for r in rows], [r["val_bits"] for r in rows], label=NAMES[m])
+        ax.plot([r["chars"] for r in rows], [r["val_bits"] for r in rows], label=RECURRENT_NAMES[m])
     ax.set(xlabel="training characters seen", ylabel="validation bits per character", title="fortunes, T = 3, seed 0")
     ax.legend()
     fig.tight_layout()

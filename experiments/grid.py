@@ -28,6 +28,8 @@ COLUMNS = {
     "cdni": dict(method="dni", conditioned=True),
 }
 SEEDS = (0, 1, 2)  # the seeds of every reported cell
+# A recurrent table's method (truncated BPTT, DNI, DNI + Aux) -> its column's name.
+RECURRENT_NAMES = {"bptt": "BPTT", "dni": "DNI", "dni_aux": "DNI + Aux"}
 # The CPU grid's budget: 10 epochs for every run (2,340 iterations of batch 256, about 0.5% of
 # the paper's), the same for every method, at each model's stage lr of that budget. main.py's
 # defaults train longer (dnilab/presets.py), which the grid cannot afford: with --jobs 2 on 2 cores

@@ -16,11 +16,20 @@ average over every cell, then report seeds 0-2 at that factor alone:
     python -m experiments.recurrent_table --first_seed 100 --choose 0.1,0.3,0.5,1   # -> rnn_factor_choice.md
     python -m experiments.recurrent_table --sg_factor <chosen> --jobs 2             # the reported table
 
+DNI + Aux (`--aux_weight W` > 0) adds a third method beside DNI, the same runs with the core also
+predicting the synthetic gradient of its window's end; the BPTT and DNI runs are the table's without it.
+Its weight is chosen the same way, at the chosen factor, scored by the DNI + Aux runs alone:
+
+    python -m experiments.recurrent_table --first_seed 100 --dni_only --sg_factor 0.3 --aux_weight W --jobs 2
+    python -m experiments.recurrent_table --first_seed 100 --sg_factor 0.3 --choose_aux 0.03,0.1,0.3
+                                                             # -> rnn_aux_choice.md
+    python -m experiments.recurrent_table --sg_factor 0.3 --aux_weight <chosen> --jobs 2   # the reported table
+
 Each run is a dnilab.recurrent run folder under <out>/rnn/; a run whose summary.json
 holds the same config is reused, so an interrupted table resumes where it stopped.
 Writes <out>/rnn_table.json, <out>/rnn_table.md and <out>/rnn_table.png
 (with --length N: <out>/rnn_table_N<N>.*; with an --sg_factor F other than 0.1: *_f<F>.*; with
---first_seed S other than 0: *_s<S>.*).
+--aux_weight W > 0: *_aux<W>.*; with --first_seed S other than 0: *_s<S>.*).
 """
 import dataclasses
 import json
@@ -31,6 +40,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from dnilab.cli import main_guard, parse_config
@@ -38,12 +48,13 @@ from dni.errors import DNIError
 from dnilab.config import DEVICES
 from dnilab.recurrent import RecurrentConfig, factor_tag, run
 from dnilab.runs import write_json, write_text
-from experiments.grid import mean_std
+from experiments.grid import RECURRENT_NAMES, mean_std
 from experiments.provenance import modified_tree_line
 
 TRUNCATIONS = (2, 3, 4, 5, 8)
 TASK_NAMES = {"copy": "Copy", "repeat_copy": "Repeat Copy"}
-RECURRENT_METHODS = {"bptt": False, "dni": True}  # method -> RecurrentConfig.dni
+AUX = "dni_aux"  # DNI + Aux: a column only where the table has an --aux_weight > 0
+RECURRENT_METHODS = {"bptt": False, "dni": True, AUX: True}  # method -> RecurrentConfig.dni
 
 # The paper's Table 2 (Copy / Repeat Copy: largest sequence length solved) could not be
 # retrieved in this environment, so no number of it is quoted: None means "not confirmed".
@@ -64,16 +75,23 @@ class TableConfig:
     seeds: int = field(default=3, metadata=dict(help="seeds per cell", positive=True))
     first_seed: int = field(default=0, metadata=dict(help="the cells' seeds are first_seed .. first_seed + seeds - 1; "
                                                           "settings are chosen on seeds no reported table uses (100)"))
-    dni_only: bool = field(default=False, metadata=dict(help="train and show only the DNI runs (all that --choose "
-                                                             "reads); the BPTT columns say 'not run'"))
+    dni_only: bool = field(default=False, metadata=dict(help="train and show only the DNI (and DNI + Aux) runs (all "
+                                                             "that --choose and --choose_aux read); the BPTT columns "
+                                                             "say 'not run'"))
     choose: str = field(default="", metadata=dict(help="comma-separated factors: train nothing, pick the factor "
                                                        "whose DNI solves longest on average in the tables of these "
                                                        "seeds, write <out>/rnn_factor_choice.md"))
+    choose_aux: str = field(default="", metadata=dict(help="comma-separated DNI + Aux weights: train nothing, pick "
+                                                           "the weight whose DNI + Aux solves longest on average in "
+                                                           "the tables of these seeds (made with --aux_weight W "
+                                                           "--dni_only), write <out>/rnn_aux_choice.md"))
     steps: int = field(default=15000, metadata=dict(help="training windows per run", positive=True))
     hidden: int = field(default=RecurrentConfig.hidden, metadata=dict(help="each run's --hidden", positive=True))
     stagger: int = field(default=RecurrentConfig.stagger, metadata=dict(help="each run's --stagger"))
     sg_factor: float = field(default=RecurrentConfig.sg_factor, metadata=dict(help="each run's --sg_factor",
                                                                                positive=True))
+    aux_weight: float = field(default=0.0, metadata=dict(help="> 0: a DNI + Aux column, its runs' --aux_weight "
+                                                              "(files *_aux<W>.*); 0: BPTT and DNI only"))
     length: int = field(default=0, metadata=dict(help="every run at this episode length N, no curriculum: the "
                                                       "table then gives the error at N (files rnn_table_N<N>.*)"))
     device: str = field(default="cpu", metadata=dict(help="device of every run", choices=DEVICES))
@@ -83,17 +101,36 @@ class TableConfig:
     table_only: bool = field(default=False, metadata=dict(help="train nothing: tabulate the finished runs (a missing "
                                                                "one is an error)"))
 
+    def __post_init__(self):
+        if not 0 <= self.aux_weight < float("inf"):
+            raise DNIError(f"--aux_weight must be >= 0 (0: no DNI + Aux column), got {self.aux_weight}")
+        if self.choose and self.choose_aux:
+            raise DNIError("--choose and --choose_aux are two choices: give one at a time")
+
     @property
     def stem(self):
-        """The table's file name without extension: rnn_table[_N<length>][_f<sg_factor>]."""
+        """The table's file name without extension:
+        rnn_table[_N<length>][_f<sg_factor>][_aux<aux_weight>][_s<first_seed>]."""
         fixed = f"_N{self.length}" if self.length else ""
+        aux = f"_aux{self.aux_weight:g}" if self.aux_weight else ""
         seeds = f"_s{self.first_seed}" if self.first_seed else ""
-        return f"rnn_table{fixed}{factor_tag(self.sg_factor)}{seeds}"
+        return f"rnn_table{fixed}{factor_tag(self.sg_factor)}{aux}{seeds}"
+
+
+def columns(aux_weight):
+    """The table's methods, in column order: BPTT, DNI, and DNI + Aux where `aux_weight` > 0."""
+    return [m for m in RECURRENT_METHODS if m != AUX or aux_weight]
+
+
+def method_settings(method, aux_weight):
+    """The RecurrentConfig settings that make a run of `method`; only DNI + Aux runs get the weight,
+    so the BPTT and DNI runs are those of the table without it."""
+    return dict(dni=RECURRENT_METHODS[method], aux_weight=aux_weight if method == AUX else 0.0)
 
 
 def cells(config):
     """(task, T, method) of every cell of the table, and the per-run config overrides."""
-    methods = ["dni"] if config.dni_only else list(RECURRENT_METHODS)
+    methods = [m for m in columns(config.aux_weight) if not (config.dni_only and m == "bptt")]
     if config.quick:
         return ([("copy", 3, m) for m in methods],
                 dict(steps=60, hidden=16, min_scored=50, length=config.length, stagger=config.stagger,
@@ -161,36 +198,46 @@ def _format_next(pairs):
 
 
 def _settings(meta):
+    aux = (f" DNI + Aux: a linear head on the LSTM's output predicts, at each step, the synthetic gradient of the "
+           f"window's end; {meta['aux_weight']:g} x its mean squared error trains the core." if meta.get("aux_weight")
+           else "")
     return (f"LSTM {meta['hidden']} units, {meta['symbols']} symbols (Repeat Copy: R in 1..{meta['max_repeats']}), "
             f"batch {meta['batch_size']}, Adam lr {meta['lr']} (synthesizer {meta['sg_lr']}), "
             f"linear synthesizer, synthetic gradient x {meta['sg_factor']}, "
             + (f"streams staggered by 0..{meta['stagger'] - 1} steps." if meta["stagger"]
-               else "streams in step (every window at the same phase of the episodes)."))
+               else "streams in step (every window at the same phase of the episodes).") + aux)
+
+
+def _header(names):
+    """A markdown table's header and rule, its columns task, T and `names`."""
+    return ["| " + " | ".join(["task", "T", *names]) + " |", "| --- " * (2 + len(names)) + "|"]
 
 
 def _fixed_length_lines(table):
     """The table of a fixed-length grid: the error at N where training stopped."""
     meta = table["meta"]
+    methods = columns(meta.get("aux_weight"))
     lines = [
-        f"# Recurrent DNI: error at length N = {meta['length']}, BPTT vs DNI",
+        f"# Recurrent DNI: error at length N = {meta['length']}, {' vs '.join(RECURRENT_NAMES[m] for m in methods)}",
         "",
         f"Every run trains at episode length N = {meta['length']} only (no curriculum) for {meta['steps']} "
         f"windows; error in bits per scored step at the last decision ({meta['threshold']} counts as solved), "
         f"mean ± std over {meta['seeds']} seed(s), per-seed values in brackets. " + _settings(meta),
         "",
-        "| task | T | BPTT | DNI |",
-        "| --- | --- | --- | --- |",
+        *_header([RECURRENT_NAMES[m] for m in methods]),
     ]
     for row in table["rows"]:
         cells = [_cell(row, f"{m}_next", lambda pairs: _format([bits for _, bits in pairs], digits=2))
-                 for m in RECURRENT_METHODS]
-        lines.append(f"| {TASK_NAMES[row['task']]} | {row['T']} | {cells[0]} | {cells[1]} |")
+                 for m in methods]
+        lines.append(" | ".join([f"| {TASK_NAMES[row['task']]}", str(row["T"]), *cells]) + " |")
     return lines + [""]
 
 
 def _curriculum_lines(table):
     """The table of the curriculum grid: longest length solved, and where each run stopped."""
     meta = table["meta"]
+    methods = columns(meta.get("aux_weight"))
+    names = [RECURRENT_NAMES[m] for m in methods]
     lines = [
         "# Recurrent DNI: longest sequence length solved (paper section 3.2, Table 2)",
         "",
@@ -198,24 +245,22 @@ def _curriculum_lines(table):
         f"training windows per run; mean ± std over {meta['seeds']} seed(s), per-seed values in brackets. "
         + _settings(meta),
         "",
-        "| task | T | BPTT | DNI | paper BPTT | paper DNI |",
-        "| --- | --- | --- | --- | --- | --- |",
+        *_header(names + [f"paper {name}" for name in names]),
     ]
     for row in table["rows"]:
-        paper = [("n/c" if row["paper"][m] is None else str(row["paper"][m])) for m in RECURRENT_METHODS]
-        lines.append(f"| {TASK_NAMES[row['task']]} | {row['T']} | {_cell(row, 'bptt', _format)} | "
-                     f"{_cell(row, 'dni', _format)} | {paper[0]} | {paper[1]} |")
+        paper = [("n/c" if row["paper"][m] is None else str(row["paper"][m])) for m in methods]
+        lines.append(" | ".join([f"| {TASK_NAMES[row['task']]}", str(row["T"]),
+                                 *(_cell(row, m, _format) for m in methods), *paper]) + " |")
     lines += [
         "",
         "Where training stopped: the length N each run was still learning and its error there "
         "(bits per scored step, last curriculum decision; solved below the threshold).",
         "",
-        "| task | T | BPTT | DNI |",
-        "| --- | --- | --- | --- |",
+        *_header(names),
     ]
     for row in table["rows"]:
-        lines.append(f"| {TASK_NAMES[row['task']]} | {row['T']} | {_cell(row, 'bptt_next', _format_next)} | "
-                     f"{_cell(row, 'dni_next', _format_next)} |")
+        lines.append(" | ".join([f"| {TASK_NAMES[row['task']]}", str(row["T"]),
+                                 *(_cell(row, f"{m}_next", _format_next) for m in methods)]) + " |")
     return lines + ["", meta["paper_note"]]
 
 
@@ -238,7 +283,7 @@ def write_markdown(table, path):
 
 def plot_table(table, path):
     """rnn_table.png: longest length solved (fixed length: the error at N) against T, per task,
-    BPTT vs DNI, one dot per seed."""
+    BPTT vs DNI (vs DNI + Aux), one dot per seed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -252,11 +297,12 @@ def plot_table(table, path):
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         rows = [r for r in table["rows"] if r["task"] == task]
-        for method, color in zip(RECURRENT_METHODS, ("tab:gray", "tab:blue")):
+        for method, color in zip(RECURRENT_METHODS, ("tab:gray", "tab:blue", "tab:orange")):
             if method not in rows[0]:
                 continue
             Ts = [r["T"] for r in rows]
-            ax.plot(Ts, [mean_std(values(r, method))[0] for r in rows], "-o", color=color, label=method.upper())
+            ax.plot(Ts, [mean_std(values(r, method))[0] for r in rows], "-o", color=color,
+                    label=RECURRENT_NAMES[method])
             for r in rows:
                 ax.scatter([r["T"]] * len(values(r, method)), values(r, method), color=color, alpha=0.3, s=12)
         ax.set(title=TASK_NAMES[task], xlabel="truncation T", ylabel=ylabel)
@@ -273,8 +319,8 @@ def make_table(config, argv=(), *, log=print):
     out = Path(config.out)
     grid, overrides = cells(config)
     seed_count = overrides.pop("seed_count")
-    run_configs = [RecurrentConfig(task=task, truncation=T, dni=RECURRENT_METHODS[method], seed=seed, device=config.device,
-                                   threads=config.threads, out=str(out / "rnn"), **overrides)
+    run_configs = [RecurrentConfig(task=task, truncation=T, seed=seed, device=config.device, threads=config.threads,
+                                   out=str(out / "rnn"), **method_settings(method, config.aux_weight), **overrides)
                    for task, T, method in grid for seed in range(config.first_seed, config.first_seed + seed_count)]
     if config.table_only:
         summaries = [finished(c) for c in run_configs]
@@ -292,7 +338,7 @@ def make_table(config, argv=(), *, log=print):
         mine = summaries[n * seed_count:(n + 1) * seed_count]
         row = next((r for r in rows if r["task"] == task and r["T"] == T), None)
         if row is None:
-            row = dict(task=task, T=T, paper={m: PAPER_TABLE2[task][m][T] for m in RECURRENT_METHODS})
+            row = dict(task=task, T=T, paper={m: PAPER_TABLE2[task][m][T] for m in columns(config.aux_weight)})
             rows.append(row)
         row[method] = [s["solved"] for s in mine]
         row[f"{method}_next"] = [[s["length"], s["last_bits"]] for s in mine]
@@ -303,6 +349,7 @@ def make_table(config, argv=(), *, log=print):
                 first_seed=config.first_seed,
                 hidden=first["hidden"],
                 batch_size=first["batch_size"], lr=first["lr"], sg_lr=dni["sg_lr"], sg_factor=dni["sg_factor"],
+                **({"aux_weight": config.aux_weight} if config.aux_weight else {}),
                 symbols=first["symbols"], max_repeats=first["max_repeats"], threshold=first["threshold"],
                 runs=len(summaries), run_wall_s=round(sum(s["wall_s"] for s in summaries), 1),
                 device=env["device"], gpu=env["gpu"],
@@ -318,39 +365,74 @@ def make_table(config, argv=(), *, log=print):
     return table
 
 
-def choose_factor(config, argv=(), *, log=print):
-    """Pick the synthetic-gradient factor from finished tables of seeds `config.first_seed`..: the one whose
-    DNI runs solve the longest lengths, averaged over every task, T and seed (ties: the smaller factor).
-    Reads only those tables, so the reported seeds (0-2) never take part; writes rnn_factor_choice.*."""
+@dataclass(frozen=True)
+class Choice:
+    """What a choice flag picks: the table setting it varies, the method whose runs score it, the
+    files it writes (<out>/<stem>.md and .json) and the table files it reads (`files`, a pattern
+    shown in its page), and the settings held fixed that its page records."""
+    flag: str
+    setting: str
+    method: str
+    noun: str
+    title: str
+    stem: str
+    files: str
+    fixed: tuple = ()
+
+
+CHOICES = {
+    "choose": Choice(flag="choose", setting="sg_factor", method="dni", noun="factor", stem="rnn_factor_choice",
+                     title="Recurrent DNI: the synthetic-gradient factor, chosen on seeds the table does not report",
+                     files="rnn_table*_s{first_seed}.json"),
+    "choose_aux": Choice(flag="choose_aux", setting="aux_weight", method=AUX, noun="weight", stem="rnn_aux_choice",
+                         title="Recurrent DNI + Aux: the auxiliary weight, chosen on seeds the table does not report",
+                         files="rnn_table{factor}_aux*_s{first_seed}.json", fixed=("sg_factor",)),
+}
+MAX_CANDIDATES = 4  # a few candidates: the more there are, the more the winner fits the seeds it was scored on
+
+
+def choose(config, argv=(), *, choice, log=print):
+    """Pick `choice.setting` from finished tables of seeds `config.first_seed`..: the candidate (the
+    comma-separated values of --<choice.flag>) whose `choice.method` runs solve the longest lengths,
+    averaged over every task, T and seed (ties: the smaller value). Reads only those tables, so the
+    reported seeds (0-2) never take part; writes <out>/<choice.stem>.md and .json; returns the value."""
+    flag = f"--{choice.flag}"
     if not config.first_seed:
-        raise DNIError("--choose reads tables of seeds the reported table does not use: give --first_seed (e.g. 100)")
+        raise DNIError(f"{flag} reads tables of seeds the reported table does not use: give --first_seed (e.g. 100)")
     try:
-        factors = sorted({float(f) for f in config.choose.split(",")})
+        values = sorted({float(v) for v in getattr(config, choice.flag).split(",")})
     except ValueError:
-        raise DNIError(f"--choose takes comma-separated factors, e.g. 0.1,0.5,1; got {config.choose!r}") from None
+        raise DNIError(f"{flag} takes comma-separated {choice.noun}s, e.g. 0.1,0.5,1; "
+                       f"got {getattr(config, choice.flag)!r}") from None
+    if not all(0 < v < float("inf") for v in values) or len(values) > MAX_CANDIDATES:
+        raise DNIError(f"{flag} takes at most {MAX_CANDIDATES} {choice.noun}s, each > 0; "
+                       f"got {getattr(config, choice.flag)!r}")
     out, scores = Path(config.out), {}
-    for factor in factors:
-        stem = dataclasses.replace(config, sg_factor=factor, choose="").stem
-        path = out / f"{stem}.json"
+    for value in values:
+        candidate = dataclasses.replace(config, choose="", choose_aux="", **{choice.setting: value})
+        path = out / f"{candidate.stem}.json"
+        remake = (f"python -m experiments.recurrent_table --first_seed {config.first_seed}"
+                  + (f" --seeds {config.seeds}" if config.seeds != TableConfig.seeds else "")
+                  + f" --dni_only --sg_factor {candidate.sg_factor:g}"
+                  + (f" --aux_weight {candidate.aux_weight:g}" if candidate.aux_weight else ""))
         if not path.exists():
-            raise DNIError(f"{path} is missing: train it with python -m experiments.recurrent_table --first_seed "
-                           f"{config.first_seed} --sg_factor {factor:g}")
+            raise DNIError(f"{path} is missing: train it with {remake}")
         rows = json.loads(path.read_text())["rows"]
-        if any(len(row["dni"]) != config.seeds for row in rows):
-            raise DNIError(f"{path} does not hold {config.seeds} seeds per cell: remake it with python -m "
-                           f"experiments.recurrent_table --first_seed {config.first_seed} --seeds {config.seeds} "
-                           f"--dni_only --sg_factor {factor:g}")
-        scores[factor] = statistics.mean(v for row in rows for v in row["dni"])
-    chosen = max(factors, key=lambda f: (scores[f], -f))
-    lines = ["# Recurrent DNI: the synthetic-gradient factor, chosen on seeds the table does not report", "",
-             f"Mean length solved by DNI over every task, T and seed {config.first_seed}.."
-             f"{config.first_seed + config.seeds - 1} (files rnn_table*_s{config.first_seed}.json):", "",
-             "| factor | mean length solved |", "|---|---|"]
-    lines += [f"| {f:g} | {scores[f]:.2f} |" for f in factors]
+        if any(len(row.get(choice.method, ())) != config.seeds for row in rows):
+            raise DNIError(f"{path} does not hold {config.seeds} seeds per cell: remake it with {remake}")
+        scores[value] = statistics.mean(v for row in rows for v in row[choice.method])
+    chosen = max(values, key=lambda v: (scores[v], -v))
+    files = choice.files.format(factor=factor_tag(config.sg_factor), first_seed=config.first_seed)
+    lines = [f"# {choice.title}", "",
+             f"Mean length solved by {RECURRENT_NAMES[choice.method]} over every task, T and seed {config.first_seed}.."
+             f"{config.first_seed + config.seeds - 1} (files {files}):", "",
+             f"| {choice.noun} | mean length solved |", "|---|---|"]
+    lines += [f"| {v:g} | {scores[v]:.2f} |" for v in values]
     lines += ["", f"Chosen: {chosen:g}. Made by `{shlex.join(['python', '-m', 'experiments.recurrent_table', *argv])}`.", ""]
-    write_json(out / "rnn_factor_choice.json", dict(scores={f"{f:g}": v for f, v in scores.items()},
-                                                    chosen=chosen, first_seed=config.first_seed))
-    write_text(out / "rnn_factor_choice.md", "\n".join(lines))
+    write_json(out / f"{choice.stem}.json", dict(scores={f"{v:g}": score for v, score in scores.items()},
+                                                 chosen=chosen, first_seed=config.first_seed,
+                                                 **{key: getattr(config, key) for key in choice.fixed}))
+    write_text(out / f"{choice.stem}.md", "\n".join(lines))
     log("\n".join(lines))
     return chosen
 
@@ -362,8 +444,9 @@ def main(argv=None):
         if arg == "--quick" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             argv.insert(i + 1, "True")
     config = parse_config(TableConfig, argv, prog="python -m experiments.recurrent_table",
-                          description="Longest length solved, BPTT vs DNI, on Copy / Repeat Copy.")
-    return main_guard(choose_factor if config.choose else make_table, config, argv)
+                          description="Longest length solved, BPTT vs DNI (vs DNI + Aux), on Copy / Repeat Copy.")
+    flag = "choose" if config.choose else "choose_aux" if config.choose_aux else None
+    return main_guard(partial(choose, choice=CHOICES[flag]) if flag else make_table, config, argv)
 
 
 if __name__ == "__main__":

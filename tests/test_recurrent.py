@@ -1,6 +1,7 @@
 """Tests of recurrent DNI on the copy tasks (paper, section 3.2): a window of the Copy model with
 dni.RecurrentDNI against hand-built BPTT, the bootstrapped target, the zero first synthetic
-gradient, a short Copy run, the CLI and the table's quick slice. The public form on torch's own
+gradient, a short Copy run, the CLI and the table's quick slice (with and without
+DNI + Aux) and its choices of factor and auxiliary weight. The public form on torch's own
 recurrent modules is tested in tests/test_recurrent_interface.py."""
 import json
 import subprocess
@@ -372,3 +373,57 @@ def test_dni_only_table_trains_no_bptt_run_and_says_so(tmp_path):
     markdown = (tmp_path / "rnn_table_s100.md").read_text()
     assert f"| Copy | 3 | not run | {table['rows'][0]['dni'][0]}.0 ± 0.0" in markdown
     assert (tmp_path / "rnn_table_s100.png").exists()
+
+
+def test_aux_table_writes_its_own_files_and_reuses_the_dni_and_bptt_runs(tmp_path, capsys):
+    table_main(["--quick", "--out", str(tmp_path)])
+    before = (tmp_path / "rnn_table.md").read_bytes()
+    capsys.readouterr()
+    table = table_main(["--quick", "--aux_weight", "0.1", "--out", str(tmp_path)])
+    reused = sorted(line.split(":")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("reuse "))
+    assert reused == [f"reuse {tmp_path / 'rnn' / name}" for name in ("copy_T3_bptt_s0", "copy_T3_dni_s0")]
+    assert {path.name for path in (tmp_path / "rnn").iterdir()} == {"copy_T3_bptt_s0", "copy_T3_dni_s0",
+                                                                     "copy_T3_dni_aux0.1_s0"}
+    row = table["rows"][0]
+    assert len(row["dni_aux"]) == 1 and len(row["dni_aux_next"]) == 1 and table["meta"]["aux_weight"] == 0.1
+    markdown = (tmp_path / "rnn_table_aux0.1.md").read_text().splitlines()
+    assert "| task | T | BPTT | DNI | DNI + Aux | paper BPTT | paper DNI | paper DNI + Aux |" in markdown
+    assert "| task | T | BPTT | DNI | DNI + Aux |" in markdown  # where each run stopped
+    solved = [f"{row[m][0]}.0 ± 0.0 ({row[m][0]})" for m in ("bptt", "dni", "dni_aux")]
+    assert f"| Copy | 3 | {' | '.join(solved)} | n/c | n/c | n/c |" in markdown
+    assert (tmp_path / "rnn_table_aux0.1.png").exists() and (tmp_path / "rnn_table_aux0.1.json").exists()
+    assert (tmp_path / "rnn_table.md").read_bytes() == before  # the table without the weight stays as it was
+
+
+def test_dni_only_aux_table_trains_dni_and_dni_aux_only(tmp_path):
+    table = table_main(["--quick", "--dni_only", "--first_seed", "100", "--sg_factor", "0.3", "--aux_weight", "0.1",
+                        "--out", str(tmp_path)])
+    assert {path.name for path in (tmp_path / "rnn").iterdir()} == {"copy_T3_dni_f0.3_s100",
+                                                                     "copy_T3_dni_f0.3_aux0.1_s100"}
+    assert "bptt" not in table["rows"][0] and {"dni", "dni_aux"} <= set(table["rows"][0])
+    assert "| Copy | 3 | not run | " in (tmp_path / "rnn_table_f0.3_aux0.1_s100.md").read_text()
+
+
+def test_the_aux_weight_is_chosen_on_seeds_the_reported_table_does_not_use(tmp_path, capsys):
+    def aux_table(name, dni_aux, dni=(4, 4, 4)):
+        (tmp_path / name).write_text(json.dumps({"rows": [{"task": "copy", "T": 2, "dni": list(dni),
+                                                           "dni_aux": list(dni_aux)}]}))
+    aux_table("rnn_table_f0.3_aux0.03_s100.json", [4, 4, 5])
+    aux_table("rnn_table_f0.3_aux0.1_s100.json", [5, 5, 4])
+    aux_table("rnn_table_f0.3_aux0.3_s100.json", [3, 3, 3], dni=[9, 9, 9])  # DNI's score is not the choice's
+    aux_table("rnn_table_f0.3_aux0.3.json", [9, 9, 9])  # the reported seeds favour 0.3: never read
+    argv = ["--first_seed", "100", "--sg_factor", "0.3", "--out", str(tmp_path)]
+    assert table_main([*argv, "--choose_aux", "0.3,0.03,0.1"]) == 0.1
+    assert json.loads((tmp_path / "rnn_aux_choice.json").read_text()) == dict(
+        scores={"0.03": 13 / 3, "0.1": 14 / 3, "0.3": 3}, chosen=0.1, first_seed=100, sg_factor=0.3)
+    markdown = (tmp_path / "rnn_aux_choice.md").read_text()
+    assert "| weight | mean length solved |" in markdown and "| 0.1 | 4.67 |" in markdown
+    assert "(files rnn_table_f0.3_aux*_s100.json)" in markdown and "Chosen: 0.1." in markdown
+    assert not (tmp_path / "rnn_factor_choice.md").exists()
+    for flags, message in ((["--choose_aux", "0.01,0.03,0.1,0.3,1"], "at most 4 weights"),
+                           (["--choose_aux", "0,0.1"], "each > 0"),
+                           (["--choose_aux", "0.1,0.5"], "--dni_only --sg_factor 0.3 --aux_weight 0.5"),
+                           (["--choose_aux", "0.1", "--choose", "0.3"], "one at a time")):
+        with pytest.raises(SystemExit) as exit_info:
+            table_main([*argv, *flags])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
