@@ -15,7 +15,8 @@ METHOD_LABEL = {"nobprop": "No Bprop", "backprop": "Bprop", "dni": "DNI", "cdni"
 DATASET_TITLES = {"mnist": ("MNIST", ""), "fashion_mnist": ("Fashion-MNIST", "fashion_")}  # -> (title, file prefix)
 
 # The stage rates of CPU_SETTINGS (experiments/grid.py) and where they came from, printed with the table.
-STAGE_LR_SOURCE = ("Stage learning rates (FCN 1e-3, CNN 3e-3): chosen on test before the split; being chosen "
+STAGE_LR_SOURCE = ("Stage learning rates at 10 epochs: FCN 1e-3, chosen on validation at FCN 4 "
+                   "(results/stage_search_mlp.md); CNN 3e-3, chosen on test before the split, being chosen "
                    "again on validation (docs/choices.md).")
 # The paper's budget (section 3.1): Adam, lr 3e-5 divided by 10 at 60% and 80% of 500k
 # iterations of batch 256; 128 filters per conv layer.
