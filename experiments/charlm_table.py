@@ -4,6 +4,12 @@ T = 2, 3, 4, 5, 8, each read once at its best validation within the same cap on 
 
     python -m experiments.charlm_table --jobs 2          # train what is missing, then the table
     python -m experiments.charlm_table --table_only      # the table from the finished run folders
+    python -m experiments.charlm_table --choose_aux 0.01,0.1,1 --jobs 2   # DNI + Aux's weight, first
+
+The weight of DNI + Aux is chosen before the grid, on a seed no table reports (100), at T = 3:
+each candidate trains once and the lowest best-validation bits per character wins (ties: the
+smaller weight); <out>/charlm_aux_choice.md says which. The grid then runs with
+`--aux_weight <chosen>`.
 
 References beside the grid: truncated BPTT with a long window (T = 128), to show how much of
 truncation's loss DNI recovers; and, for equal compute, the BPTT run whose seconds per character
@@ -20,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from dnilab.charlm import METHODS, CharLMConfig, run
+from dni.errors import DNIError
 from dnilab.cli import main_guard, parse_config
 from dnilab.runs import write_json, write_text
 from experiments.grid import RECURRENT_NAMES, mean_std
@@ -41,6 +48,9 @@ class TableConfig:
     jobs: int = field(default=1, metadata=dict(help="runs at once, one process each", positive=True))
     out: str = field(default="results", metadata=dict(help="writes <out>/charlm_table.* and <out>/charlm/<run>/"))
     table_only: bool = field(default=False, metadata=dict(help="train nothing: tabulate the finished runs"))
+    choose_aux: str = field(default="", metadata=dict(help="comma-separated DNI + Aux weights (at most 4): train "
+                                                           "each at T = 3 on seed 100, write "
+                                                           "<out>/charlm_aux_choice.md; no table"))
 
 
 def run_configs(table):
@@ -195,10 +205,56 @@ def main_table(table, argv, log=print):
     return result
 
 
+CHOICE_SEED, CHOICE_T, MAX_CANDIDATES = 100, 3, 4
+
+
+def choice_configs(table):
+    """The runs of the weight choice: DNI + Aux at T = 3, seed 100 (no table reports it), one per weight."""
+    try:
+        weights = sorted({float(w) for w in table.choose_aux.split(",")})
+    except ValueError:
+        raise DNIError(f"--choose_aux takes comma-separated weights, e.g. 0.01,0.1,1; got {table.choose_aux!r}") from None
+    if not 0 < len(weights) <= MAX_CANDIDATES or min(weights) <= 0:
+        raise DNIError(f"--choose_aux takes 1 to {MAX_CANDIDATES} weights above 0; got {table.choose_aux!r}")
+    return [CharLMConfig(method="dni_aux", truncation=CHOICE_T, seed=CHOICE_SEED, aux_weight=w, chars=table.chars,
+                         hidden=table.hidden, out=f"{table.out}/charlm_choice/dni_aux_T{CHOICE_T}_w{w:g}_s{CHOICE_SEED}")
+            for w in weights]
+
+
+def choose_aux(table, argv, log=print):
+    """Train (or reuse) the choice's runs and pick the weight with the lowest best validation bits
+    per character; writes <out>/charlm_aux_choice.{md,json}. Reads no test figure."""
+    configs = choice_configs(table)
+    if not table.table_only:
+        todo = [c for c in configs if finished(c) is None]
+        with ProcessPoolExecutor(table.jobs) as pool:
+            list(pool.map(_train, todo))
+    scores = {}
+    for c in configs:
+        summary = finished(c)
+        if summary is None:
+            raise DNIError(f"{c.out} is not finished: train it with python -m experiments.charlm_table "
+                           f"--choose_aux {table.choose_aux}")
+        scores[c.aux_weight] = summary["val_bits"]
+    chosen = min(scores, key=lambda w: (scores[w], w))
+    command = shlex.join(["python", "-m", "experiments.charlm_table", *argv])
+    lines = ["# DNI + Aux's weight on the character-level LSTM, chosen on a seed no table reports", "",
+             f"Best validation bits per character of DNI + Aux at T = {CHOICE_T}, seed {CHOICE_SEED}, each run "
+             f"{configs[0].chars:,} training characters (the test split is read by these runs but not here):", "",
+             "| weight | validation bits per character |", "|---|---|",
+             *[f"| {w:g} | {v:.4f} |" for w, v in sorted(scores.items())], "",
+             f"Chosen: {chosen:g}. Made by `{command}`.", ""]
+    write_json(Path(table.out, "charlm_aux_choice.json"), dict(scores={f"{w:g}": v for w, v in scores.items()},
+                                                               chosen=chosen, seed=CHOICE_SEED, truncation=CHOICE_T))
+    write_text(Path(table.out, "charlm_aux_choice.md"), "\n".join(lines))
+    log("\n".join(lines))
+    return chosen
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     table = parse_config(TableConfig, argv, prog="python -m experiments.charlm_table", description=__doc__.splitlines()[0])
-    return main_guard(main_table, table, argv)
+    return main_guard(choose_aux if table.choose_aux else main_table, table, argv)
 
 
 if __name__ == "__main__":

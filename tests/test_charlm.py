@@ -80,3 +80,19 @@ def test_the_table_reads_its_run_folders_and_picks_the_equal_compute_bptt_by_sec
     assert "| 3 | 2.100 ± 0.141 (val 2.200 ± 0.141; seeds [0, 1]) | 1.950 (val 2.050; seeds [0]) | not run | yes | — |" \
         in text
     assert "every run saw 1,000 training characters" in text
+
+
+def test_the_aux_weight_is_chosen_on_seed_100_by_validation_alone(tmp_path):
+    from dataclasses import asdict
+    from experiments.charlm_table import TableConfig, choice_configs, choose_aux
+    table = TableConfig(out=str(tmp_path), choose_aux="1,0.1,0.01", table_only=True)
+    configs = choice_configs(table)
+    assert [(c.seed, c.truncation, c.aux_weight) for c in configs] == [(100, 3, 0.01), (100, 3, 0.1), (100, 3, 1.0)]
+    for c, val, test in zip(configs, (1.90, 1.85, 1.95), (1.5, 2.5, 1.0)):  # test would pick another weight
+        Path(c.out).mkdir(parents=True)
+        Path(c.out, "summary.json").write_text(json.dumps(dict(config=asdict(c), val_bits=val, test_bits=test)))
+    assert choose_aux(table, ["--choose_aux", "1,0.1,0.01"], log=lambda _: None) == 0.1
+    assert "Chosen: 0.1." in (tmp_path / "charlm_aux_choice.md").read_text()
+    assert not (tmp_path / "charlm").exists()  # the choice's runs are not the table's
+    with pytest.raises(Exception, match="at most|1 to 4"):
+        choice_configs(TableConfig(choose_aux="1,2,3,4,5"))
