@@ -1,7 +1,8 @@
 """What every grid of training runs shares (experiments.table1, .search, .deviations): the
 budget of a CPU grid, which settings make a finished run stale, training the runs that are
 missing (one process each, stoppable with every running run checkpointed), the mean and spread
-over seeds, and the grid's command-line options.
+over seeds, the grid's command-line options, and the candidates and rule of a choice made on
+seeds no table reports (experiments.recurrent_table, .timescales_table).
 """
 import contextlib
 import dataclasses
@@ -192,6 +193,29 @@ def typed_command(line):
     line = re.sub(r"^\S*/python[\d.]*(?= )", "python", line)
     line = re.sub(r" --results /\S*/results(?= |$)", "", line)  # another checkout's results/: the default's place
     return re.sub(r"(?<= )\S*?\b(experiments|dni)/(\w+)\.py(?= |$)", r"-m \1.\2", line)
+
+
+MAX_CANDIDATES = 4  # a few candidates: the more there are, the more the winner fits the seeds it was scored on
+
+
+def choice_candidates(flag, text, noun, *, first_seed, example):
+    """The sorted values of a choice flag (`--choose 0.1,0.5`): at most MAX_CANDIDATES numbers,
+    each > 0, read from tables of seeds `first_seed`.. , which must not be the reported seeds (0..);
+    anything else is refused in one line naming `flag`."""
+    if not first_seed:
+        raise DNIError(f"{flag} reads tables of seeds the reported table does not use: give --first_seed (e.g. 100)")
+    try:
+        values = sorted({float(v) for v in text.split(",")})
+    except ValueError:
+        raise DNIError(f"{flag} takes comma-separated {noun}s, e.g. {example}; got {text!r}") from None
+    if not all(0 < v < float("inf") for v in values) or len(values) > MAX_CANDIDATES:
+        raise DNIError(f"{flag} takes at most {MAX_CANDIDATES} {noun}s, each > 0; got {text!r}")
+    return values
+
+
+def best_candidate(scores):
+    """The candidate of the highest score in {candidate: score}; a tie goes to the smaller candidate."""
+    return max(scores, key=lambda v: (scores[v], -v))
 
 
 def mean_std(values, *, single=None):

@@ -50,7 +50,7 @@ from dnilab.recurrent import RecurrentConfig, factor_tag, run
 from dnilab.runs import write_json, write_text
 from experiments.recurrent_table_view import (AUX, RECURRENT_METHODS, TASK_NAMES, columns, plot_table,
                                               write_markdown)
-from experiments.grid import RECURRENT_NAMES
+from experiments.grid import RECURRENT_NAMES, best_candidate, choice_candidates
 from experiments.provenance import modified_tree_line
 
 TRUNCATIONS = (2, 3, 4, 5, 8)
@@ -247,7 +247,6 @@ CHOICES = {
                          title="Recurrent DNI + Aux: the auxiliary weight, chosen on seeds the table does not report",
                          files="rnn_table{factor}_aux*_s{first_seed}.json", fixed=("sg_factor",)),
 }
-MAX_CANDIDATES = 4  # a few candidates: the more there are, the more the winner fits the seeds it was scored on
 
 
 def choose(config, argv=(), *, choice, log=print):
@@ -256,16 +255,8 @@ def choose(config, argv=(), *, choice, log=print):
     averaged over every task, T and seed (ties: the smaller value). Reads only those tables, so the
     reported seeds (0-2) never take part; writes <out>/<choice.stem>.md and .json; returns the value."""
     flag = f"--{choice.flag}"
-    if not config.first_seed:
-        raise DNIError(f"{flag} reads tables of seeds the reported table does not use: give --first_seed (e.g. 100)")
-    try:
-        values = sorted({float(v) for v in getattr(config, choice.flag).split(",")})
-    except ValueError:
-        raise DNIError(f"{flag} takes comma-separated {choice.noun}s, e.g. 0.1,0.5,1; "
-                       f"got {getattr(config, choice.flag)!r}") from None
-    if not all(0 < v < float("inf") for v in values) or len(values) > MAX_CANDIDATES:
-        raise DNIError(f"{flag} takes at most {MAX_CANDIDATES} {choice.noun}s, each > 0; "
-                       f"got {getattr(config, choice.flag)!r}")
+    values = choice_candidates(flag, getattr(config, choice.flag), choice.noun, first_seed=config.first_seed,
+                               example="0.1,0.5,1")
     out, scores = Path(config.out), {}
     for value in values:
         candidate = dataclasses.replace(config, choose="", choose_aux="", **{choice.setting: value})
@@ -280,7 +271,7 @@ def choose(config, argv=(), *, choice, log=print):
         if any(len(row.get(choice.method, ())) != config.seeds for row in rows):
             raise DNIError(f"{path} does not hold {config.seeds} seeds per cell: remake it with {remake}")
         scores[value] = statistics.mean(v for row in rows for v in row[choice.method])
-    chosen = max(values, key=lambda v: (scores[v], -v))
+    chosen = best_candidate(scores)
     files = choice.files.format(factor=factor_tag(config.sg_factor), first_seed=config.first_seed)
     lines = [f"# {choice.title}", "",
              f"Mean length solved by {RECURRENT_NAMES[choice.method]} over every task, T and seed {config.first_seed}.."

@@ -205,3 +205,72 @@ def test_two_processes_say_so_when_b_dies(monkeypatch):
     config = tiny(method="backprop", processes=2)
     with pytest.raises(DNIError, match=r"process B exited \(code 3\)"):
         train_two_processes(config, load_digits(config, fake_load), log=lambda line: None)
+
+
+def fake_run(results, stem, *, seed, val_acc, span=2, method="dni", dni_lr=1e-5, task="count"):
+    """A finished run folder as the table reads it (summary and metrics), trained by no one."""
+    import dataclasses
+    config = TimescalesConfig(method=method, span=span, seed=seed, dni_lr=dni_lr, task=task, processes=2,
+                              out=str(results / stem))
+    folder = results / stem / config.name
+    folder.mkdir(parents=True)
+    env = dict(cpu="test", torch=torch.__version__, git_commit="0" * 40, git_dirty=False)
+    summary = dict(config=dataclasses.asdict(config), env=env, val_acc=val_acc, test_acc=val_acc, train_s=1.0)
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "metrics.jsonl").write_text(json.dumps(dict(tick=config.ticks, time=1.0, val_acc=val_acc)) + "\n")
+
+
+def choice_tables(results, first_seed, accuracies):
+    """For each rate, the --dni_only table of seeds first_seed..+2 at T = 2, 4, 8 from fake runs whose
+    final validation accuracy is the rate's; returns the table files' names."""
+    from experiments.timescales_table import TableConfig, make_table
+    names = []
+    for rate, acc in accuracies.items():
+        config = TableConfig(results=str(results), first_seed=first_seed, dni_only=True, dni_lr=rate, table_only=True)
+        for span in (2, 4, 8):
+            for seed in config.seed_list:
+                fake_run(results, config.stem, seed=seed, val_acc=acc, span=span, dni_lr=rate)
+        fake_run(results, config.stem, seed=first_seed, val_acc=0.0, method="frozen")   # not a DNI row: not shown
+        table = make_table(config, log=lambda line: None)
+        assert {c["method"] for c in table["cells"]} == {"dni"}
+        names.append(config.stem)
+    return names
+
+
+def test_the_dni_rate_is_chosen_on_the_seeds_s_tables_alone(tmp_path):
+    """--choose_lr reads the --dni_only tables of --first_seed's seeds, one per rate, and picks the
+    best mean validation accuracy (ties: the smaller rate); the reported table and other seeds' are
+    never read, and no table of a non-zero first seed takes the reported table's name."""
+    from experiments.timescales_table import main
+    assert choice_tables(tmp_path, 100, {1e-4: 0.5, 1e-5: 0.7, 1e-6: 0.6}) == \
+        ["timescales_lr0.0001_s100", "timescales_lr1e-05_s100", "timescales_lr1e-06_s100"]
+    choice_tables(tmp_path, 200, {1e-4: 0.9, 1e-5: 0.1})             # other seeds favour 1e-4: never read
+    for seed in range(3):                                              # so do the reported seeds
+        fake_run(tmp_path, "timescales", seed=seed, val_acc=0.99, dni_lr=1e-4)
+    assert not (tmp_path / "timescales.json").exists()
+    argv = ["--results", str(tmp_path), "--first_seed", "100", "--task", "count"]
+    assert main([*argv, "--choose_lr", "1e-4,1e-5,1e-6"]) == 1e-5
+    choice = json.loads((tmp_path / "timescales_lr_choice_count.json").read_text())
+    assert choice["chosen"] == 1e-5 and choice["first_seed"] == 100 and choice["scores"]["1e-06"] == 0.6
+    assert "| 1e-05 | 0.7000 |" in (tmp_path / "timescales_lr_choice_count.md").read_text()
+    choice_tables(tmp_path, 300, {1e-4: 0.5, 1e-6: 0.5})
+    assert main(["--results", str(tmp_path), "--first_seed", "300", "--choose_lr", "1e-4,1e-6"]) == 1e-6
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--choose_lr", "1e-4,1e-5"], "give --first_seed (e.g. 100)"),
+    (["--first_seed", "100", "--choose_lr", "1e-3,1e-4,1e-5,1e-6,1e-7"], "at most 4 rates, each > 0"),
+    (["--first_seed", "100", "--choose_lr", "0,1e-5"], "at most 4 rates, each > 0"),
+    (["--first_seed", "100", "--choose_lr", "1e-5,1e-6"],
+     "timescales_lr1e-06_s100.json is missing: train it with python -m experiments.timescales_table --task count "
+     "--first_seed 100 --dni_only --dni_lr 1e-06"),
+    (["--first_seed", "100", "--seeds", "2", "--choose_lr", "1e-5"],
+     "--first_seed 100 --seeds 2 --dni_only --dni_lr 1e-05"),
+    (["--dni_only"], "give --first_seed (e.g. 100)")])
+def test_a_choice_that_cannot_be_made_is_one_line(tmp_path, capsys, flags, words):
+    from experiments.timescales_table import main
+    choice_tables(tmp_path, 100, {1e-5: 0.5})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--results", str(tmp_path), *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and words in err and err.count("\n") == 1
