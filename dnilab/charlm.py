@@ -40,13 +40,13 @@ from dnilab.data import FORTUNES_DIR, load_fortunes
 from dnilab.parts import pick_device, set_seed
 from dnilab.runs import claim_run_dir, environment, record_environment, write_json
 
-METHODS = ("bptt", "dni", "dni_aux")
+LM_METHODS = ("bptt", "dni", "dni_aux")
 
 
 @dataclass
 class CharLMConfig:
     """Every default of `python charlm.py`, defined once."""
-    method: str = field(default="dni", metadata=dict(help="bptt, dni or dni_aux (DNI + Aux)", choices=METHODS))
+    method: str = field(default="dni", metadata=dict(help="bptt, dni or dni_aux (DNI + Aux)", choices=LM_METHODS))
     truncation: int = field(default=3, metadata=dict(help="T: characters per BPTT window", positive=True))
     hidden: int = field(default=256, metadata=dict(help="LSTM units", positive=True))
     embedding: int = field(default=64, metadata=dict(help="character embedding size", positive=True))

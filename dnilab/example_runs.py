@@ -1,6 +1,6 @@
 """What the scripts under examples/ share: their methods, where their cuts sit, and their run folders.
 
-Each example trains one model of its own by one of `METHODS`: backprop; DNI or cDNI (a `dni.DNI`
+Each example trains one model of its own by one of `EXAMPLE_METHODS`: backprop; DNI or cDNI (a `dni.DNI`
 at each cut, Jaderberg et al. 2016, section 2); or local losses (a `dni.LocalLoss` at each cut, as
 in Decoupled Greedy Learning, Belilovsky et al. 2020: the layers below a cut learn from a small
 auxiliary head's loss alone, the layers above read the cut's activation as a constant). The cuts
@@ -16,7 +16,7 @@ from pathlib import Path
 from dni.errors import DNIError
 from dnilab.runs import claim_run_dir, record_environment, write_json
 
-METHODS = ("backprop", "dni", "cdni", "local")  # what --method accepts in every example
+EXAMPLE_METHODS = ("backprop", "dni", "cdni", "local")  # what --method accepts in every example
 EXAMPLES_DIR = Path("results/examples")  # where the examples' runs live by default
 
 

@@ -16,7 +16,7 @@ loss; nothing tells A what to output except what comes back across the A-to-B in
     B:  b_k = GRUCell([a_{kT-T+1}, ..., a_{kT}], b_{k-1});   every T ticks
         logits_k = V b_k                                     loss_k = CE(logits_k, target of span k)
 
-Methods (`METHODS`):
+Methods (`SYSTEM_METHODS`):
 - "backprop": A waits for B. A keeps its graph over the span; B's backward gives d loss_k / d a_t
   for each of the span's T outputs, and A backpropagates them through its span (its state is cut
   at span boundaries). That is one backward through B and A over the span (the chain rule split
@@ -71,7 +71,7 @@ from dni.synthesizers import make_synthesizer
 from dnilab.data import load_data, split_validation
 from dnilab.parts import set_seed
 
-METHODS = ("backprop", "dni", "frozen", "own_task")
+SYSTEM_METHODS = ("backprop", "dni", "frozen", "own_task")
 TASKS = ("count", "parities")  # what B predicts at each of its ticks (see `targets_of`)
 TRAINS_A_FROM_B = ("backprop", "dni")  # methods under which B's error reaches A (truly or synthetically)
 
@@ -79,7 +79,7 @@ TRAINS_A_FROM_B = ("backprop", "dni")  # methods under which B's error reaches A
 @dataclass
 class TimescalesConfig:
     """Every default of `python timescales.py`, defined once."""
-    method: str = field(default="dni", metadata=dict(help="how A learns", choices=METHODS))
+    method: str = field(default="dni", metadata=dict(help="how A learns", choices=SYSTEM_METHODS))
     task: str = field(default="count", metadata=dict(help="B's target: count (of odd digits in the span, 0..T) or "
                                                           "parities (of each digit of the span)", choices=TASKS))
     span: int = field(default=4, metadata=dict(help="T: A's ticks per tick of B", positive=True))

@@ -39,7 +39,7 @@ import dni  # noqa: E402
 from dni.errors import DNIError  # noqa: E402
 from dnilab.cli import parse_config  # noqa: E402
 from dnilab.data import FORTUNES_DIR, load_fortunes  # noqa: E402
-from dnilab.example_runs import METHODS, cut_positions, finish_run, log_metrics, start_run  # noqa: E402
+from dnilab.example_runs import EXAMPLE_METHODS, cut_positions, finish_run, log_metrics, start_run  # noqa: E402
 
 
 def _opt(default, help, **meta):
@@ -49,7 +49,7 @@ def _opt(default, help, **meta):
 @dataclass
 class Settings:
     """The example's settings; each is a flag (`--steps 3000`)."""
-    method: str = _opt("dni", "how the blocks below a cut learn", choices=METHODS)
+    method: str = _opt("dni", "how the blocks below a cut learn", choices=EXAMPLE_METHODS)
     cuts: int = _opt(0, "cuts on the residual stream, spread evenly: 1 is the middle; 0, one between every "
                         "pair of consecutive blocks")
     steps: int = _opt(1000, "training steps", positive=True)

@@ -35,7 +35,7 @@ import dni  # noqa: E402
 from dni.errors import DNIError  # noqa: E402
 from dnilab.cli import parse_config  # noqa: E402
 from dnilab.data import load_data, split_validation  # noqa: E402
-from dnilab.example_runs import METHODS, cut_positions, finish_run, log_metrics, start_run  # noqa: E402
+from dnilab.example_runs import EXAMPLE_METHODS, cut_positions, finish_run, log_metrics, start_run  # noqa: E402
 
 MEAN, STD = 0.286, 0.353  # Fashion-MNIST's training pixels
 VAL_SIZE = 10_000  # the last training images, held out as the validation split
@@ -48,7 +48,7 @@ def _opt(default, help, **meta):
 @dataclass
 class Settings:
     """The example's settings; each is a flag (`--epochs 10`)."""
-    method: str = _opt("cdni", "how the layers below a cut learn", choices=METHODS)
+    method: str = _opt("cdni", "how the layers below a cut learn", choices=EXAMPLE_METHODS)
     cuts: int = _opt(0, "cuts between residual groups: 1 is after layer2; 0, after layer1, layer2 and layer3")
     epochs: int = _opt(3, "passes over the 50,000 training images", positive=True)
     batch_size: int = _opt(128, "images per step", positive=True)

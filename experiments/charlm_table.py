@@ -25,7 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from dnilab.charlm import METHODS, CharLMConfig, run
+from dnilab.charlm import LM_METHODS, CharLMConfig, run
 from dni.errors import DNIError
 from dnilab.cli import main_guard, parse_config
 from dnilab.runs import write_json, write_text
@@ -58,7 +58,7 @@ def run_configs(table):
     common = dict(chars=table.chars, hidden=table.hidden)
     grid = [CharLMConfig(method=m, truncation=T, seed=s, aux_weight=table.aux_weight, **common,
                          out=f"{table.out}/charlm/{m}_T{T}_s{s}")
-            for s in range(table.seeds) for T in TRUNCATIONS for m in METHODS]
+            for s in range(table.seeds) for T in TRUNCATIONS for m in LM_METHODS]
     return grid + [CharLMConfig(method="bptt", truncation=LONG_T, seed=0, **common,
                                 out=f"{table.out}/charlm/bptt_T{LONG_T}_s0")]
 
@@ -122,7 +122,7 @@ def table_dict(out, command):
     return dict(cells=cells, equal_compute=equal, chars=budgets, hidden=sorted({c["hidden"] for c in configs}),
                 aux_weight=sorted({c["aux_weight"] for c in configs if c["method"] == "dni_aux"}),
                 curves={m: [json.loads(line) for line in Path(runs[(m, 3)][0]["folder"], "metrics.jsonl").read_text()
-                            .splitlines() if line] for m in METHODS if (m, 3) in runs},
+                            .splitlines() if line] for m in LM_METHODS if (m, 3) in runs},
                 modified_tree=modified_tree_line([Path(f) for f in folders]), command=command)
 
 
@@ -139,12 +139,12 @@ def markdown(table):
              f"LSTM of {', '.join(map(str, table['hidden']))} units; DNI + Aux weight "
              f"{', '.join(f'{w:g}' for w in table['aux_weight']) or '—'}. Validation bits per character (the "
              "early-stopping criterion) beside each.", "",
-             "| T | " + " | ".join(RECURRENT_NAMES[m] for m in METHODS) + " | DNI ≤ BPTT | DNI + Aux ≤ DNI |",
-             "|---|" + "---|" * (len(METHODS) + 2)]
+             "| T | " + " | ".join(RECURRENT_NAMES[m] for m in LM_METHODS) + " | DNI ≤ BPTT | DNI + Aux ≤ DNI |",
+             "|---|" + "---|" * (len(LM_METHODS) + 2)]
     for T in TRUNCATIONS:
         row = [f"| {T} "]
         means = {}
-        for m in METHODS:
+        for m in LM_METHODS:
             c = cells.get(f"{m}/T{T}")
             if c is None:
                 row.append("| not run ")

@@ -25,7 +25,7 @@ OPTIMIZERS = {  # name: (class, the model's rate, options), the rates at which b
     "Adam": (torch.optim.Adam, 1e-3, {}),
     "AdamW": (torch.optim.AdamW, 1e-3, {}),
 }
-METHODS = {  # name: (cDNI, synthesizers' rate as a fraction of the model's, BatchNorm, normalised objective)
+PROBES = {  # name: (cDNI, synthesizers' rate as a fraction of the model's, BatchNorm, normalised objective)
     "backprop": None, "frozen": (False, 0.0, True, False),
     "dni": (False, 1, True, False), "dni lr/10": (False, 0.1, True, False),
     "dni normalised": (False, 1, True, True), "dni no-BN": (False, 1, False, False),
@@ -67,16 +67,16 @@ def run(method, optimizer, seed, steps):
     torch.manual_seed(seed)
     x, y = data(seed)
     cls, lr, options = OPTIMIZERS[optimizer]
-    if METHODS[method] is None:
+    if PROBES[method] is None:
         model = Net(cuts=False, conditioned=False)
         params = model.parameters()
     else:
-        conditioned, factor, batch_norm, normalised = METHODS[method]
+        conditioned, factor, batch_norm, normalised = PROBES[method]
         model = Net(cuts=True, conditioned=conditioned, batch_norm=batch_norm)
         params = model.parameters() if factor == 1 else dni.param_groups(model, lr=lr, sg_lr=lr * factor)
     opt = cls(params, lr=lr, **options)
     loss_fn = dni.interface.synthesizer_loss
-    if METHODS[method] is not None and normalised:
+    if PROBES[method] is not None and normalised:
         dni.interface.synthesizer_loss = normalised_loss
     try:
         g = torch.Generator().manual_seed(1000 + seed)
@@ -101,11 +101,11 @@ def main():
     x, y = data(0)
     print(f"full-data MSE after {args.steps} steps, mean of {args.seeds} seeds (at the start: "
           f"{F.mse_loss(torch.zeros_like(y), y).item():.3f} for a zero predictor)\n")
-    print("| optimizer (lr) | " + " | ".join(METHODS) + " |")
-    print("|---" * (len(METHODS) + 1) + "|")
+    print("| optimizer (lr) | " + " | ".join(PROBES) + " |")
+    print("|---" * (len(PROBES) + 1) + "|")
     for optimizer, (_, lr, options) in OPTIMIZERS.items():
         cells = []
-        for method in METHODS:
+        for method in PROBES:
             finals = [run(method, optimizer, seed, args.steps) for seed in range(args.seeds)]
             mean = sum(finals) / len(finals)
             cells.append("nan" if not math.isfinite(mean) or mean > 1e6 else f"{mean:.1e}")

@@ -35,7 +35,7 @@ from dnilab.config import Config
 from dnilab.runs import write_text
 from experiments.grid import COLUMNS, SEEDS, check_counts, pending, train_all
 
-METHODS = ("backprop", "dni", "cdni")  # columns of experiments.grid.COLUMNS
+SEARCHED = ("backprop", "dni", "cdni")  # columns of experiments.grid.COLUMNS
 TABLE1_EPOCHS = 10
 # (lr, epochs) candidates per network; a 10-epoch row serves both rules.
 CANDIDATES = {
@@ -182,7 +182,7 @@ def search(args, log=print):
 def parse_args(argv=None):
     parser = OneLineParser(prog="python -m experiments.stage_search", description=__doc__.splitlines()[0])
     parser.add_argument("--model_type", choices=list(CANDIDATES), default="mlp", help="network (default: mlp)")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(SEARCHED), default=list(SEARCHED))
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--data_dir")

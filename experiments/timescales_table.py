@@ -36,7 +36,7 @@ from pathlib import Path
 from dni.errors import DNIError
 from dnilab.cli import main_guard, parse_config
 from dnilab.runs import write_json, write_text
-from dnilab.timescales import METHODS, TASKS, TimescalesConfig
+from dnilab.timescales import SYSTEM_METHODS, TASKS, TimescalesConfig
 from dnilab.timescales_train import run
 from experiments.grid import best_candidate, choice_candidates, mean_std
 from experiments.provenance import modified_tree_line
@@ -53,7 +53,7 @@ class TableConfig:
     """The grid's settings; those of each run are TimescalesConfig's defaults unless given here."""
     spans: str = field(default="2,4,8", metadata=dict(help="values of T, comma-separated"))
     task: str = field(default="count", metadata=dict(help="B's target (dnilab.timescales.TASKS)", choices=TASKS))
-    methods: str = field(default=",".join(METHODS), metadata=dict(help="methods, comma-separated"))
+    methods: str = field(default=",".join(SYSTEM_METHODS), metadata=dict(help="methods, comma-separated"))
     seeds: int = field(default=3, metadata=dict(help="seeds first_seed..first_seed+seeds-1 per cell", positive=True))
     first_seed: int = field(default=0, metadata=dict(help="the first seed of every cell; choices are made on seeds no "
                                                           "reported table uses (100), in files and a run folder "
@@ -83,9 +83,9 @@ class TableConfig:
         if any(t < 1 for t in self.span_list):
             raise DNIError(f"--spans must be positive, got {self.spans!r}")
         self.method_list = ("dni",) if self.dni_only else tuple(self.methods.split(","))
-        unknown = [m for m in self.method_list if m not in METHODS]
+        unknown = [m for m in self.method_list if m not in SYSTEM_METHODS]
         if unknown:
-            raise DNIError(f"--methods got {unknown[0]!r}; expected some of {', '.join(METHODS)}")
+            raise DNIError(f"--methods got {unknown[0]!r}; expected some of {', '.join(SYSTEM_METHODS)}")
         if not self.target < 1:
             raise DNIError(f"--target must be below 1, got {self.target}")
         if self.first_seed < 0:
@@ -243,7 +243,7 @@ def make_table(config, argv=(), *, log=print):
     cells = tabulate(runs, config.target)
     ordered = []
     for (task, T, method, processes), cell in sorted(
-            cells.items(), key=lambda kv: (TASKS.index(kv[0][0]), kv[0][1], METHODS.index(kv[0][2]), kv[0][3])):
+            cells.items(), key=lambda kv: (TASKS.index(kv[0][0]), kv[0][1], SYSTEM_METHODS.index(kv[0][2]), kv[0][3])):
         rate = {k: v for k, v in cell["settings"].items() if k == "dni_lr" and method == "dni"}
         ordered.append(dict(task=task, T=T, method=method, processes=processes, ticks=cell["settings"]["ticks"],
                             **rate, runs=cell["runs"]))
