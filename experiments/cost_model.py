@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from dni.synthesizers import make_synthesizer, synthesizer_loss
 from dnilab.cli import OneLineParser, main_guard
 from dnilab.partition import balanced_partition, stage_costs
-from dnilab.runs import write_json, write_text
+from dnilab.runs import environment, write_json, write_text
 
 BATCH = 256
 MICROBATCHES = (2, 4, 8)
@@ -252,7 +252,8 @@ def extrapolate(link_measured, repeats):
 def markdown(result):
     link = result["link"]
     lines = ["# A cost model of pipelined training, checked against the bench", "",
-             f"Made by `{result['command']}`; torch {result['torch']}, one thread per process. The link: gloo "
+             f"Made by `{result['command']}` at commit {(result.get('env', {}).get('git_commit') or 'unknown')[:7]}"
+             f"{' (modified tree)' if result.get('env', {}).get('git_dirty') else ''}; torch {result['torch']}, one thread per process. The link: gloo "
              f"over 127.0.0.1, alpha {link['alpha'] * 1e6:.0f} us, beta {link['beta'] / 1e9:.2f} GB/s "
              "(fitted to a ping-pong). Measured samples/s: results/bench.json. experiments/cost_model.py's "
              "docstring gives the model.", "",
@@ -295,7 +296,7 @@ def cost_model(args):
         costs = {model: network_costs(model, args.repeats) for model in ("wide", "mlp")}
         pair = (link["alpha"], link["beta"])
         result = dict(command="python -m experiments.cost_model " + " ".join(sys.argv[1:]), torch=torch.__version__,
-                      link=link, costs=costs, check=check(costs, pair, bench),
+                      env=environment(torch.device("cpu")), link=link, costs=costs, check=check(costs, pair, bench),
                       extrapolated=extrapolate(pair, args.repeats))
         write_json(results / "cost_model.json", result)
     write_text(results / "cost_model.md", markdown(result))
