@@ -99,7 +99,7 @@ def synthesizer_time(synthesizer, h, context, repeats):
 def network_costs(model, repeats):
     """Measured costs of the bench's network `model`: per stage, F and B at N and at each micro-batch,
     O; per synthesizer, S for DNI and cDNI; the partition and the cut's size in bytes."""
-    from experiments.bench import make_net
+    from experiments.bench_workloads import make_net
     torch.manual_seed(0)
     x = torch.randn(BATCH, 1, 28, 28)
     y = torch.randint(0, 10, (BATCH,))
