@@ -255,8 +255,8 @@ def markdown(result):
              f"Made by `{result['command']}` at commit {(result.get('env', {}).get('git_commit') or 'unknown')[:7]}"
              f"{' (modified tree)' if result.get('env', {}).get('git_dirty') else ''}; torch {result['torch']}, one thread per process. The link: gloo "
              f"over 127.0.0.1, alpha {link['alpha'] * 1e6:.0f} us, beta {link['beta'] / 1e9:.2f} GB/s "
-             "(fitted to a ping-pong). Measured samples/s: results/bench.json. experiments/cost_model.py's "
-             "docstring gives the model.", "",
+             f"(fitted to a ping-pong). Measured samples/s: {result.get('bench', 'results/bench.json')}, made just "
+             "before on the same machine. experiments/cost_model.py's docstring gives the model.", "",
              "## Predicted against measured, K = 2", "",
              "| model | workload | predicted samples/s | measured samples/s | error |", "|---|---|---|---|---|"]
     for r in result["check"]:
@@ -296,7 +296,7 @@ def cost_model(args):
         costs = {model: network_costs(model, args.repeats) for model in ("wide", "mlp")}
         pair = (link["alpha"], link["beta"])
         result = dict(command="python -m experiments.cost_model " + " ".join(sys.argv[1:]), torch=torch.__version__,
-                      env=environment(torch.device("cpu")), link=link, costs=costs, check=check(costs, pair, bench),
+                      env=environment(torch.device("cpu")), bench=(results / "bench.json").as_posix(), link=link, costs=costs, check=check(costs, pair, bench),
                       extrapolated=extrapolate(pair, args.repeats))
         write_json(results / "cost_model.json", result)
     write_text(results / "cost_model.md", markdown(result))

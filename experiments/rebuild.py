@@ -41,6 +41,7 @@ REBUILDS = {
                              "--lrs 3e-3 --epochs 10 --table_only",
     "results/stage_search_mlp.md": "python -m experiments.stage_search --model_type mlp --table_only",
     "results/stage_search_cnn.md": "python -m experiments.stage_search --model_type cnn --table_only",
+    "results/cost_model/cost_model.md": "python -m experiments.cost_model --results results/cost_model --table_only",
     "results/deviations.md": "python -m experiments.deviations --table_only",
     "results/published.md": "python -m experiments.published",
     "results/examples.md": "python examples/table.py",
