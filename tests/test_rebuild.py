@@ -16,7 +16,7 @@ from experiments import rebuild, thin
 
 ROOT = Path(__file__).resolve().parent.parent
 # Measured again, never rebuilt: timings, and the optimizer probe (it trains; it has no run folders).
-MEASUREMENTS = {"results/api_speed.md", "results/bench.md", "results/sg_optimizers.md"}
+MEASUREMENTS = {"results/api_speed.md", "results/bench.md", "results/sg_optimizers.md", "results/cost_model/bench.md"}
 LIMIT_MB = 40
 
 
