@@ -28,7 +28,7 @@ from dnilab.cli import OneLineParser, main_guard
 from dnilab.config import Config
 from dnilab.data import TRAIN_SIZES, num_batches
 from dnilab.runs import write_json, write_text
-from experiments.grid import COLUMNS, CPU_SETTINGS, SEEDS, check_counts, pending, train_all
+from experiments.grid import COLUMNS, CPU_SETTINGS, SEEDS, add_grid_options, check_counts, pending, train_all
 
 SIZES = (0, 256, 512, 1024, 2048)  # units of the one hidden layer; 0: linear
 FRONT_METHODS = ("dni", "cdni")  # columns of experiments.grid.COLUMNS
@@ -42,8 +42,9 @@ def run_config(args, method, units, seed):
     settings = dict(model_type="mlp", seed=seed, plot=False, overwrite=True, **CPU_SETTINGS["mlp"], **COLUMNS[method],
                     synth_layers=0 if units == 0 else 1, synth_width=units or Config().synth_width,
                     out=str(Path(args.results) / "synth_front" / f"{method}_w{units}_s{seed}"))
-    if args.data_dir:
-        settings["data_dir"] = args.data_dir
+    for name in ("device", "data_dir"):
+        if getattr(args, name):
+            settings[name] = getattr(args, name)
     return Config(**settings)
 
 
@@ -150,12 +151,7 @@ def parse_args(argv=None):
     parser = OneLineParser(prog="python -m experiments.synth_front", description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", choices=list(FRONT_METHODS), default=list(FRONT_METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
-    parser.add_argument("--data_dir")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default: 1)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once, one process each (default: 1)")
-    parser.add_argument("--results", default="results")
-    parser.add_argument("--table_only", action="store_true", help="train nothing: the front of the finished runs")
-    parser.add_argument("--retrain_stale", action="store_true")
+    add_grid_options(parser, "synth_front")
     args = parser.parse_args(argv)
     check_counts(parser, args, names=("threads", "jobs"))
     return args
