@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dni.errors import DNIError
 from dni.synthesizers import make_synthesizer, synthesizer_loss
 from dnilab.cli import OneLineParser, main_guard
 from dnilab.partition import balanced_partition, stage_costs
@@ -285,13 +286,20 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def _read(path, made_by):
+    """A JSON file this model reads, or a one-line error naming the command that makes it."""
+    if not path.exists():
+        raise DNIError(f"{path} is missing: make it with {made_by}")
+    return json.loads(path.read_text())
+
+
 def cost_model(args):
     results = Path(args.results)
     if args.table_only:
-        result = json.loads((results / "cost_model.json").read_text())
+        result = _read(results / "cost_model.json", f"python -m experiments.cost_model --results {results}")
     else:
         torch.set_num_threads(1)
-        bench = json.loads((results / "bench.json").read_text())
+        bench = _read(results / "bench.json", f"python -m experiments.bench --out {results}")
         link = measure_link(args.repeats)
         costs = {model: network_costs(model, args.repeats) for model in ("wide", "mlp")}
         pair = (link["alpha"], link["beta"])

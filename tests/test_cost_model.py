@@ -28,3 +28,14 @@ def test_pipelines_pay_the_bubble_and_dni_the_slowest_worker():
     assert predict(costs(4), FREE, "dni") == pytest.approx(BATCH / (3.5 + 0.25))
     # messages cost their copy (bytes / bandwidth), not the latency
     assert predict(costs(2), (5.0, 1000.0), "dni") == pytest.approx(BATCH / (3.5 + 0.25 + 2 * 1.0))
+
+
+def test_a_missing_input_is_one_line_naming_the_command_that_makes_it(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    for flags, command in (([], "python -m experiments.bench"), (["--table_only"], "python -m experiments.cost_model")):
+        out = subprocess.run([sys.executable, "-m", "experiments.cost_model", "--results", str(tmp_path), *flags],
+                             cwd=root, capture_output=True, text=True)
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and command in out.stderr
