@@ -131,11 +131,12 @@ def build(config, vocab, device):
     return model, sg, torch.optim.Adam(groups)
 
 
-def train(config, *, log=print, metrics=None):
-    """Train for config.chars characters; returns the summary dict (see the module docstring)."""
+def train(config, *, log=print, metrics=None, corpus=None):
+    """Train for config.chars characters (on `corpus`, default config.corpus read here); returns the
+    summary dict (see the module docstring)."""
     torch.set_num_threads(config.threads)
     device = pick_device(config.device)
-    corpus = load_fortunes(config.corpus, device=device)
+    corpus = corpus if corpus is not None else load_fortunes(config.corpus, device=device)
     set_seed(config.seed)
     model, sg, optimizer = build(config, len(corpus.chars), device)
     data = streams(corpus.train, config.batch_size)                             # (L, B)
@@ -193,10 +194,11 @@ def run(config, *, log=print):
     """Train as `config` says, in the run folder config.out: config.json, command.txt, env.json,
     metrics.jsonl, summary.json (written last). Returns the summary dict."""
     device = pick_device(config.device)
+    corpus = load_fortunes(config.corpus, device=device)  # a missing corpus is refused before the folder exists
     folder = claim_run_dir(Path(config.out), overwrite=config.overwrite)
     record_environment(folder, config, device)
     with open(folder / "metrics.jsonl", "w") as f:
-        summary = train(config, log=log, metrics=lambda row: f.write(json.dumps(row) + "\n"))
+        summary = train(config, log=log, metrics=lambda row: f.write(json.dumps(row) + "\n"), corpus=corpus)
     summary.update(config=dataclasses.asdict(config), env=environment(device))
     write_json(folder / "summary.json", summary)
     log(f"{config.method} T={config.truncation}: test {summary['test_bits']:.3f} bits/char at the best validation "

@@ -96,3 +96,10 @@ def test_the_aux_weight_is_chosen_on_seed_100_by_validation_alone(tmp_path):
     assert not (tmp_path / "charlm").exists()  # the choice's runs are not the table's
     with pytest.raises(Exception, match="at most|1 to 4"):
         choice_configs(TableConfig(choose_aux="1,2,3,4,5"))
+
+
+def test_a_missing_corpus_is_one_line_and_leaves_no_run_folder(tmp_path):
+    out = subprocess.run([sys.executable, "charlm.py", "--corpus", str(tmp_path / "none"), "--out", str(tmp_path / "run")],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "fortunes" in out.stderr
+    assert not (tmp_path / "run").exists()
