@@ -18,6 +18,8 @@ and, unless --accuracy_epochs 0, the test accuracy of `main.py` sequential DNI v
 run pipelined on K workers (same seed, same epochs), and vs backprop under the schedules of
 --accuracy_pipelining after the same samples. The markdown ends with where the DNI pipeline
 wins and where it loses, read off the measured numbers.
+Time to a validation accuracy, rather than samples per second, is measured apart:
+`python -m experiments.time_to_accuracy` (it reads the 1F1B rows of bench.json).
 
 Workers are started with torchrun (`python -m torch.distributed.run`) on 127.0.0.1, one
 thread each (--threads). Workloads are interleaved over --rounds rounds, and every figure
