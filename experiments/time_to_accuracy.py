@@ -182,7 +182,7 @@ def measured(run_dir, method, accuracies):
             "final_val_acc": summary["val_acc"], "train_seconds": summary["seconds"], "epochs": len(points),
             "val_size": config["val_size"], "microbatches": summary.get("pipelining", {}).get("microbatches"),
             "microbatches_from": summary.get("pipelining", {}).get("microbatches_from"),
-            "hardware": {k: env.get(k) for k in ("cpu", "torch", "python")}}
+            "threads_per_process": env.get("threads"), "hardware": {k: env.get(k) for k in ("cpu", "torch", "python")}}
 
 
 def canonical_command(args):
@@ -245,7 +245,8 @@ def markdown(result):
              f"{s['epochs']} epochs, batch {s['batch_size']}, seed {s['seed']}, on MNIST's training images less the "
              f"{', '.join(sorted({str(r['val_size']) for r in runs}))} validation ones. Accuracy: on the validation "
              "split after each epoch (the test split is not read). Seconds: training only, summed over the epochs "
-             "so far, evaluation left out (`dnilab.train.loop`). Two cores: one process with "
+             "so far, evaluation left out (`dnilab.train.loop`), the first steps' warm-up in: what a user waits "
+             "for. Two cores: one process with "
              f"{s['threads_one_process']} threads, or K = {s['workers']} workers of one thread each. "
              f"CPU {result['hardware']['cpu']}, torch {result['hardware']['torch']}, "
              f"Python {result['hardware']['python']}.", ""]
