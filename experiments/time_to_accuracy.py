@@ -29,6 +29,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,6 +38,7 @@ from dnilab.config import Config
 from dni.errors import DNIError
 from dnilab.cli import OneLineParser, main_guard, parse_bool
 from dnilab.runs import metrics_rows, write_json, write_text
+from experiments.bench import cpu_name
 from experiments.bench_accuracy import ACCURACY_LR
 from experiments.bench_workloads import BENCH_MODELS, ROOT, free_port
 
@@ -44,6 +46,7 @@ K = 2  # workers of every pipelined method
 THREADS = 2  # of the one-process baseline: the cores the K workers use
 BATCH_SIZE = Config.__dataclass_fields__["batch_size"].default  # main.py's, which every run keeps
 VAL_SIZE = Config.__dataclass_fields__["val_size"].default  # main.py's
+MACHINE = "machine.json"  # beside a run this measurement trained: the CPU, the load, the wall-clock seconds
 
 
 class Method(NamedTuple):
@@ -149,10 +152,15 @@ def ensure_run(model, method, args):
     print(f"{model}/{method.name}: training -> {run_dir}" + (f" ({microbatches} micro-batches: {source})"
                                                              if microbatches else ""), flush=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS=str(threads))
+    load, start = os.getloadavg(), time.perf_counter()
     done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode != 0 or not (run_dir / "summary.json").exists():
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         raise DNIError(f"the {model}/{method.name} run failed ({' | '.join(tail)}); its command: {shlex.join(argv)}")
+    # What env.json does not say: the CPU by name, and whether the machine was shared meanwhile.
+    write_json(run_dir / MACHINE, {"cpu": cpu_name(), "cores": os.cpu_count(), "load_average_before": load,
+                                   "load_average_after": os.getloadavg(),
+                                   "wall_seconds": round(time.perf_counter() - start, 1)})
     return run_dir
 
 
@@ -177,12 +185,14 @@ def measured(run_dir, method, accuracies):
     summary = json.loads((run_dir / "summary.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
     env = json.loads((run_dir / "env.json").read_text())
+    machine = json.loads((run_dir / MACHINE).read_text()) if (run_dir / MACHINE).exists() else {}
     return {"label": method.label, "run": str(run_dir), "curve": [list(p) for p in points],
             "seconds_to": {f"{a:g}": seconds_to(points, a / 100) for a in accuracies},
             "final_val_acc": summary["val_acc"], "train_seconds": summary["seconds"], "epochs": len(points),
             "val_size": config["val_size"], "microbatches": summary.get("pipelining", {}).get("microbatches"),
             "microbatches_from": summary.get("pipelining", {}).get("microbatches_from"),
-            "threads_per_process": env.get("threads"), "hardware": {k: env.get(k) for k in ("cpu", "torch", "python")}}
+            "threads_per_process": env.get("threads"), "machine": machine,
+            "hardware": {"cpu": machine.get("cpu", env.get("cpu")), **{k: env.get(k) for k in ("torch", "python")}}}
 
 
 def canonical_command(args):
@@ -235,6 +245,13 @@ def _when(hit):
     return "never" if hit is None else f"{hit[0]:.1f} s (epoch {hit[1]})"
 
 
+def _load(runs):
+    """The machine's 1-minute load average around the runs, where the runs recorded it."""
+    loads = [v for row in runs for k in ("load_average_before", "load_average_after")
+             for v in row["machine"].get(k, [])[:1]]
+    return f" Load average (1 min) around the runs: {min(loads):.1f} to {max(loads):.1f}." if loads else ""
+
+
 def markdown(result):
     s, acc = result["settings"], result["settings"]["accuracies"]
     runs = [row for rows in result["runs"].values() for row in rows.values()]
@@ -249,7 +266,7 @@ def markdown(result):
              "for. Two cores: one process with "
              f"{s['threads_one_process']} threads, or K = {s['workers']} workers of one thread each. "
              f"CPU {result['hardware']['cpu']}, torch {result['hardware']['torch']}, "
-             f"Python {result['hardware']['python']}.", ""]
+             f"Python {result['hardware']['python']}." + _load(runs), ""]
     for model, rows in result["runs"].items():
         lines += [f"## {model}: {BENCH_MODELS[model][1]}", "",
                   "| method | " + " | ".join(f"{a}% val" for a in acc) + " | final val acc | train s | epochs | run |",

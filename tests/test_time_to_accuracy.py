@@ -85,7 +85,9 @@ def test_table_only_rebuilds_byte_for_byte(tmp_path, monkeypatch, no_local, caps
     fake_run("results", "wide", "1f1b", [0.96, 0.97, 0.981], [0.5, 1.0, 1.5], microbatches=4)
     fake_run("results", "wide", "dni", [0.90, 0.92, 0.93], [0.4, 0.8, 1.2])
     fake_run("results", "wide", "cdni", [0.95, 0.96, 0.97], [0.4, 0.8, 1.2])
-    fake_run("results", "mlp", "backprop", [0.96, 0.97, 0.98], [1.0, 2.0, 3.0])
+    run = fake_run("results", "mlp", "backprop", [0.96, 0.97, 0.98], [1.0, 2.0, 3.0])
+    (run / tta.MACHINE).write_text(json.dumps({"cpu": "Some CPU @ 2GHz", "load_average_before": [0.25, 1, 1],
+                                               "load_average_after": [1.5, 1, 1], "wall_seconds": 9.0}))
     flags = ["--table_only", "--epochs", "3"]
     tta.main(flags)
     out = tmp_path / "results"
@@ -96,7 +98,7 @@ def test_table_only_rebuilds_byte_for_byte(tmp_path, monkeypatch, no_local, caps
     assert "| DNI pipeline, K=2 | never | never | never | 0.9300 | 1.2 | 3 |" in md
     assert "1F1B: 4 micro-batches, from the fastest row." in md
     assert "not run yet" in md and "no --method local yet" in md and "built for backprop and DNI only" not in md
-    assert "--epochs 3" in md and "lr 0.001" in md
+    assert "--epochs 3" in md and "lr 0.001" in md and "Load average (1 min) around the runs: 0.2 to 1.5." in md
     for text in (md, first["time_to_accuracy.json"].decode()):
         assert f"{TEST_ACC:.4f}" not in text and str(TEST_ACC) not in text  # validation only
     result = json.loads(first["time_to_accuracy.json"])
@@ -201,6 +203,26 @@ def test_a_finished_run_is_reused_and_one_with_other_settings_refused(tmp_path, 
     (run / "command.txt").write_text("python main.py --out x\n")
     with pytest.raises(DNIError, match="bench model mlp \\(not wide\\)"):
         tta.ensure_run("wide", tta.BY_NAME["dni"], args)
+
+
+def test_a_missing_run_is_trained_by_its_command_and_a_failed_one_named(tmp_path, monkeypatch):
+    args = args_of("--epochs", "2", "--results", str(tmp_path))
+    launched = []
+
+    def train(argv, **kw):
+        launched.append((argv, kw["env"]["OMP_NUM_THREADS"]))
+        fake_run(tmp_path, "mlp", "cdni", [0.9, 0.95], [1.0, 2.0])
+        return SimpleNamespace(returncode=0, stdout="", stderr="")
+    monkeypatch.setattr(tta.subprocess, "run", train)
+    run = tta.ensure_run("mlp", tta.BY_NAME["cdni"], args)
+    (argv, threads), = launched
+    assert "main.py" in argv and argv[argv.index("--out") + 1] == str(run) and threads == "1"
+    machine = json.loads((run / tta.MACHINE).read_text())
+    assert machine["wall_seconds"] >= 0 and len(machine["load_average_before"]) == 3 and machine["cpu"]
+    monkeypatch.setattr(tta.subprocess, "run",
+                        lambda argv, **kw: SimpleNamespace(returncode=2, stdout="", stderr="error: worker 1: boom"))
+    with pytest.raises(DNIError, match="the mlp/dni run failed \\(error: worker 1: boom\\); its command: .*main.py"):
+        tta.ensure_run("mlp", tta.BY_NAME["dni"], args)
 
 
 SLEEP = 1.5  # seconds each evaluation sleeps in the end-to-end run
