@@ -98,14 +98,14 @@ def run_dir_of(results, model, method):
 
 
 def command(model, method, run_dir, args, microbatches=None, microbatches_from="", extra=()):
-    """(argv, threads per process) of the run of (model, method), from the repository root."""
+    """(argv, threads per process) of the run of (model, method), from this directory (paths as typed)."""
     flags = ["--model_type", "mlp", *method.flags, "--num_epochs", str(args.epochs), "--lr", str(ACCURACY_LR),
              "--seed", str(args.seed), "--val_size", str(args.val_size), "--device", "cpu", "--data_dir",
              args.data_dir, "--plot", "False", "--overwrite", "True", "--out", str(run_dir), *extra]
     if method.launch == "pipeline":
         flags += ["--pipeline", "True"]
     if model == "mlp" and method.launch != "1f1b":
-        script = ["main.py"]  # main.py's own net and loops
+        script = [os.path.relpath(ROOT / "main.py")]  # main.py's own net and loops; "main.py" from the root
     else:
         script = ["-m", "experiments.time_to_accuracy_run", "--bench_model", model]
     if method.launch == "1f1b":
@@ -153,7 +153,7 @@ def ensure_run(model, method, args):
                                                              if microbatches else ""), flush=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS=str(threads))
     load, start = os.getloadavg(), time.perf_counter()
-    done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode != 0 or not (run_dir / "summary.json").exists():
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         raise DNIError(f"the {model}/{method.name} run failed ({' | '.join(tail)}); its command: {shlex.join(argv)}")

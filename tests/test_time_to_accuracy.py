@@ -18,6 +18,7 @@ import json
 import shutil
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -140,25 +141,29 @@ def main_py_flags(argv):
     return argv[argv.index("--model_type"):]
 
 
+def runs_main_py(argv):
+    return any(Path(a).name == "main.py" for a in argv)
+
+
 def test_commands(no_local):
     args = args_of("--epochs", "20")
     run = tta.run_dir_of("results", "mlp", tta.BY_NAME["dni"])
     argv, threads = tta.command("mlp", tta.BY_NAME["backprop"], run, args)
-    assert argv[1] == "main.py" and "torch.distributed.run" not in argv and threads == tta.THREADS
+    assert Path(argv[1]).name == "main.py" and "torch.distributed.run" not in argv and threads == tta.THREADS
     assert "--pipeline" not in argv
     argv, threads = tta.command("mlp", tta.BY_NAME["dni"], run, args)
     assert argv[1:4] == ["-m", "torch.distributed.run", "--nproc_per_node"] and argv[4] == str(tta.K)
-    assert "main.py" in argv and threads == 1
+    assert runs_main_py(argv) and threads == 1
     config = parse_config(Config, main_py_flags(argv))
     assert (config.method, config.pipeline, config.conditioned) == ("dni", True, False)
     assert (config.lr, config.num_epochs, str(config.out)) == (ACCURACY_LR, 20, str(run))
     argv, _ = tta.command("mlp", tta.BY_NAME["cdni"], run, args)
     assert parse_config(Config, main_py_flags(argv)).conditioned
     argv, _ = tta.command("wide", tta.BY_NAME["dni"], run, args)
-    assert "main.py" not in argv and argv[argv.index("--bench_model") - 1] == "experiments.time_to_accuracy_run"
+    assert not runs_main_py(argv) and argv[argv.index("--bench_model") - 1] == "experiments.time_to_accuracy_run"
     assert argv[argv.index("--bench_model") + 1] == "wide"
     argv, threads = tta.command("mlp", tta.BY_NAME["1f1b"], run, args, 4, "bench")
-    assert "torch.distributed.run" in argv and "main.py" not in argv and threads == 1
+    assert "torch.distributed.run" in argv and not runs_main_py(argv) and threads == 1
     assert argv[argv.index("--n_microbatches") + 1] == "4"
     config = parse_config(Config, main_py_flags(argv))
     assert (config.method, config.pipeline) == ("backprop", False)
@@ -216,7 +221,7 @@ def test_a_missing_run_is_trained_by_its_command_and_a_failed_one_named(tmp_path
     monkeypatch.setattr(tta.subprocess, "run", train)
     run = tta.ensure_run("mlp", tta.BY_NAME["cdni"], args)
     (argv, threads), = launched
-    assert "main.py" in argv and argv[argv.index("--out") + 1] == str(run) and threads == "1"
+    assert runs_main_py(argv) and argv[argv.index("--out") + 1] == str(run) and threads == "1"
     machine = json.loads((run / tta.MACHINE).read_text())
     assert machine["wall_seconds"] >= 0 and len(machine["load_average_before"]) == 3 and machine["cpu"]
     monkeypatch.setattr(tta.subprocess, "run",
@@ -270,3 +275,17 @@ def test_a_real_run_leaves_evaluation_out_of_its_seconds(tmp_path, monkeypatch, 
               "--results", str(tmp_path)])
     md = (tmp_path / "time_to_accuracy.md").read_text()
     assert f"| {summary['val_acc']:.4f} | {summary['seconds']:.1f} | 2 |" in md
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--bench_model", "resnet"], "invalid choice"),
+    (["--n_microbatches", "3", "--method", "backprop"], "do not cut a batch of 256"),
+    (["--n_microbatches", "2", "--method", "dni"], "trains --method backprop"),
+    (["--n_microbatches", "-1"], "must be >= 0"),
+])
+def test_the_run_module_refuses_bad_input_in_one_line(argv, says, capsys):
+    with pytest.raises(SystemExit) as stop:
+        time_to_accuracy_run.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1
