@@ -259,7 +259,7 @@ def markdown(result):
              f"`{result['command']}` (rebuild without training: add `--table_only`)", "",
              f"Every method trains the stages with Adam at lr {s['lr']:g} (`ACCURACY_LR` of "
              "experiments/bench_accuracy.py, the rate of the bench's accuracy runs), cosine over the budget of "
-             f"{s['epochs']} epochs, batch {s['batch_size']}, seed {s['seed']}, on MNIST's training images less the "
+             f"{s['epochs']} epoch{'s' * (s['epochs'] != 1)}, batch {s['batch_size']}, seed {s['seed']}, on MNIST's training images less the "
              f"{', '.join(sorted({str(r['val_size']) for r in runs}))} validation ones. Accuracy: on the validation "
              "split after each epoch (the test split is not read). Seconds: training only, summed over the epochs "
              "so far, evaluation left out (`dnilab.train.loop`), the first steps' warm-up in: what a user waits "
