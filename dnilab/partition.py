@@ -34,7 +34,7 @@ def stage_costs(net, in_shape):
             h = stage(h)
             if net.synthesizers is not None and i < len(net.synthesizers):
                 synthesize(net.synthesizers[i], h, net.context(torch.zeros(1, dtype=torch.long, device=h.device)))
-            if net.heads is not None and i < len(net.heads):  # local losses (dni.local)
+            if getattr(net, "heads", None) is not None and i < len(net.heads):  # local losses (dni.local)
                 net.heads[i](h)
     finally:
         for hook in hooks:
