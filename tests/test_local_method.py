@@ -200,3 +200,16 @@ def test_what_local_cannot_do_is_refused_in_one_line(tmp_path, capsys, flags, me
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
     assert not out.exists()
+
+
+def test_table1_can_ask_for_a_local_column_and_its_default_stays_the_papers():
+    from experiments.table1 import parse_args, run_config
+    from experiments.table1_table import _gap_table
+    assert parse_args([]).methods == ["nobprop", "backprop", "dni", "cdni"]
+    args = parse_args(["--quick", "--methods", "backprop", "local"])
+    config = run_config(args, "mlp", 3, "local", 0)
+    assert config.method == "local" and not config.conditioned and config.out.endswith("mlp3_local_s0")
+    cell = {"test_error": [2.0], "mean": 2.0}
+    gap = _gap_table({"meta": {"methods": ["backprop", "local"]},
+                      "rows": [{"model": "mlp", "layers": 3, "cells": {"backprop": cell, "local": {**cell, "mean": 2.5}}}]})
+    assert "| network | layers | Local |" in gap and "| FCN | 3 | +0.50 |" in gap
