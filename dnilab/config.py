@@ -37,8 +37,8 @@ class Config:
     num_epochs: Optional[int] = _opt("epochs (default: mlp 60, cnn 20; paper preset: 500k iterations)", default=None,
                                      positive=True)
     batch_size: int = _opt("batch size", default=256, positive=True)
-    lr: Optional[float] = _opt("Adam learning rate of the stages, every method (default: mlp 3e-4, cnn 3e-3; "
-                               "paper 3e-5)", default=None, positive=True)
+    lr: Optional[float] = _opt("Adam learning rate of the stages, every method, and of local's heads "
+                               "(default: mlp 3e-4, cnn 3e-3; paper 3e-5)", default=None, positive=True)
     sg_lr: Optional[float] = _opt("Adam learning rate of the synthesizers (default: 1e-3; mlp DNI 5e-3, cnn cDNI 3e-4; paper 3e-5)",
                                   default=None, positive=True)
     schedule: Optional[str] = _opt("learning-rate schedule; paper: /10 at 60%% and 80%% of the steps "

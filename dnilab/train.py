@@ -1,4 +1,4 @@
-"""The one training loop: backprop or DNI, MLP or CNN, CPU or CUDA, in one process or pipelined.
+"""The one training loop: backprop, DNI or local losses, MLP or CNN, CPU or CUDA, in one process or pipelined.
 
 `loop` runs the epochs with either step function: `Sequential` (this process trains every
 stage) or `dnilab.pipeline.Pipelined` (one torchrun worker of several); `run(config)` picks
