@@ -48,7 +48,8 @@ Glossary (paper, section 2):
 
 Modules (the library; it needs torch alone): dni.interface (the update and `DNI`), dni.stages
 (the stage-wise `DNINet` and `dni_step`), dni.params (`param_groups`), dni.synthesizers,
-dni.unlock (update and complete unlock, section 3.3), dni.local (`LocalLoss`) and dni.recurrent
+dni.unlock (update and complete unlock, section 3.3), dni.local (`LocalLoss` and the stage-wise
+`local_step`: local auxiliary losses) and dni.recurrent
 (synthetic gradients at truncated-BPTT window boundaries, section 3.2).
 The application that trains with them (configs, data, the paper's networks, the training loops,
 run folders, plots) is the separate package dnilab; the paper's tables, searches and benchmarks
@@ -67,7 +68,7 @@ _EXPORTS = {
     "DenseSynthesizer": "dni.synthesizers", "ConvSynthesizer": "dni.synthesizers",
     "SequenceSynthesizer": "dni.synthesizers", "make_synthesizer": "dni.synthesizers",
     "synthesizer_loss": "dni.synthesizers", "Conv1dSynthesizer": "dni.synthesizers", "zero_head": "dni.synthesizers",
-    "LocalLoss": "dni.local",
+    "LocalLoss": "dni.local", "local_step": "dni.local", "local_update": "dni.local", "make_head": "dni.local",
     "RecurrentDNI": "dni.recurrent",
 }
 __all__ = sorted(_EXPORTS)

@@ -31,11 +31,13 @@ from dni.interface import resolve_loss_scale, synthesize, synthesizer_objective,
 class DNINet(nn.Module):
     """A network cut into `stages`, with a synthesizer after every stage but the last.
 
-    `synthesizers` is None for a plain backprop network. In train and eval mode alike,
-    forward() is the ordinary forward pass: synthesizers are not used at test time.
+    `synthesizers` is None for a plain backprop network. `heads`: for local losses
+    (`dni.local.local_step`) the auxiliary classifier after every stage but the last, in place of
+    the synthesizers; None otherwise. In train and eval mode alike, forward() is the ordinary
+    forward pass: synthesizers and heads are not used at test time.
     """
 
-    def __init__(self, *, stages, synthesizers=None, conditioned=False, num_classes=10):
+    def __init__(self, *, stages, synthesizers=None, conditioned=False, num_classes=10, heads=None):
         super().__init__()
         self.stages = stages
         self.synthesizers = synthesizers
@@ -43,6 +45,9 @@ class DNINet(nn.Module):
         self.num_classes = num_classes
         if synthesizers is not None:
             assert len(synthesizers) == len(stages) - 1, "one synthesizer per stage but the last"
+        self.heads = heads  # None: a plain attribute, so other nets' state_dicts are unchanged
+        if heads is not None:
+            assert len(heads) == len(stages) - 1, "one auxiliary head per stage but the last"
 
     def forward(self, x):
         for stage in self.stages:
@@ -63,6 +68,7 @@ class StepStats:
     correct: Optional[torch.Tensor]
     sg_loss: list = field(default_factory=list)  # per synthesizer
     sg_cos: list = field(default_factory=list)   # cosine(g_hat, target) per synthesizer
+    aux_loss: list = field(default_factory=list)  # per auxiliary head (local losses, dni.local)
 
 
 def count_correct(output, targets):

@@ -7,7 +7,7 @@ from dnilab.data import DATASETS
 from dnilab.models import MODELS
 from dnilab.presets import PRESETS, paper_epochs
 
-METHODS = ("dni", "backprop", "nobprop")
+METHODS = ("dni", "backprop", "nobprop", "local")
 SCHEDULES = ("cosine", "constant", "paper")
 DEVICES = ("auto", "cpu", "cuda")
 SYNTH_TYPES = ("conv", "dense")
@@ -25,7 +25,8 @@ class Config:
                        "rates and 500k-iteration schedule, nothing of ours; flags typed override either",
                        default="ours", choices=PRESETS)
     method: str = _opt("dni: every stage decoupled by a DNI; backprop: the baseline; "
-                       "nobprop: only the last stage learns (the paper's No Bprop)", default="dni",
+                       "nobprop: only the last stage learns (the paper's No Bprop); local: each stage but the last "
+                       "learns from an auxiliary classifier of its own (Decoupled Greedy Learning)", default="dni",
                        choices=METHODS)
     conditioned: bool = _opt("cDNI: synthesizers also read the one-hot label", default=False)
     dataset: str = _opt("data set", default="mnist", choices=DATASETS)
@@ -36,8 +37,8 @@ class Config:
     num_epochs: Optional[int] = _opt("epochs (default: mlp 60, cnn 20; paper preset: 500k iterations)", default=None,
                                      positive=True)
     batch_size: int = _opt("batch size", default=256, positive=True)
-    lr: Optional[float] = _opt("Adam learning rate of the stages, every method (default: mlp 3e-4, cnn 3e-3; "
-                               "paper 3e-5)", default=None, positive=True)
+    lr: Optional[float] = _opt("Adam learning rate of the stages, every method, and of local's heads "
+                               "(default: mlp 3e-4, cnn 3e-3; paper 3e-5)", default=None, positive=True)
     sg_lr: Optional[float] = _opt("Adam learning rate of the synthesizers (default: 1e-3; mlp DNI 5e-3, cnn cDNI 3e-4; paper 3e-5)",
                                   default=None, positive=True)
     schedule: Optional[str] = _opt("learning-rate schedule; paper: /10 at 60%% and 80%% of the steps "
@@ -103,7 +104,7 @@ class Config:
         if self.use_gpu is not None:
             self.device = "cuda" if self.use_gpu else "cpu"
         if self.conditioned and self.method != "dni":
-            raise DNIError("--conditioned True needs --method dni (backprop has no synthesizers)")
+            raise DNIError(f"--conditioned True needs --method dni ({self.method} has no synthesizers)")
         if self.partition and not self.pipeline:
             raise DNIError("--partition needs --pipeline True (it says which worker trains which stages)")
         if not 0 < self.update_prob <= 1:

@@ -1,5 +1,6 @@
 """How the stages of a net are shared among pipeline workers (dnilab.pipeline): balanced by
-multiply-adds per example of each stage and its synthesizer, or as `--partition 2,2` says."""
+multiply-adds per example of each stage and its synthesizer (or auxiliary head), or as
+`--partition 2,2` says."""
 from functools import lru_cache
 
 import torch
@@ -11,8 +12,8 @@ from dni.interface import synthesize
 
 @torch.no_grad()
 def stage_costs(net, in_shape):
-    """Multiply-adds per example of each stage plus its synthesizer (forward pass): the work
-    a worker does for that stage, up to a common factor for backward and update."""
+    """Multiply-adds per example of each stage plus its synthesizer or its auxiliary head (forward
+    pass): the work a worker does for that stage, up to a common factor for backward and update."""
     macs, current = [0] * len(net.stages), [0]
 
     def count(module, inputs, output):
@@ -33,6 +34,8 @@ def stage_costs(net, in_shape):
             h = stage(h)
             if net.synthesizers is not None and i < len(net.synthesizers):
                 synthesize(net.synthesizers[i], h, net.context(torch.zeros(1, dtype=torch.long, device=h.device)))
+            if getattr(net, "heads", None) is not None and i < len(net.heads):  # local losses (dni.local)
+                net.heads[i](h)
     finally:
         for hook in hooks:
             hook.remove()

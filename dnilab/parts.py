@@ -5,9 +5,9 @@ imports none of them.
 - `set_seed`, `pick_device`: seeds and the device, in one place.
 - `load_run_data`: the data set with its validation split held out.
 - `build_net`: the stages of a model (`dnilab.models`) with a synthesizer after each but the last
-  (paper, section 2), as a `dni.stages.DNINet`.
-- `Optimizers`: one Adam and one schedule per stage and per synthesizer, so each can live on
-  its own worker.
+  (paper, section 2), or under local losses an auxiliary head there, as a `dni.stages.DNINet`.
+- `Optimizers`: one Adam and one schedule per stage, per synthesizer and per head, so each can
+  live on its own worker.
 - `evaluate_splits`, `check_finite`: what an epoch ends with; what every step is checked for.
 """
 import math
@@ -19,6 +19,7 @@ import torch
 
 from dnilab.data import load_data, split_validation
 from dni.errors import DNIError
+from dni.local import make_head
 from dni.stages import DNINet
 from dnilab.models import MODELS, stage_shapes
 from dnilab.runs import one_line
@@ -42,7 +43,8 @@ def pick_device(name):
 
 
 def build_net(config, in_shape, num_classes):
-    """The stages of `config.model_type`, with synthesizers when the method is DNI."""
+    """The stages of `config.model_type`, with synthesizers when the method is DNI and auxiliary
+    heads (`dni.local.make_head`) when it is local losses."""
     stages = MODELS[config.model_type](in_shape=in_shape, classes=num_classes, depth=config.depth,
                                              hidden=config.hidden, channels=config.channels)
     synthesizers = None
@@ -54,8 +56,11 @@ def build_net(config, in_shape, num_classes):
                              conv_width=config.synth_channels, label_map=config.synth_label_map,
                              position_map=config.synth_position_map)
             for shape in stage_shapes(stages, in_shape)[:-1])
+    heads = None
+    if config.method == "local":
+        heads = torch.nn.ModuleList(make_head(shape, num_classes) for shape in stage_shapes(stages, in_shape)[:-1])
     net = DNINet(stages=stages, synthesizers=synthesizers, conditioned=config.conditioned,
-                 num_classes=num_classes)
+                 num_classes=num_classes, heads=heads)
     if config.unlock == "complete":  # synthetic-input models I_i (dni.unlock)
         add_input_models(net, in_shape=in_shape, stage_shapes=stage_shapes(stages, in_shape),
                          hidden_layers=config.input_model_layers, width=config.input_model_width)
@@ -90,10 +95,12 @@ def step_schedules(schedules):
 
 
 class Optimizers:
-    """One Adam (and its schedule) per stage and per synthesizer, so each can live on its own worker.
+    """One Adam (and its schedule) per stage, per synthesizer and per auxiliary head, so each can
+    live on its own worker. Heads learn at the stages' rate (--lr): they are classifiers, as the
+    last stage is. `schedules` lists the stages', synthesizers', inputs' and heads' in that order.
 
     `owned`: the stage indices whose optimizers this process builds (a pipeline worker's share;
-    stage i's synthesizer goes with it); the others are None. Default: all."""
+    stage i's synthesizer or head goes with it); the others are None. Default: all."""
 
     def __init__(self, net, config, total_steps, owned=None):
         factor = lr_factor(config.schedule, total_steps)
@@ -103,22 +110,26 @@ class Optimizers:
         self.stages = [build(i, s, config.lr) for i, s in enumerate(net.stages)]
         self.synthesizers = [build(i, m, config.sg_lr) for i, m in enumerate(net.synthesizers or [])]
         self.inputs = [adam(m, config.lr) for m in getattr(net, "input_models", [])]  # synthetic inputs (dni.unlock)
+        self.heads = [build(i, m, config.lr) for i, m in enumerate(net.heads or [])]  # local losses (dni.local)
         self.schedules = [None if o is None else torch.optim.lr_scheduler.LambdaLR(o, factor)
-                          for o in self.stages + self.synthesizers + self.inputs]
+                          for o in self.stages + self.synthesizers + self.inputs + self.heads]
 
     def step_schedules(self):
         step_schedules(self.schedules)
 
     def state_dict(self):
+        """The states by kind; "heads" only where there are heads, so a DNI or backprop checkpoint
+        holds what it held before local losses existed."""
+        heads = {"heads": [o.state_dict() for o in self.heads]} if self.heads else {}
         return {"stages": [o.state_dict() for o in self.stages],
                 "synthesizers": [o.state_dict() for o in self.synthesizers],
-                "inputs": [o.state_dict() for o in self.inputs],
+                "inputs": [o.state_dict() for o in self.inputs], **heads,
                 "schedules": [s.state_dict() for s in self.schedules]}
 
     def load_state_dict(self, state):
         """Inverse of `state_dict`; a ValueError if the counts differ (another model)."""
         for kind, objects in (("stages", self.stages), ("synthesizers", self.synthesizers),
-                              ("inputs", self.inputs), ("schedules", self.schedules)):
+                              ("inputs", self.inputs), ("heads", self.heads), ("schedules", self.schedules)):
             if len(state.get(kind, [])) != len(objects):
                 raise ValueError(f"{len(state.get(kind, []))} {kind} optimizer states for {len(objects)} {kind}")
             for obj, obj_state in zip(objects, state.get(kind, [])):
@@ -144,20 +155,26 @@ def check_finite(stats, step):
 
     A synthesizer loss that overflows while the classifier's loss is sane points at --sg_lr;
     a non-finite or exploded classifier loss points at --lr (its huge gradients are the
-    synthesizers' targets, so their losses overflow with it)."""
+    synthesizers' targets, so their losses overflow with it), and so does a non-finite auxiliary
+    loss (local losses: the heads learn at --lr)."""
     loss = stats["loss"]
     bad_sg = [(i + 1, v) for i, v in enumerate(stats.get("sg_loss", [])) if not math.isfinite(v)]
-    if not bad_sg and math.isfinite(loss):
+    bad_aux = [(i + 1, v) for i, v in enumerate(stats.get("aux_loss", [])) if not math.isfinite(v)]
+    if not bad_sg and not bad_aux and math.isfinite(loss):
         return
-    last = f"stage {len(stats['sg_loss']) + 1} (the classifier)" if stats.get("sg_loss") else "the classifier"
+    cuts = len(stats.get("sg_loss") or stats.get("aux_loss") or [])
+    last = f"stage {cuts + 1} (the classifier)" if cuts else "the classifier"
     what, levers = [], []
     if not math.isfinite(loss) or loss > EXPLODED_LOSS:
         what.append(f"the loss of {last} is {loss:.4g}")
         levers.append("--lr")
+    if bad_aux:  # a head learns at the stages' rate: --lr is its lever too
+        what.append(f"the auxiliary loss of stage {bad_aux[0][0]} is {bad_aux[0][1]}")
+        levers.append("--lr")
     if bad_sg:
         what.append(f"the synthesizer loss of stage {bad_sg[0][0]} is {bad_sg[0][1]}")
         levers.append("--sg_lr")
-    raise DNIError(f"{' and '.join(what)} at step {step}; lower {' or '.join(levers)}")
+    raise DNIError(f"{' and '.join(what)} at step {step}; lower {' or '.join(dict.fromkeys(levers))}")
 
 
 def load_run_data(config, device, load=load_data):

@@ -3,6 +3,7 @@ update unlocking).
 
     torchrun --nproc_per_node 2 main.py --model_type mlp --pipeline True                     # DNI
     torchrun --nproc_per_node 2 main.py --model_type mlp --pipeline True --method backprop   # locked
+    torchrun --nproc_per_node 2 main.py --model_type mlp --pipeline True --method local      # local losses
 
 Worker r owns the consecutive stages f_s..f_{e-1} and their synthesizers, and loops over
 batches t:
@@ -32,6 +33,11 @@ g_hat(t). Then it is asked again, on the kept trigger and context (BatchNorm sta
 frozen, so they still move once per batch), and trained on that fresh prediction: the
 synthesizer's update (paper, section 2) is the gradient of its loss at its current
 parameters, which the old g_hat(t), made by earlier ones, is not (docs/pipeline.md).
+
+Local losses (`--method local`, dni.local) run on the same workers and partition with no
+backward message at all: each stage learns from its own auxiliary head (the last from the real
+loss), so a worker forwards, updates and sends its activation on; every worker reads the labels.
+With no gradient to wait for, the maths is sequential `local_step`'s whatever --max_in_flight.
 
 The locked baseline (`--method backprop`) is model-parallel backprop on the same workers
 and partition: worker r forwards, sends h on, and waits for the gradient of batch t to come
@@ -169,8 +175,8 @@ def worker_process(config):
     """Join the workers torchrun started; yields (rank, world size, device of this worker).
 
     Once the workers are joined, a DNIError ends this process: one line on stderr, exit code 2."""
-    if config.method not in ("dni", "backprop"):
-        raise DNIError(f"--pipeline True trains --method dni or backprop, not {config.method}")
+    if config.method not in ("dni", "backprop", "local"):
+        raise DNIError(f"--pipeline True trains --method dni, local or backprop, not {config.method}")
     if config.resume:
         raise DNIError("--resume is not available with --pipeline True (its checkpoints hold no resume state); "
                        "start the run again with --overwrite True")
@@ -216,7 +222,8 @@ class Pipelined:
         check_batches(self.steps_per_epoch, config, len(data.train_x))
         # Each worker keeps its share: its stages, synthesizers and optimizer states, and the data it reads.
         self.data = share_of_data(data, rank=rank, world=world,
-                                  conditioned=config.conditioned and config.method == "dni")
+                                  conditioned=config.conditioned and config.method == "dni",
+                                  local=config.method == "local")
         self.optimizers = Optimizers(net, config, config.num_epochs * self.steps_per_epoch, owned=self.parts[rank])
         self.worker = PipelineWorker(net=net, optimizers=self.optimizers, parts=self.parts, rank=rank,
                                      method=config.method, in_shape=data.in_shape, batch_size=config.batch_size,
@@ -270,11 +277,13 @@ class Pipelined:
         last = logs[-1]
         sg_loss = {i: v for entry in logs for i, v in entry["sg_loss"].items()}
         sg_cos = {i: v for entry in logs for i, v in entry["sg_cos"].items()}
+        aux_loss = {i: v for entry in logs for i, v in entry["aux_loss"].items()}
         synthesized = num_synths and self.config.method == "dni"
         for t in range(self.steps_per_epoch):
             yield step_record(epoch, first_step + t + 1, last["loss"][t],
                               [sg_loss[i][t] for i in range(num_synths)] if synthesized else None,
-                              [sg_cos[i][t] for i in range(num_synths)] if synthesized else None)
+                              [sg_cos[i][t] for i in range(num_synths)] if synthesized else None,
+                              [aux_loss[i][t] for i in sorted(aux_loss)])
 
     def epoch_seconds(self, start):
         return max(entry["seconds"] for entry in self.logs)  # the slowest worker's training; no evaluation

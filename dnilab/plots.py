@@ -3,7 +3,8 @@
     python -m dnilab.plots results/mlp_dni [results/mlp_cdni ...]
 
 writes loss.png (classification loss), sg_loss.png (synthetic-gradient loss per stage,
-log scale; the seed's two plots) and test_acc.png in each run folder.
+log scale; the seed's two plots) of a DNI run or aux_loss.png (auxiliary loss per stage) of a
+local-losses run, and test_acc.png in each run folder.
 """
 import sys
 from pathlib import Path
@@ -69,6 +70,13 @@ def plot_run(run_dir):
         _save(fig, ax, run_dir / "sg_loss.png", f"{name}: synthetic-gradient loss", "step",
               "L2 to target gradient", log=True)
         paths.append(run_dir / "sg_loss.png")
+
+    if steps and "aux_loss" in steps[0]:  # local losses (runs written before them have none)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i in range(len(steps[0]["aux_loss"])):
+            ax.plot(x, smooth([m["aux_loss"][i] for m in steps], window), label=f"head {i + 1}")
+        _save(fig, ax, run_dir / "aux_loss.png", f"{name}: auxiliary loss", "step", "cross-entropy", log=True)
+        paths.append(run_dir / "aux_loss.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([m["step"] for m in epochs], [100 * m["test_acc"] for m in epochs], marker="o")

@@ -283,11 +283,14 @@ def announce(config, net, device, run_dir, *, workers="", backend=""):
           flush=True)
 
 
-def step_record(epoch, step, loss, sg_loss=None, sg_cos=None):
-    """One "step" line of metrics.jsonl; sg_loss and sg_cos (one value per synthesizer) where there are any."""
+def step_record(epoch, step, loss, sg_loss=None, sg_cos=None, aux_loss=None):
+    """One "step" line of metrics.jsonl; sg_loss and sg_cos (one value per synthesizer) where there
+    are any, aux_loss (one value per auxiliary head, local losses) where there are any."""
     stats = {"kind": "step", "epoch": epoch, "step": step, "loss": loss}
     if sg_loss:
         stats["sg_loss"], stats["sg_cos"] = sg_loss, sg_cos
+    if aux_loss:
+        stats["aux_loss"] = aux_loss
     return stats
 
 
@@ -296,13 +299,20 @@ def mean_sg_loss(stats):
     return sum(stats.get("sg_loss", [0.0])) / len(stats.get("sg_loss", [0.0]))
 
 
+def mean_aux_loss(stats):
+    """A step's auxiliary loss, averaged over its heads; None for a step without heads."""
+    return sum(stats["aux_loss"]) / len(stats["aux_loss"]) if stats.get("aux_loss") else None
+
+
 def epoch_record(epoch, step, totals, steps_per_epoch, accs, seconds):
     """The "epoch" line of metrics.jsonl, printed as the log line too; `totals` holds the sums of the
-    epoch's step losses and mean synthesizer losses, `seconds` the training time so far."""
+    epoch's step losses and mean synthesizer losses (and, under local losses, of the mean auxiliary
+    losses as "aux_loss"), `seconds` the training time so far."""
+    aux = {"aux_loss": totals["aux_loss"] / steps_per_epoch} if "aux_loss" in totals else {}
     line = {"kind": "epoch", "epoch": epoch, "step": step, "train_loss": totals["loss"] / steps_per_epoch,
-            "sg_loss": totals["sg_loss"] / steps_per_epoch, **accs, "seconds": seconds}
+            "sg_loss": totals["sg_loss"] / steps_per_epoch, **aux, **accs, "seconds": seconds}
     print(f"epoch {epoch} step {step} loss {line['train_loss']:.4f} sg_loss {line['sg_loss']:.1e} "
-          + "".join(f"{k} {v:.4f} " for k, v in accs.items()) + f"{seconds:.1f}s", flush=True)
+          + "".join(f"{k} {v:.4f} " for k, v in {**aux, **accs}.items()) + f"{seconds:.1f}s", flush=True)
     return line
 
 

@@ -1,9 +1,11 @@
 """The update a training run gives each batch, chosen from its Config: the stage-wise DNI step
-(paper, section 2), backprop, the paper's No Bprop, or an unlocking step (section 3.3)."""
+(paper, section 2), backprop, the paper's No Bprop, local auxiliary losses (dni.local, Decoupled
+Greedy Learning), or an unlocking step (section 3.3)."""
 import warnings
 
 import torch
 
+from dni.local import local_step
 from dni.stages import backprop_step, dni_step, nobprop_step
 from dni.unlock import complete_unlock_step, draw_seed, draw_updates, stochastic_backprop_step, stochastic_dni_step
 
@@ -41,6 +43,8 @@ def make_train_step(config, net, optimizers):
         return UnlockStep(config, net, optimizers)
     if config.method == "dni":
         return lambda x, y, _: dni_step(net, optimizers.stages, optimizers.synthesizers, x, y)
+    if config.method == "local":
+        return lambda x, y, _: local_step(net, optimizers.stages, optimizers.heads, x, y)
     if config.method == "nobprop":
         return lambda x, y, _: nobprop_step(net, optimizers.stages, x, y)
     return lambda x, y, _: backprop_step(net, optimizers.stages, x, y)

@@ -1,4 +1,4 @@
-"""The one training loop: backprop or DNI, MLP or CNN, CPU or CUDA, in one process or pipelined.
+"""The one training loop: backprop, DNI or local losses, MLP or CNN, CPU or CUDA, in one process or pipelined.
 
 `loop` runs the epochs with either step function: `Sequential` (this process trains every
 stage) or `dnilab.pipeline.Pipelined` (one torchrun worker of several); `run(config)` picks
@@ -32,8 +32,9 @@ from dnilab.data import batches, load_data, num_batches
 from dni.errors import DNIError
 from dnilab.parts import Optimizers, build_net, check_finite, evaluate_splits, load_run_data, pick_device, set_seed
 from dnilab.runs import (MetricsFile, announce, check_batches, check_resumable, epoch_record, finish_run, kept_metrics,
-                         load_checkpoint, mean_sg_loss, prepare_run_dir, record_environment, record_resume, restore,
-                         resume_config, rng_states, save_checkpoint, set_rng_states, step_record, write_text)
+                         load_checkpoint, mean_aux_loss, mean_sg_loss, prepare_run_dir, record_environment,
+                         record_resume, restore, resume_config, rng_states, save_checkpoint, set_rng_states,
+                         step_record, write_text)
 from dnilab.steps import make_train_step
 
 
@@ -109,7 +110,8 @@ class Sequential:
             step += 1
             synthesized = bool(out.sg_loss)  # a step with synthesizers logs each one's loss and cosine
             stats = step_record(epoch, step, out.loss.item(), [v.item() for v in out.sg_loss] if synthesized else None,
-                                [v.item() for v in out.sg_cos] if synthesized else None)
+                                [v.item() for v in out.sg_cos] if synthesized else None,
+                                [v.item() for v in out.aux_loss])  # heads' losses (local losses), if any
             stats.update(getattr(out, "extra", {}))  # what only dni.unlock's steps measure
             yield stats
 
@@ -215,6 +217,8 @@ def loop(config, steps, device, checkpoint=None):
                     metrics.write(stats)  # flushed: a run killed outright still leaves every finished step on disk
                     totals["loss"] += stats["loss"]
                     totals["sg_loss"] += mean_sg_loss(stats)
+                    if "aux_loss" in stats:  # local losses: the epoch line reports the heads' mean too
+                        totals["aux_loss"] = totals.get("aux_loss", 0.0) + mean_aux_loss(stats)
                     bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
                     if stop.signum:  # SIGINT/SIGTERM came during this step: save, then end the run
                         bar.close()

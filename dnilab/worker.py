@@ -1,6 +1,7 @@
-"""One pipeline worker (dnilab.pipeline): the stages it owns and their synthesizers, trained
-batch after batch without waiting for the workers above (update unlocking, paper section 2);
-its share of the net, optimizers and data; rank 0's assembly of every worker's state."""
+"""One pipeline worker (dnilab.pipeline): the stages it owns and their synthesizers (or, under
+local losses, their auxiliary heads), trained batch after batch without waiting for the workers
+above (update unlocking, paper section 2); its share of the net, optimizers and data; rank 0's
+assembly of every worker's state."""
 import time
 from collections import deque
 
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 from dni.errors import DNIError
 from dni.interface import synthesize
+from dni.local import local_update
 from dni.stages import loss_update, stage_update, synthesizer_update
 from dni.unlock import frozen_statistics
 from dnilab.data import Data, held_bytes, placeholder
@@ -23,7 +25,8 @@ class PipelineWorker:
     `net` is the whole DNINet, built from the same seed on every worker; only the stages in
     `part` are trained here, and with `release_others` only they (and their synthesizers) keep
     their storage. `optimizers` is a dnilab.parts.Optimizers of the net (at least of `part`).
-    `train_epoch` runs DNI (method 'dni') or locked model-parallel backprop ('backprop').
+    `train_epoch` runs DNI (method 'dni'), local losses ('local': stage i's head goes with it, and
+    only activations travel) or locked model-parallel backprop ('backprop').
     `peers` carries the messages (default: `Peers` over torch.distributed; tests inject others).
     """
 
@@ -42,6 +45,9 @@ class PipelineWorker:
         self.synths = [i for i in self.part if i < len(optimizers.synthesizers)]
         self.schedules = {("stages", i): optimizers.schedules[i] for i in self.part}
         self.schedules.update({("synthesizers", i): optimizers.schedules[self.num_stages + i] for i in self.synths})
+        self.heads = [i for i in self.part if i < len(optimizers.heads)]  # local losses (dni.local)
+        first_head = self.num_stages + len(optimizers.synthesizers) + len(optimizers.inputs)
+        self.schedules.update({("heads", i): optimizers.schedules[first_head + i] for i in self.heads})
         self.step = 0  # batches trained so far, over all epochs
         self.boundary_updates = 0  # steps of this worker's last synthesizer so far
         if release_others:
@@ -50,18 +56,21 @@ class PipelineWorker:
     def owns(self, key):
         """Whether a state_dict key of the net (stages.3.0.weight, synthesizers.2.net.0.bias) is trained here."""
         kind, index = key.split(".")[:2]
-        return kind in ("stages", "synthesizers") and int(index) in self.part
+        return kind in ("stages", "synthesizers", "heads") and int(index) in self.part
 
     def local_state(self):
         """This worker's share of the net and of the optimizers, on the CPU, for rank 0 to assemble."""
         return {"net": {k: v.cpu() for k, v in self.net.state_dict().items() if self.owns(k)},
                 "stages": {i: _to_cpu(self.optimizers.stages[i].state_dict()) for i in self.part},
                 "synthesizers": {i: _to_cpu(self.optimizers.synthesizers[i].state_dict()) for i in self.synths},
+                "heads": {i: _to_cpu(self.optimizers.heads[i].state_dict()) for i in self.heads},
                 "schedules": {key: s.state_dict() for key, s in self.schedules.items()}}
 
     def held_bytes(self, data):
         """`held_by` this worker: its share of the net and optimizer states, and `data`."""
-        optimizers = [self.optimizers.stages[i] for i in self.part] + [self.optimizers.synthesizers[i] for i in self.synths]
+        opt = self.optimizers
+        optimizers = [opt.stages[i] for i in self.part] + [opt.synthesizers[i] for i in self.synths] \
+            + [opt.heads[i] for i in self.heads]
         return held_by(self.net, optimizers, data)
 
     @torch.no_grad()
@@ -98,12 +107,15 @@ class PipelineWorker:
         """Train on `steps` batches of `source` (an iterator of (x, y); x is used by worker 0 only).
 
         Returns what this worker measured: {"seconds", "waited_s" (blocked on other workers),
-        "loss", "correct" (last worker), "sg_loss", "sg_cos" ({synthesizer index: per step})},
-        as Python numbers."""
-        log = {"seconds": 0.0, "loss": [None] * steps, "correct": [None] * steps, "sg_loss": {}, "sg_cos": {}}
+        "loss", "correct" (last worker), "sg_loss", "sg_cos" ({synthesizer index: per step}),
+        "aux_loss" ({head index: per step})}, as Python numbers."""
+        log = {"seconds": 0.0, "loss": [None] * steps, "correct": [None] * steps, "sg_loss": {}, "sg_cos": {},
+               "aux_loss": {}}
         start, waited = time.perf_counter(), self.peers.waited_s
         if self.method == "dni":
             self._train_dni(source, steps, log)
+        elif self.method == "local":
+            self._train_local(source, steps, log)
         else:
             self._train_locked(source, steps, log)
         if self.peers.device.type == "cuda":
@@ -112,7 +124,7 @@ class PipelineWorker:
         log["waited_s"] = self.peers.waited_s - waited
         for key in ("loss", "correct"):
             log[key] = torch.stack(log[key]).tolist() if self.last else None
-        for key in ("sg_loss", "sg_cos"):
+        for key in ("sg_loss", "sg_cos", "aux_loss"):
             log[key] = {i: torch.stack(v).tolist() for i, v in log[key].items()}
         return log
 
@@ -149,16 +161,14 @@ class PipelineWorker:
         """The check of an activation from worker r-1 (a non-finite one is reported there too)."""
         return f"the activation from worker {self.rank - 1}", f"worker {self.rank - 1} stops with the cause", h
 
-    def _train_dni(self, source, steps, log):
-        net, opt, k = self.net, self.optimizers, self.max_in_flight
-        s, e, last_stage = self.part.start, self.part.stop, self.num_stages - 1
-        up, down = self.rank - 1, self.rank + 1
-        inbox = deque()  # Messages: h_{s-1} of the coming batches, received ahead
-        waiting = deque()  # (t, step, g_hat, trigger, context, updates, Message): awaiting the true gradient
-        outbox = deque()  # Messages: sends under way
+    def _inputs(self, source, steps):
+        """(t, step, h, y, checks) for each of `steps` batches of `source`: h is the images (worker 0)
+        or the activation from worker r-1, received up to k = max_in_flight batches ahead; checks
+        holds the check of a received one. The caller steps `self.step` between two batches."""
+        k, inbox = self.max_in_flight, deque()  # Messages: h_{s-1} of the coming batches, received ahead
         if not self.first:
             for t in range(min(k, steps)):
-                inbox.append(self.peers.recv(self.in_shape, up, "activation", self.step + t + 1))
+                inbox.append(self.peers.recv(self.in_shape, self.rank - 1, "activation", self.step + t + 1))
         for t, (x, y) in zip(range(steps), source):
             step, checks = self.step + 1, []
             if self.first:
@@ -167,7 +177,16 @@ class PipelineWorker:
                 h = self.peers.wait(inbox.popleft())
                 checks.append(self._received(h))
                 if t + k < steps:
-                    inbox.append(self.peers.recv(self.in_shape, up, "activation", step + k))
+                    inbox.append(self.peers.recv(self.in_shape, self.rank - 1, "activation", step + k))
+            yield t, step, h, y, checks
+
+    def _train_dni(self, source, steps, log):
+        net, opt, k = self.net, self.optimizers, self.max_in_flight
+        s, e, last_stage = self.part.start, self.part.stop, self.num_stages - 1
+        up, down = self.rank - 1, self.rank + 1
+        waiting = deque()  # (t, step, g_hat, trigger, context, updates, Message): awaiting the true gradient
+        outbox = deque()  # Messages: sends under way
+        for t, step, h, y, checks in self._inputs(source, steps):
             context, g_prev = net.context(y), None
             for i in range(s, e):
                 if i < last_stage:
@@ -202,6 +221,29 @@ class PipelineWorker:
             self._step_schedules()
         while waiting:  # the end of the epoch: every synthesizer learns from every batch
             self._learn_boundary(waiting.popleft(), log)
+        self._flush(outbox, keep=0)
+
+    def _train_local(self, source, steps, log):
+        """Local losses (dni.local): each stage but the net's last learns from its own head, the last
+        from the real loss, on each batch as it arrives. No gradient travels between workers, so a
+        worker waits for nothing but its input; `local_step`'s updates, stage by stage."""
+        net, opt, last_stage, outbox = self.net, self.optimizers, self.num_stages - 1, deque()
+        for t, step, h, y, checks in self._inputs(source, steps):
+            for i in self.part:
+                if i < last_stage:
+                    h, aux_loss = local_update(net.stages[i], opt.stages[i], net.heads[i], opt.heads[i], h, y)
+                    log["aux_loss"].setdefault(i, [None] * steps)[t] = aux_loss
+                    checks += [(f"the output of stage {i + 1}", "lower --lr", h),
+                               (f"the auxiliary loss of stage {i + 1}", "lower --lr", aux_loss)]
+                else:
+                    logits, loss, _ = loss_update(net.stages[i], opt.stages[i], h, y, needs_input_grad=False)
+                    log["loss"][t], log["correct"][t] = loss, (logits.argmax(1) == y).sum()
+                    checks.append((f"the loss of stage {i + 1} (the classifier)", "lower --lr", loss))
+            self._check_finite(checks, step)
+            if not self.last:
+                self._send(outbox, h, self.rank + 1, "activation")
+            self._flush(outbox, keep=2 * self.max_in_flight)
+            self._step_schedules()
         self._flush(outbox, keep=0)
 
     def _learn_boundary(self, entry, log):
@@ -275,34 +317,37 @@ def assemble(net, states):
     """Rank 0: every worker's `local_state` -> (net, optimizers) for `save_checkpoint`, the same dicts
     a sequential run's DNINet and dnilab.parts.Optimizers give. Only the CPU copies are held, for the write."""
     owned = {key: value for state in states for key, value in state["net"].items()}
-    num_stages, num_synths = len(net.stages), len(net.synthesizers or [])
+    num_stages, num_synths, num_heads = len(net.stages), len(net.synthesizers or []), len(net.heads or [])
 
     def pick(kind, count):
         return [next(state[kind][i] for state in states if i in state[kind]) for i in range(count)]
 
     def schedule(kind, i):
         return next(state["schedules"][(kind, i)] for state in states if (kind, i) in state["schedules"])
+    heads = {"heads": pick("heads", num_heads)} if num_heads else {}  # as Optimizers.state_dict
     optimizers = {"stages": pick("stages", num_stages), "synthesizers": pick("synthesizers", num_synths),
-                  "inputs": [], "schedules": [schedule("stages", i) for i in range(num_stages)]
-                  + [schedule("synthesizers", i) for i in range(num_synths)]}
+                  "inputs": [], **heads, "schedules": [schedule("stages", i) for i in range(num_stages)]
+                  + [schedule("synthesizers", i) for i in range(num_synths)]
+                  + [schedule("heads", i) for i in range(num_heads)]}
     return _Assembled({key: owned[key] for key in net.state_dict()}), _Assembled(optimizers)
 
 
 def release_others_of(net, part):
-    """Free the stages and synthesizers of `net` outside `part` (stage indices): they move to the
-    meta device, keeping their shapes and names but no storage."""
-    for kind in ("stages", "synthesizers"):
+    """Free the stages, synthesizers and heads of `net` outside `part` (stage indices): they move to
+    the meta device, keeping their shapes and names but no storage."""
+    for kind in ("stages", "synthesizers", "heads"):
         for i, module in enumerate(getattr(net, kind) or []):
             if i not in part:
                 module.to("meta")
 
 
-def share_of_data(data, *, rank, world, conditioned):
+def share_of_data(data, *, rank, world, conditioned, local=False):
     """The part of `data` worker `rank` of `world` reads: the images (worker 0) and the labels (the
-    last worker, and every worker when the synthesizers are `conditioned`). The rest become
+    last worker, and every worker when the synthesizers are `conditioned` or each stage has a
+    `local` auxiliary loss). The rest become
     placeholders of their shape, which hold no data but keep the batch order (every worker draws
     it for itself) and the shapes."""
-    images, labels = rank == 0, rank == world - 1 or conditioned
+    images, labels = rank == 0, rank == world - 1 or conditioned or local
 
     def keep(tensor, wanted):
         return tensor if wanted else placeholder(tensor.shape, tensor.dtype, tensor.device)

@@ -27,6 +27,7 @@ COLUMNS = {
     "backprop": dict(method="backprop"),
     "dni": dict(method="dni", conditioned=False),
     "cdni": dict(method="dni", conditioned=True),
+    "local": dict(method="local"),  # local auxiliary losses (Decoupled Greedy Learning) at DNI's cuts
 }
 SEEDS = (0, 1, 2)  # the seeds of every reported cell
 # A recurrent table's method (truncated BPTT, DNI, DNI + Aux) -> its column's name.

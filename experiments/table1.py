@@ -33,8 +33,8 @@ from dnilab.cli import OneLineParser, main_guard
 from dnilab.presets import PAPER_ITERATIONS, PRESETS
 from experiments.grid import COLUMNS, CPU_SETTINGS, SEEDS, Stopped, add_grid_options, check_counts, pending, train_all
 from experiments.table1_figures import plot_curves, plot_sg
-from experiments.table1_grid import (DATASET_TITLES, LAYERS, PAPER_SETTINGS, QUICK_TABLE, grid_cells, output_base,
-                                     run_config, stem)
+from experiments.table1_grid import (DATASET_TITLES, LAYERS, PAPER_METHODS, PAPER_SETTINGS, QUICK_TABLE, grid_cells,
+                                     output_base, run_config, stem)
 from experiments.table1_table import collect, markdown, write_tables
 
 
@@ -73,7 +73,8 @@ def parse_args(argv=None):
     parser.add_argument("--models", nargs="+", choices=list(LAYERS), help="networks (default: mlp cnn)")
     parser.add_argument("--layers", type=int, nargs="+",
                         help="only these layer counts (default: the paper's, FCN 3-6 and CNN 3-4)")
-    parser.add_argument("--methods", nargs="+", choices=list(COLUMNS), help="columns (default: all four)")
+    parser.add_argument("--methods", nargs="+", choices=list(COLUMNS),
+                        help="columns (default: the paper's four; local adds local auxiliary losses beside them)")
     parser.add_argument("--epochs", type=int,
                         help="epochs of every run (default: "
                              + ", ".join(f"{k} {v['num_epochs']}" for k, v in CPU_SETTINGS.items()) + ")")
@@ -90,7 +91,7 @@ def parse_args(argv=None):
         parser.error("--quick and --paper are two different budgets; pick one")
     if args.paper and args.epochs:
         parser.error("--paper sets the epochs itself (500k iterations); drop --epochs")
-    defaults = QUICK_TABLE if args.quick else dict(models=list(LAYERS), layers=None, methods=list(COLUMNS),
+    defaults = QUICK_TABLE if args.quick else dict(models=list(LAYERS), layers=None, methods=list(PAPER_METHODS),
                                              seeds=list(SEEDS), epochs=None)
     for name, value in defaults.items():
         if getattr(args, name) is None:

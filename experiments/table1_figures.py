@@ -36,7 +36,8 @@ def plot_curves(args, table, path):
         for j, row in enumerate(r for r in rows if r["model"] == model):
             ax = axes[i][j]
             ax.set_visible(True)
-            for method, color in (("backprop", "black"), ("dni", "tab:blue"), ("cdni", "tab:orange")):
+            for method, color in (("backprop", "black"), ("dni", "tab:blue"), ("cdni", "tab:orange"),
+                                  ("local", "tab:green")):
                 runs = _runs(args, model, row["layers"], method) if method in table["meta"]["methods"] else []
                 if not runs:
                     continue

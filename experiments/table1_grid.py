@@ -11,7 +11,8 @@ from experiments.grid import COLUMNS, CPU_SETTINGS
 
 LAYERS = {"mlp": (3, 4, 5, 6), "cnn": (3, 4)}  # the paper's rows; layers = depth + 1
 MODEL_LABEL = {"mlp": "FCN", "cnn": "CNN"}
-METHOD_LABEL = {"nobprop": "No Bprop", "backprop": "Bprop", "dni": "DNI", "cdni": "cDNI"}
+METHOD_LABEL = {"nobprop": "No Bprop", "backprop": "Bprop", "dni": "DNI", "cdni": "cDNI", "local": "Local"}
+PAPER_METHODS = ("nobprop", "backprop", "dni", "cdni")  # the paper's columns: the default; local is asked for
 DATASET_TITLES = {"mnist": ("MNIST", ""), "fashion_mnist": ("Fashion-MNIST", "fashion_")}  # -> (title, file prefix)
 
 # The stage rates of CPU_SETTINGS (experiments/grid.py) and where they came from, printed with the table.

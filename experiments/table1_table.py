@@ -103,8 +103,9 @@ def _settings(sets):
 
 
 def _gap_table(table):
-    """Markdown lines: each DNI column's mean test error minus Bprop's, in points (none without Bprop)."""
-    methods = [m for m in table["meta"]["methods"] if m in ("dni", "cdni")]
+    """Markdown lines: each decoupled column's (DNI, cDNI, local losses) mean test error minus Bprop's,
+    in points (none without Bprop)."""
+    methods = [m for m in table["meta"]["methods"] if m in ("dni", "cdni", "local")]
     if "backprop" not in table["meta"]["methods"] or not methods:
         return []
 
