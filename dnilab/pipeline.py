@@ -207,14 +207,14 @@ class Pipelined:
 
     resumable = False  # a checkpoint holds no resume state (--resume refuses a pipelined run)
 
-    def __init__(self, config, *, rank, world, device):
+    def __init__(self, config, *, rank, world, device, build=build_net):
         self.config, self.rank, self.world, self.device = config, rank, world, device
         self.lead, timeout_s = rank == 0, config.worker_timeout
         check_same_settings(config, rank, world, timeout_s)
         set_seed(config.seed)  # the same seed everywhere: the same initial net on every worker
         # Only worker 0 reads the images: the others load the labels and the images' shapes.
         data = load_run_data(config, device, load=lambda *where: load_data(*where, images=self.lead))
-        self.net = net = build_net(config, data.in_shape, data.num_classes).to(device)
+        self.net = net = build(config, data.in_shape, data.num_classes).to(device)
         self.costs = stage_costs(net, data.in_shape)
         self.parts = (parse_partition(config.partition, len(net.stages), world) if config.partition
                       else balanced_partition(self.costs, world))

@@ -80,12 +80,12 @@ class Sequential:
     lead = True  # this process writes the run folder
     resumable = True  # its checkpoints carry the state --resume continues from
 
-    def __init__(self, config, device):
+    def __init__(self, config, device, build=build_net):
         set_seed(config.seed)
         self.data = load_run_data(config, device, load=load_data)  # looked up here, so a test can swap in tensors
         self.steps_per_epoch = num_batches(len(self.data.train_x), config.batch_size)
         check_batches(self.steps_per_epoch, config, len(self.data.train_x))
-        self.net = build_net(config, self.data.in_shape, self.data.num_classes).to(device)
+        self.net = build(config, self.data.in_shape, self.data.num_classes).to(device)
         self.optimizers = Optimizers(self.net, config, config.num_epochs * self.steps_per_epoch)
         self.train_step = make_train_step(config, self.net, self.optimizers)
         self.config, self.device = config, device
@@ -136,18 +136,20 @@ class Sequential:
         return {}
 
 
-def run(config):
-    """Train one run as `config` says; returns its summary dict (None on a pipeline worker but rank 0)."""
+def run(config, build=build_net):
+    """Train one run as `config` says; returns its summary dict (None on a pipeline worker but rank 0).
+    `build(config, in_shape, num_classes)` makes the net (`dnilab.parts.build_net`, the --model_type
+    registry's, unless a caller such as a benchmark trains a net of its own in the same loop)."""
     if config.pipeline:  # this process is one worker of a torchrun launch: see dnilab.pipeline
         from dnilab.pipeline import Pipelined, worker_process
         with worker_process(config) as (rank, world, device):
-            return loop(config, Pipelined(config, rank=rank, world=world, device=device), device)
+            return loop(config, Pipelined(config, rank=rank, world=world, device=device, build=build), device)
     device = pick_device(config.device)
     checkpoint = None
     if config.resume:  # every check first (bad input writes nothing), the cheap ones before the data
         checkpoint = load_checkpoint(config.resume)
         check_resumable(config, checkpoint, Path(config.resume))
-    return loop(config, Sequential(config, device), device, checkpoint)
+    return loop(config, Sequential(config, device, build), device, checkpoint)
 
 
 def loop(config, steps, device, checkpoint=None):

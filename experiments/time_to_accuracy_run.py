@@ -11,7 +11,6 @@ evaluates after each epoch outside the timed training and writes the run folder,
 method's folder has main.py's schema: an epoch row per epoch with val_acc and the training
 seconds so far (evaluation left out).
 """
-import contextlib
 import os
 import sys
 import time
@@ -19,13 +18,12 @@ import time
 import torch
 import torch.distributed as dist
 
-import dnilab.pipeline
 import dnilab.train
 from dni.errors import DNIError
 from dnilab.cli import OneLineParser, main_guard, parse_config
 from dnilab.config import Config
 from dnilab.data import batches, load_data, num_batches
-from dnilab.parts import Optimizers, evaluate_splits, load_run_data, set_seed
+from dnilab.parts import Optimizers, build_net, evaluate_splits, load_run_data, set_seed
 from dnilab.partition import balanced_partition, describe_partition, stage_costs
 from dnilab.pipeline import EVALUATION_TIMEOUT, agree, check_same_settings, worker_process
 from dnilab.runs import announce, check_batches, prepare_run_dir, record_environment, step_record
@@ -37,28 +35,20 @@ from experiments.bench_workloads import BENCH_MODELS
 PROG = "python -m experiments.time_to_accuracy_run"
 
 
-@contextlib.contextmanager
-def bench_model(model):
-    """While active, dnilab's sequential and pipelined loops build BENCH_MODELS[model] where they
-    would build the net their Config names. main.py's registry (dnilab.models) holds no wide net,
-    and an experiment adds none to the library; swapping the builder keeps the one loop and the
-    one run-folder writer. 'mlp' is main.py's own default net: nothing is swapped."""
+def net_builder(model):
+    """The `build(config, in_shape, num_classes)` that dnilab's loop takes (`dnilab.train.run`):
+    main.py's own for 'mlp', else BENCH_MODELS[model]. main.py's registry (dnilab.models) holds
+    no wide net, and an experiment adds none to the application."""
     if model == "mlp":
-        yield
-        return
+        return build_net
     build = BENCH_MODELS[model][0]
 
-    def build_net(config, in_shape, num_classes):
+    def build_bench_net(config, in_shape, num_classes):
         if config.method not in ("backprop", "dni"):
             raise DNIError(f"the {model} bench net is built for --method backprop or dni, not {config.method}")
         return build(method=config.method, conditioned=config.conditioned)
 
-    saved = dnilab.train.build_net, dnilab.pipeline.build_net
-    dnilab.train.build_net = dnilab.pipeline.build_net = build_net
-    try:
-        yield
-    finally:
-        dnilab.train.build_net, dnilab.pipeline.build_net = saved
+    return build_bench_net
 
 
 class TorchPipelined:
@@ -69,14 +59,14 @@ class TorchPipelined:
 
     resumable = False  # as a --pipeline run: its checkpoint holds no resume state
 
-    def __init__(self, config, *, rank, world, microbatches, microbatches_from):
+    def __init__(self, config, *, rank, world, microbatches, microbatches_from, build=build_net):
         self.config, self.rank, self.world, self.device = config, rank, world, torch.device("cpu")
         self.lead = rank == 0
         self.microbatches, self.microbatches_from = microbatches, microbatches_from
         check_same_settings(config, rank, world, config.worker_timeout)
         set_seed(config.seed)  # the order of dnilab.train.Sequential: seed, data, net, optimizers
         self.data = load_run_data(config, self.device, load=load_data)
-        self.net = dnilab.train.build_net(config, self.data.in_shape, self.data.num_classes)  # bench_model's, if set
+        self.net = build(config, self.data.in_shape, self.data.num_classes)
         self.costs = stage_costs(self.net, self.data.in_shape)
         self.parts = balanced_partition(self.costs, world)
         self.steps_per_epoch = num_batches(len(self.data.train_x), config.batch_size)
@@ -150,7 +140,7 @@ class TorchPipelined:
                                "partition": [[p.start, p.stop] for p in self.parts]}}
 
 
-def run_1f1b(config, microbatches, microbatches_from):
+def run_1f1b(config, microbatches, microbatches_from, build=build_net):
     """Train `config` (method backprop, CPU) with torch's 1F1B on the workers torchrun started."""
     if config.method != "backprop" or config.conditioned or config.pipeline or config.resume:
         raise DNIError("--n_microbatches trains --method backprop with torch's 1F1B; drop --pipeline, "
@@ -162,7 +152,7 @@ def run_1f1b(config, microbatches, microbatches_from):
         if microbatches < world:
             raise DNIError(f"1F1B needs at least as many micro-batches as the {world} workers, got {microbatches}")
         return dnilab.train.loop(config, TorchPipelined(config, rank=rank, world=world, microbatches=microbatches,
-                                                        microbatches_from=microbatches_from), device)
+                                                        microbatches_from=microbatches_from, build=build), device)
 
 
 def main(argv=None):
@@ -175,11 +165,11 @@ def main(argv=None):
     if ours.n_microbatches < 0:
         parser.error(f"--n_microbatches must be >= 0, got {ours.n_microbatches}")
     config = parse_config(Config, rest, prog=PROG, description=__doc__.splitlines()[0])
-    with bench_model(ours.bench_model):
-        if ours.n_microbatches:
-            summary = main_guard(run_1f1b, config, ours.n_microbatches, ours.n_microbatches_from)
-        else:
-            summary = main_guard(dnilab.train.run, config)
+    build = net_builder(ours.bench_model)
+    if ours.n_microbatches:
+        summary = main_guard(run_1f1b, config, ours.n_microbatches, ours.n_microbatches_from, build)
+    else:
+        summary = main_guard(dnilab.train.run, config, build)
     if config.pipeline or ours.n_microbatches:  # see dnilab.train.main: gloo's threads can abort the teardown
         sys.stdout.flush()
         sys.stderr.flush()
