@@ -30,6 +30,26 @@ def cut_positions(layers, cuts):
     return tuple(round(layers * j / (cuts + 1)) for j in range(1, cuts + 1))
 
 
+def check_sg_lr(method, sg_lr):
+    """Refuse a synthesizers' rate (--sg_lr) that is negative, or given where there is no synthesizer."""
+    if not 0 <= sg_lr < float("inf"):
+        raise DNIError(f"--sg_lr must be at least 0 and finite, got {sg_lr}")
+    if sg_lr and method not in ("dni", "cdni"):
+        raise DNIError(f"--sg_lr sets the synthesizers' rate: --method {method} has none (give dni or cdni)")
+
+
+def parameter_groups(model, lr, sg_lr=0.0):
+    """The optimizer's parameter groups for an example's `model`: every parameter at `lr` in one
+    group, as the examples had it before --sg_lr existed (sg_lr 0); otherwise the parameters of
+    `model.cuts` (the synthesizers) at `sg_lr` in a second group, after the rest at `lr`. A
+    schedule scales both groups alike."""
+    if not sg_lr:
+        return [{"params": list(model.parameters()), "lr": lr}]
+    named = list(model.named_parameters())
+    return [{"params": [p for n, p in named if not n.startswith("cuts.")], "lr": lr},
+            {"params": [p for n, p in named if n.startswith("cuts.")], "lr": sg_lr}]
+
+
 def run_name(example, method, cuts, seed):
     """A run folder's name: resnet_fashion_local_cuts1_seed0; without the cuts where they are the
     default (0) or there are none (backprop)."""

@@ -16,7 +16,9 @@ Under `--method local` each cut is a `dni.LocalLoss` instead (Decoupled Greedy L
 Belilovsky et al. 2020): a small auxiliary head, a LayerNorm and one linear map from the residual
 stream to the vocabulary at every position (D * vocab weights, a tenth of a block), predicts the
 next character; the blocks below learn from its cross-entropy alone, the blocks above read the
-residual stream detached.
+residual stream detached. The synthesizers' and heads' sizes and the synthesizers' rate are flags
+(--synth_width, --synth_layers, --sg_lr, --head_layers, --head_width) that
+experiments/examples_search.py chooses on validation; their defaults are the settings above.
 
 Corpus: `dnilab.data.load_fortunes`, Debian's `fortunes` (apt-get install fortunes), each file
 split contiguously into train, validation and test (90/5/5). Validation bits per character are
@@ -39,7 +41,8 @@ import dni  # noqa: E402
 from dni.errors import DNIError  # noqa: E402
 from dnilab.cli import parse_config  # noqa: E402
 from dnilab.data import FORTUNES_DIR, load_fortunes  # noqa: E402
-from dnilab.example_runs import EXAMPLE_METHODS, cut_positions, finish_run, log_metrics, start_run  # noqa: E402
+from dnilab.example_runs import (EXAMPLE_METHODS, check_sg_lr, cut_positions, finish_run, log_metrics,  # noqa: E402
+                                 parameter_groups, start_run)
 
 
 def _opt(default, help, **meta):
@@ -58,8 +61,14 @@ class Settings:
     n_layer: int = _opt(4, "blocks", positive=True)
     d_model: int = _opt(128, "width of the residual stream", positive=True)
     n_head: int = _opt(4, "attention heads", positive=True)
-    synth_width: int = _opt(512, "hidden units of each per-position synthesizer", positive=True)
+    synth_width: int = _opt(512, "hidden units of each per-position synthesizer (dni, cdni); 0: linear")
+    synth_layers: int = _opt(1, "hidden layers of each synthesizer (dni, cdni); 0: linear")
     lr: float = _opt(1e-3, "AdamW, cosine decay to 0 over the run", positive=True)
+    sg_lr: float = _opt(0.0, "the synthesizers' AdamW rate, same cosine decay (dni, cdni; 0: --lr, in one "
+                             "parameter group with the rest)")
+    head_layers: int = _opt(0, "hidden layers (linear, GELU) of each local head between its LayerNorm and its "
+                               "map to the vocabulary (local; 0: LayerNorm and linear alone)")
+    head_width: int = _opt(512, "units of each local head's hidden layers", positive=True)
     eval_every: int = _opt(200, "steps between validation measurements", positive=True)
     eval_chars: int = _opt(0, "measure on the first N characters of val and test (0: all)")
     corpus: str = _opt(FORTUNES_DIR, "folder of the fortunes' text files")
@@ -67,10 +76,14 @@ class Settings:
     device: str = _opt("cuda" if torch.cuda.is_available() else "cpu", "torch device")
     out: str = _opt("", "the run's folder (default: results/examples/char_gpt_<method>[_cuts<cuts>]_seed<seed>)")
     overwrite: bool = _opt(False, "replace a finished run in --out")
+    eval_test: bool = _opt(True, "measure the test split at the end (the search does not: it reads validation alone)")
 
     def __post_init__(self):
-        if self.d_model % self.n_head or self.eval_chars < 0 or self.cuts < 0:
-            raise DNIError("--d_model must be a multiple of --n_head, --eval_chars and --cuts at least 0")
+        if self.d_model % self.n_head:
+            raise DNIError(f"--d_model {self.d_model} must be a multiple of --n_head {self.n_head}")
+        if min(self.eval_chars, self.cuts, self.synth_width, self.synth_layers, self.head_layers) < 0:
+            raise DNIError("--eval_chars, --cuts, --synth_width, --synth_layers and --head_layers must be at least 0")
+        check_sg_lr(self.method, self.sg_lr)
         if self.method != "backprop":
             cut_positions(self.n_layer, self.cuts)  # refuses cuts the blocks cannot hold
 
@@ -98,16 +111,28 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+def local_head(d_model, vocab, width, layers):
+    """A local head, (B, T, D) -> (B, T, vocab) position by position: a LayerNorm, `layers` x (linear to
+    `width` units, GELU), a linear map to the vocabulary (layers=0: LayerNorm and linear alone)."""
+    hidden, n_in = [], d_model
+    for _ in range(layers):
+        hidden += [nn.Linear(n_in, width), nn.GELU()]
+        n_in = width
+    return nn.Sequential(nn.LayerNorm(d_model), *hidden, nn.Linear(n_in, vocab))
+
+
 class GPT(nn.Module):
     """Token and position embeddings, `n_layer` blocks, a final LayerNorm and a linear head (not
     tied to the embedding, which sits below every cut). `method` "dni" or "cdni": a `dni.DNI` at
     each cut; "local": a `dni.LocalLoss` whose head is a LayerNorm and a linear map to the vocabulary
     (a small head: no attention, so it reads each position's residual stream alone); "backprop": no
-    cut. `cuts`: how many, spread evenly (`cut_positions`; 0: between every pair of blocks). In eval
-    mode the cuts are the identity."""
+    cut. `cuts`: how many, spread evenly (`cut_positions`; 0: between every pair of blocks).
+    `synth_layers` hidden layers of `synth_width` units per synthesizer (either 0: linear);
+    `head_layers` hidden layers of `head_width` units in each local head. In eval mode the cuts are
+    the identity."""
 
     def __init__(self, *, vocab, block_size=128, n_layer=4, d_model=128, n_head=4, method="backprop", cuts=0,
-                 synth_width=512):
+                 synth_width=512, synth_layers=1, head_width=512, head_layers=0):
         super().__init__()
         self.tok, self.pos = nn.Embedding(vocab, d_model), nn.Embedding(block_size, d_model)
         self.blocks = nn.ModuleList(Block(d_model, n_head) for _ in range(n_layer))
@@ -116,12 +141,13 @@ class GPT(nn.Module):
         if method in ("dni", "cdni"):  # DNI: a per-position synthesizer for each (T, D) cut
             self.cuts = nn.ModuleList(
                 dni.DNI(shape=(block_size, d_model), width=synth_width,
-                        context_features=vocab if method == "cdni" else 0, loss_scale=lambda h: h.shape[0] * h.shape[1])
+                        hidden_layers=synth_layers if synth_width else 0, context_features=vocab if method == "cdni" else 0,
+                        loss_scale=lambda h: h.shape[0] * h.shape[1])
                 for _ in self.cut_after)
         elif method == "local":
             self.cuts = nn.ModuleList(
-                dni.LocalLoss(nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, vocab)),
-                              loss_fn=token_cross_entropy) for _ in self.cut_after)
+                dni.LocalLoss(local_head(d_model, vocab, head_width, head_layers), loss_fn=token_cross_entropy)
+                for _ in self.cut_after)
         else:
             self.cuts = nn.ModuleList()
         self.vocab, self.method = vocab, method
@@ -151,7 +177,7 @@ def bits_per_char(model, data, block_size, batch_size=64):
 
 
 def main(argv=None):
-    settings = parse_config(Settings, argv, description=__doc__.split("\n")[0])
+    settings = s = parse_config(Settings, argv, description=__doc__.split("\n")[0])
     try:
         corpus = load_fortunes(settings.corpus, settings.device)
         run_dir = start_run(settings, torch.device(settings.device), "char_gpt")
@@ -159,19 +185,25 @@ def main(argv=None):
         sys.exit(f"error: {error}")
     print(f"char_gpt {settings.method}, {settings.steps} steps on {settings.device} -> {run_dir}", flush=True)
     summary = train(settings, corpus, run_dir)
-    print(f"test_bpc {summary['test_bpc']:.3f}")
+    print(f"val_bpc {summary['val_bpc']:.3f}" + (f" test_bpc {summary['test_bpc']:.3f}" if s.eval_test else ""))
+
+
+def build_model(s, *, vocab):
+    """The model that settings `s` train, on s.device."""
+    return GPT(vocab=vocab, block_size=s.block_size, n_layer=s.n_layer, d_model=s.d_model, n_head=s.n_head,
+               method=s.method, cuts=s.cuts, synth_width=s.synth_width, synth_layers=s.synth_layers,
+               head_width=s.head_width, head_layers=s.head_layers).to(s.device)
 
 
 def train(settings, corpus, run_dir):
     """Train, measuring validation bits per character every `eval_every` steps (metrics.jsonl)
-    and test once at the end; returns the summary written to summary.json."""
+    and test once at the end (unless eval_test is False: test_bpc None); returns the summary written to summary.json."""
     s = settings
     torch.manual_seed(s.seed)
     m = s.eval_chars or None
     train_ids, val, test = corpus.train, corpus.val[:m], corpus.test[:m]
-    model = GPT(vocab=len(corpus.chars), block_size=s.block_size, n_layer=s.n_layer, d_model=s.d_model,
-                n_head=s.n_head, method=s.method, cuts=s.cuts, synth_width=s.synth_width).to(s.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr)  # holds the synthesizers and local heads too
+    model = build_model(s, vocab=len(corpus.chars))
+    optimizer = torch.optim.AdamW(parameter_groups(model, s.lr, s.sg_lr), lr=s.lr)  # synthesizers, local heads too
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=s.steps)
     generator = torch.Generator().manual_seed(s.seed)
 
@@ -202,7 +234,7 @@ def train(settings, corpus, run_dir):
             print(f"step {step} train_bpc {line['train_bpc']:.3f} val_bpc {val_bpc:.3f} {train_seconds:.0f}s",
                   flush=True)
             losses, aux_losses, start = [], [], time.perf_counter()
-    test_bpc = bits_per_char(model, test, s.block_size)  # once, at the end
+    test_bpc = bits_per_char(model, test, s.block_size) if s.eval_test else None  # once, at the end
     return finish_run(run_dir, {
         "example": "char_gpt", "method": s.method, "cuts": len(model.cut_after), "seed": s.seed, "steps": s.steps,
         "val_bpc": val_bpc, "test_bpc": test_bpc, "seconds": round(train_seconds, 2), "device": s.device,
