@@ -239,6 +239,7 @@ def train(settings, corpus, run_dir):
         "example": "char_gpt", "method": s.method, "cuts": len(model.cut_after), "seed": s.seed, "steps": s.steps,
         "val_bpc": val_bpc, "test_bpc": test_bpc, "seconds": round(train_seconds, 2), "device": s.device,
         "parameters": sum(p.numel() for n, p in model.named_parameters() if not n.startswith("cuts.")),
+        "cut_parameters": sum(p.numel() for p in model.cuts.parameters()),  # synthesizers or local heads
         "corpus": {"path": s.corpus, "vocab": len(corpus.chars), "train_chars": len(corpus.train),
                    "val_chars": len(corpus.val), "test_chars": len(corpus.test)}})
 

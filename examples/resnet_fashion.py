@@ -205,7 +205,8 @@ def train(settings, data, run_dir):
         "example": "resnet_fashion", "method": s.method, "cuts": len(model.cut_after), "seed": s.seed,
         "epochs": s.epochs, "steps": step, "val_acc": val_acc, "test_acc": test_acc,
         "seconds": round(train_seconds, 2), "device": s.device,
-        "parameters": sum(p.numel() for name, p in model.named_parameters() if not name.startswith("cuts."))})
+        "parameters": sum(p.numel() for name, p in model.named_parameters() if not name.startswith("cuts.")),
+        "cut_parameters": sum(p.numel() for p in model.cuts.parameters())})  # synthesizers or local heads
 
 
 if __name__ == "__main__":
