@@ -18,12 +18,12 @@ started and not finished is trained again from its start (the examples keep no c
 finished run trained with other settings (say, before the search chose) is refused by name until
 --retrain_stale.
 """
-import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+from dnilab.cli import OneLineParser
 from dnilab.example_runs import run_name
 from experiments.example_grids import ROOT, add_options, results_dir, train_missing
 
@@ -63,7 +63,7 @@ def grid(results, chosen=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(description=__doc__.split("\n")[0])
     add_options(p, "results/examples")
     p.add_argument("--settings", default="results/examples_search.json",
                    help="the search's choices (default: results/examples_search.json)")

@@ -30,12 +30,12 @@ Run folders go under results/examples_search/<example>_<method>_<candidate>_seed
 when finished (resumable); results/examples_search.md and .json are rebuilt from them, byte for
 byte. experiments/examples_grid.py reads the JSON's choices (--settings).
 """
-import argparse
 import json
 import math
 import sys
 from pathlib import Path
 
+from dnilab.cli import OneLineParser
 from experiments.example_grids import add_options, results_dir, train_missing
 
 SEED = 100  # a seed no table reports
@@ -169,7 +169,7 @@ def write(results):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(description=__doc__.split("\n")[0])
     add_options(p, "results/examples_search")
     p.add_argument("--table_only", action="store_true", help="train nothing: rebuild the .md and .json from the runs")
     args = p.parse_args(argv)
