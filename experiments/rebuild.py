@@ -45,6 +45,7 @@ REBUILDS = {
     "results/deviations.md": "python -m experiments.deviations --table_only",
     "results/published.md": "python -m experiments.published",
     "results/examples.md": "python examples/table.py",
+    "results/examples_search.md": "python -m experiments.examples_search --table_only",
     "results/rnn_table.md": f"{RNN}",
     "results/rnn_table_N5.md": f"{RNN} --length 5 --steps 8000 --stagger 0 --sg_factor 0.1 --hidden 64",
     "results/rnn_table_f0.3.md": f"{RNN} --sg_factor 0.3",
