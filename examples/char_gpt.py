@@ -140,9 +140,8 @@ class GPT(nn.Module):
         self.cut_after = cut_positions(n_layer, cuts) if method != "backprop" else ()  # blocks below each cut
         if method in ("dni", "cdni"):  # DNI: a per-position synthesizer for each (T, D) cut
             self.cuts = nn.ModuleList(
-                dni.DNI(shape=(block_size, d_model), width=synth_width,
-                        hidden_layers=synth_layers if synth_width else 0, context_features=vocab if method == "cdni" else 0,
-                        loss_scale=lambda h: h.shape[0] * h.shape[1])
+                dni.DNI(shape=(block_size, d_model), width=synth_width, hidden_layers=synth_layers * bool(synth_width),
+                        context_features=vocab if method == "cdni" else 0, loss_scale=lambda h: h.shape[0] * h.shape[1])
                 for _ in self.cut_after)
         elif method == "local":
             self.cuts = nn.ModuleList(
@@ -177,7 +176,7 @@ def bits_per_char(model, data, block_size, batch_size=64):
 
 
 def main(argv=None):
-    settings = s = parse_config(Settings, argv, description=__doc__.split("\n")[0])
+    settings = parse_config(Settings, argv, description=__doc__.split("\n")[0])
     try:
         corpus = load_fortunes(settings.corpus, settings.device)
         run_dir = start_run(settings, torch.device(settings.device), "char_gpt")
@@ -185,7 +184,8 @@ def main(argv=None):
         sys.exit(f"error: {error}")
     print(f"char_gpt {settings.method}, {settings.steps} steps on {settings.device} -> {run_dir}", flush=True)
     summary = train(settings, corpus, run_dir)
-    print(f"val_bpc {summary['val_bpc']:.3f}" + (f" test_bpc {summary['test_bpc']:.3f}" if s.eval_test else ""))
+    test = f" test_bpc {summary['test_bpc']:.3f}" if settings.eval_test else ""
+    print(f"val_bpc {summary['val_bpc']:.3f}" + test)
 
 
 def build_model(s, *, vocab):

@@ -143,7 +143,7 @@ def accuracy(model, x, y, batch_size=1000):
 
 
 def main(argv=None):
-    settings = s = parse_config(Settings, argv, description=__doc__.split("\n")[0])
+    settings = parse_config(Settings, argv, description=__doc__.split("\n")[0])
     try:
         data = split_validation(load_data("fashion_mnist", settings.data, settings.device), VAL_SIZE)
         if len(data.train_x[:settings.subset or None]) < settings.batch_size:
@@ -153,7 +153,8 @@ def main(argv=None):
         sys.exit(f"error: {error}")
     print(f"resnet_fashion {settings.method}, {settings.epochs} epochs on {settings.device} -> {run_dir}", flush=True)
     summary = train(settings, data, run_dir)
-    print(f"val_acc {summary['val_acc']:.4f}" + (f" test_acc {summary['test_acc']:.4f}" if s.eval_test else ""))
+    test = f" test_acc {summary['test_acc']:.4f}" if settings.eval_test else ""
+    print(f"val_acc {summary['val_acc']:.4f}" + test)
 
 
 def build_model(s):

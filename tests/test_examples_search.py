@@ -154,7 +154,8 @@ def test_resnet_defaults_train_bit_for_bit_as_before_the_flags(method):
     ref.cut_after, ref.method = (2,), method
     assert str(new) == str(ref)
     loss_of = lambda m, b: F.cross_entropy(m(b[0], b[1]), b[1])  # noqa: E731
-    after_new = _two_steps(new, torch.optim.Adam(parameter_groups(new, 1e-3, settings.sg_lr), lr=1e-3), batches, loss_of)
+    optimizer = torch.optim.Adam(parameter_groups(new, 1e-3, settings.sg_lr), lr=1e-3)
+    after_new = _two_steps(new, optimizer, batches, loss_of)
     after_ref = _two_steps(ref, torch.optim.Adam(ref.parameters(), lr=1e-3), batches, loss_of)
     for name, value in after_ref.items():
         torch.testing.assert_close(after_new[name], value, rtol=0, atol=0, msg=name)
