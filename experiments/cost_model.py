@@ -2,6 +2,7 @@
 
     python -m experiments.cost_model                 # measure, predict, check -> results/cost_model.{json,md,png}
     python -m experiments.cost_model --table_only    # redraw from results/cost_model.json (no timing)
+    python -m experiments.cost_model --measure_cuda  # on a GPU: cuda.json (experiments/cost_model_cuda.py)
 
 What is measured here, in one process on one thread (median of --repeats):
 - per stage i of the bench's networks (experiments.bench: "wide" and main.py's "mlp"), at the
@@ -52,18 +53,25 @@ LINKS = {"10 GbE": (20e-6, 1.25e9), "100 Gb/s InfiniBand": (3e-6, 12.5e9), "NVLi
 DEPTHS = (2, 4, 8, 16)
 
 
-def _median_time(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
+class WallClock:
+    """Seconds one call of fn takes by the host's clock; one call of warm-up. (The CUDA clock,
+    experiments.cost_model_cuda.CudaClock, has the same shape: `warmup` and `clock(fn)`.)"""
+    warmup = 1
+
+    def __call__(self, fn):
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return time.perf_counter() - start
 
 
-def stage_times(stage, x, *, last, repeats, y=None):
-    """F, B and O of one stage on input x (the stage's own Adam): seconds."""
+def _median_time(fn, repeats, clock=WallClock()):
+    for _ in range(clock.warmup):
+        fn()
+    return statistics.median(clock(fn) for _ in range(repeats))
+
+
+def stage_times(stage, x, *, last, repeats, y=None, clock=WallClock()):
+    """F, B and O of one stage on input x (the stage's own Adam), by `clock`: seconds."""
     optimizer = torch.optim.Adam(stage.parameters(), lr=1e-4)
     x = x.detach().requires_grad_(x.is_floating_point())
     out = {}
@@ -74,18 +82,18 @@ def stage_times(stage, x, *, last, repeats, y=None):
     def loss_of(h):
         return F.cross_entropy(h, y) if last else h.sum()
 
-    out["F"] = _median_time(forward, repeats)
+    out["F"] = _median_time(forward, repeats, clock)
     h = forward()
 
     def backward():
         optimizer.zero_grad(set_to_none=True)
         loss_of(stage(x)).backward()
-    out["B"] = max(_median_time(backward, repeats) - out["F"], 0.0)
-    out["O"] = _median_time(optimizer.step, repeats)
+    out["B"] = max(_median_time(backward, repeats, clock) - out["F"], 0.0)
+    out["O"] = _median_time(optimizer.step, repeats, clock)
     return out, h.detach()
 
 
-def synthesizer_time(synthesizer, h, context, repeats):
+def synthesizer_time(synthesizer, h, context, repeats, clock=WallClock()):
     """S: one synthesizer's forward, loss against a target, backward and Adam step."""
     optimizer = torch.optim.Adam(synthesizer.parameters(), lr=1e-4)
     target = torch.randn_like(h)
@@ -94,32 +102,36 @@ def synthesizer_time(synthesizer, h, context, repeats):
         optimizer.zero_grad(set_to_none=True)
         synthesizer_loss(synthesizer(h, context), target).backward()
         optimizer.step()
-    return _median_time(update, repeats)
+    return _median_time(update, repeats, clock)
 
 
-def network_costs(model, repeats):
-    """Measured costs of the bench's network `model`: per stage, F and B at N and at each micro-batch,
-    O; per synthesizer, S for DNI and cDNI; the partition and the cut's size in bytes."""
+def network_costs(model, repeats, device=torch.device("cpu"), clock=WallClock()):
+    """Measured costs of the bench's network `model` on `device` by `clock`: per stage, F and B at N
+    and at each micro-batch, O; per synthesizer, S for DNI and cDNI; the partition and the cut's
+    size in bytes."""
     from experiments.bench_workloads import make_net
     torch.manual_seed(0)
-    x = torch.randn(BATCH, 1, 28, 28)
-    y = torch.randint(0, 10, (BATCH,))
+    x = torch.randn(BATCH, 1, 28, 28).to(device)
+    y = torch.randint(0, 10, (BATCH,)).to(device)
     net = make_net(model, "backprop", False)
     parts = balanced_partition(stage_costs(net, (1, 28, 28)), 2)
+    net.to(device)
     stages, inputs = [], [x]
     for i, stage in enumerate(net.stages):
         last = i == len(net.stages) - 1
-        costs, h = stage_times(stage, inputs[-1], last=last, repeats=repeats, y=y)
+        costs, h = stage_times(stage, inputs[-1], last=last, repeats=repeats, y=y, clock=clock)
         for m in MICROBATCHES:
-            small, _ = stage_times(stage, inputs[-1][:BATCH // m], last=last, repeats=repeats, y=y[:BATCH // m])
+            small, _ = stage_times(stage, inputs[-1][:BATCH // m], last=last, repeats=repeats, y=y[:BATCH // m],
+                                   clock=clock)
             costs[f"F/{m}"], costs[f"B/{m}"] = small["F"], small["B"]
         stages.append(costs)
         inputs.append(h)
     synths = {}
     for name, conditioned in (("dni", False), ("cdni", True)):
-        dni_net = make_net(model, "dni", conditioned)
+        dni_net = make_net(model, "dni", conditioned).to(device)
         context = F.one_hot(y, 10).float() if conditioned else None
-        synths[name] = [synthesizer_time(s, inputs[j + 1], context, repeats) for j, s in enumerate(dni_net.synthesizers)]
+        synths[name] = [synthesizer_time(s, inputs[j + 1], context, repeats, clock)
+                        for j, s in enumerate(dni_net.synthesizers)]
     cut = parts[0].stop  # the activation between worker 0 and worker 1
     return {"stages": stages, "synthesizers": synths, "partition": [[p.start, p.stop] for p in parts],
             "cut_bytes": inputs[cut].numel() * inputs[cut].element_size()}
@@ -166,10 +178,16 @@ def measure_link(repeats):
     times = queue.get(timeout=300)
     for p in procs:
         p.join()
+    alpha, beta = fit_line(sizes, [times[s] for s in sizes])
+    return {"alpha": alpha, "beta": beta, "one_way_s": {str(k): v for k, v in times.items()}}
+
+
+def fit_line(sizes, times):
+    """(alpha, beta) of t(n) = alpha + n / beta, least squares over the sizes n (bytes) and times t (s)."""
     n = torch.tensor(sizes, dtype=torch.float64)
-    t = torch.tensor([times[s] for s in sizes], dtype=torch.float64)
+    t = torch.tensor(times, dtype=torch.float64)
     slope, intercept = torch.linalg.lstsq(torch.stack([n, torch.ones_like(n)], 1), t[:, None]).solution.flatten()
-    return {"alpha": max(float(intercept), 0.0), "beta": 1.0 / float(slope), "one_way_s": {str(k): v for k, v in times.items()}}
+    return max(float(intercept), 0.0), 1.0 / float(slope)
 
 
 def message(link, n):
@@ -217,40 +235,47 @@ def check(costs_by_model, link, bench):
     return rows
 
 
-def deep_costs(unit, K, synth_hidden, repeats):
+def deep_costs(unit, K, synth_hidden, repeats, device=torch.device("cpu"), clock=WallClock()):
     """Costs of K equal stages of `unit` features (Linear-BN-ReLU), one per worker, each but the
-    last with a synthesizer of `synth_hidden` hidden layers (0: linear)."""
-    stage = nn.Sequential(nn.Linear(unit, unit), nn.BatchNorm1d(unit), nn.ReLU())
-    x = torch.randn(BATCH, unit)
-    costs, _ = stage_times(stage, x, last=False, repeats=repeats)
+    last with a synthesizer of `synth_hidden` hidden layers (0: linear), on `device` by `clock`."""
+    stage = nn.Sequential(nn.Linear(unit, unit), nn.BatchNorm1d(unit), nn.ReLU()).to(device)
+    x = torch.randn(BATCH, unit).to(device)
+    costs, _ = stage_times(stage, x, last=False, repeats=repeats, clock=clock)
     for m in MICROBATCHES + (16, 32):
-        small, _ = stage_times(stage, x[:BATCH // m], last=False, repeats=repeats)
+        small, _ = stage_times(stage, x[:BATCH // m], last=False, repeats=repeats, clock=clock)
         costs[f"F/{m}"], costs[f"B/{m}"] = small["F"], small["B"]
-    synth = make_synthesizer((unit,), hidden_layers=synth_hidden, width=2048)
-    s = synthesizer_time(synth, x, None, repeats)
+    synth = make_synthesizer((unit,), hidden_layers=synth_hidden, width=2048).to(device)
+    s = synthesizer_time(synth, x, None, repeats, clock)
     return {"stages": [costs] * K, "synthesizers": {"dni": [s] * K}, "partition": [[k, k + 1] for k in range(K)],
             "cut_bytes": BATCH * unit * 4}
 
 
+DEEP = (("1024-unit stages, linear synthesizer", 1024, 0),
+        ("256-unit stages, main.py's DNI synthesizer (2048 hidden)", 256, 1))  # name, unit, synthesizer's hidden layers
+
+
 def extrapolate(link_measured, repeats):
     """Per deep model, link and K: samples/s of locked, the best of 1F1B's micro-batch counts, and DNI."""
-    rows = []
     links = {"loopback (measured)": link_measured, **LINKS}
-    for name, unit, hidden in (("1024-unit stages, linear synthesizer", 1024, 0),
-                               ("256-unit stages, main.py's DNI synthesizer (2048 hidden)", 256, 1)):
-        base = deep_costs(unit, 2, hidden, repeats)
-        for K in DEPTHS:
-            costs = dict(base, stages=base["stages"][:1] * K, synthesizers={"dni": base["synthesizers"]["dni"][:1] * K},
-                         partition=[[k, k + 1] for k in range(K)])
-            for link_name, link in links.items():
-                pipe = {m: predict(costs, link, "1f1b", m) for m in MICROBATCHES + (16, 32)}
-                best = max(pipe, key=pipe.get)
-                rows.append(dict(model=name, K=K, link=link_name, locked=predict(costs, link, "locked"),
-                                 one_f_one_b=pipe[best], microbatches=best, dni=predict(costs, link, "dni")))
+    return [row for name, unit, hidden in DEEP for row in deep_rows(name, deep_costs(unit, 2, hidden, repeats), links)]
+
+
+def deep_rows(name, base, links):
+    """Rows of `extrapolate` for one deep model whose stage and synthesizer costs are `base`'s."""
+    rows = []
+    for K in DEPTHS:
+        costs = dict(base, stages=base["stages"][:1] * K, synthesizers={"dni": base["synthesizers"]["dni"][:1] * K},
+                     partition=[[k, k + 1] for k in range(K)])
+        for link_name, link in links.items():
+            pipe = {m: predict(costs, link, "1f1b", m) for m in MICROBATCHES + (16, 32)}
+            best = max(pipe, key=pipe.get)
+            rows.append(dict(model=name, K=K, link=link_name, locked=predict(costs, link, "locked"),
+                             one_f_one_b=pipe[best], microbatches=best, dni=predict(costs, link, "dni")))
     return rows
 
 
-def markdown(result):
+def markdown(result, cuda=None):
+    """cost_model.md from cost_model.json's `result`, with a section for cuda.json's `cuda` if given."""
     link = result["link"]
     lines = ["# A cost model of pipelined training, checked against the bench", "",
              f"Made by `{result['command']}` at commit {(result.get('env', {}).get('git_commit') or 'unknown')[:7]}"
@@ -275,6 +300,9 @@ def markdown(result):
                      f"(m={r['microbatches']}) | {r['dni']:.0f} | {r['dni'] / r['one_f_one_b']:.2f}x |")
     lines += ["", "Samples per second predicted from this CPU's measured stage, synthesizer and link costs; "
               "a GPU's stages would change every compute term.", ""]
+    if cuda is not None:
+        from experiments.cost_model_cuda import markdown_section
+        lines[-1:] = markdown_section(cuda, (link["alpha"], link["beta"]))
     return "\n".join(lines)
 
 
@@ -282,7 +310,10 @@ def parse_args(argv=None):
     parser = OneLineParser(prog="python -m experiments.cost_model", description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="results", help="folder of bench.json and of the outputs")
     parser.add_argument("--repeats", type=int, default=30, help="timings per measured cost (median)")
-    parser.add_argument("--table_only", action="store_true", help="time nothing: redraw from results/cost_model.json")
+    parser.add_argument("--table_only", action="store_true", help="time nothing: redraw from results/cost_model.json "
+                        "(and cuda.json beside it, if there)")
+    parser.add_argument("--measure_cuda", action="store_true", help="time the stages, synthesizers and host-device "
+                        "copies on the GPU into <results>/cuda.json, nothing else (needs CUDA)")
     return parser.parse_args(argv)
 
 
@@ -295,6 +326,9 @@ def _read(path, made_by):
 
 def cost_model(args):
     results = Path(args.results)
+    if args.measure_cuda:
+        from experiments.cost_model_cuda import measure_cuda
+        return measure_cuda(args)
     if args.table_only:
         result = _read(results / "cost_model.json", f"python -m experiments.cost_model --results {results}")
     else:
@@ -307,8 +341,9 @@ def cost_model(args):
                       env=environment(torch.device("cpu")), bench=(results / "bench.json").as_posix(), link=link, costs=costs, check=check(costs, pair, bench),
                       extrapolated=extrapolate(pair, args.repeats))
         write_json(results / "cost_model.json", result)
-    write_text(results / "cost_model.md", markdown(result))
-    print(markdown(result))
+    cuda = json.loads((results / "cuda.json").read_text()) if (results / "cuda.json").exists() else None
+    write_text(results / "cost_model.md", markdown(result, cuda))
+    print(markdown(result, cuda))
     return result
 
 
