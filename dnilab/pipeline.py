@@ -199,6 +199,18 @@ def worker_process(config):
     dist.destroy_process_group()
 
 
+def start_workers_run_dir(config, rank, device):
+    """Rank 0 claims the run folder while the others wait (`agree`); returns it and the process
+    group of rank 0's end-of-epoch work, which has no deadline (see EVALUATION_TIMEOUT)."""
+    def start():
+        run_dir = prepare_run_dir(config)
+        record_environment(run_dir, config, device)
+        return run_dir
+
+    run_dir = agree(rank, config.worker_timeout, "preparing the run folder", start)
+    return run_dir, dist.new_group(timeout=EVALUATION_TIMEOUT)
+
+
 class Pipelined:
     """The pipelined step function: this worker trains its share of the stages over a whole epoch,
     feeding and fed by the other workers (`PipelineWorker`), then rank 0 gathers what every
@@ -234,13 +246,7 @@ class Pipelined:
         self.logs = self.states = None  # rank 0's: every worker's measurements and state of the last epoch
 
     def start_run_dir(self):
-        def start():
-            run_dir = prepare_run_dir(self.config)
-            record_environment(run_dir, self.config, self.device)
-            return run_dir
-
-        run_dir = agree(self.rank, self.config.worker_timeout, "preparing the run folder", start)
-        self.unbounded = dist.new_group(timeout=EVALUATION_TIMEOUT)
+        run_dir, self.unbounded = start_workers_run_dir(self.config, self.rank, self.device)
         return run_dir
 
     def announce(self, run_dir):

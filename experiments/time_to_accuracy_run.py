@@ -25,8 +25,8 @@ from dnilab.config import Config
 from dnilab.data import batches, load_data, num_batches
 from dnilab.parts import Optimizers, build_net, evaluate_splits, load_run_data, set_seed
 from dnilab.partition import balanced_partition, describe_partition, stage_costs
-from dnilab.pipeline import EVALUATION_TIMEOUT, agree, check_same_settings, worker_process
-from dnilab.runs import announce, check_batches, prepare_run_dir, record_environment, step_record
+from dnilab.pipeline import agree, check_same_settings, start_workers_run_dir, worker_process
+from dnilab.runs import announce, check_batches, step_record
 from dnilab.transport import collective
 from dnilab.worker import assemble
 from experiments.bench_pipelining import TorchPipelineWorker
@@ -77,13 +77,7 @@ class TorchPipelined:
         self.unbounded = self.logs = self.states = None
 
     def start_run_dir(self):
-        def start():
-            run_dir = prepare_run_dir(self.config)
-            record_environment(run_dir, self.config, self.device)
-            return run_dir
-
-        run_dir = agree(self.rank, self.config.worker_timeout, "preparing the run folder", start)
-        self.unbounded = dist.new_group(timeout=EVALUATION_TIMEOUT)  # rank 0's evaluation is not training
+        run_dir, self.unbounded = start_workers_run_dir(self.config, self.rank, self.device)
         return run_dir
 
     def announce(self, run_dir):
