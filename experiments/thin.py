@@ -6,8 +6,9 @@
 What it keeps of a finished run (one with summary.json), and why that is enough:
 - every row of metrics.jsonl that is not a per-step row, as written (epoch rows hold the
   accuracies that tables and curves read; recurrent runs log every 500 windows already);
-- of the per-step rows: the first, the last and every STRIDE-th, with floats rounded to
-  DIGITS significant digits. They feed only the loss and synthesizer-loss plots, which smooth
+- of the per-step rows: the first, the last and every STRIDE-th (for a run longer than
+  STRIDE * MAX_STEP_ROWS steps, such as the paper's 500k iterations, a multiple of STRIDE that
+  keeps about MAX_STEP_ROWS), with floats rounded to DIGITS significant digits. They feed only the loss and synthesizer-loss plots, which smooth
   over many steps. Rows that record which stages updated (stochastic updates) stay whole: the
   unlocking tables count them;
 - no per-run plot that README.md and docs/ do not show: `python -m dnilab.plots RUN_DIR` redraws
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 STRIDE, DIGITS = 10, 4
+MAX_STEP_ROWS = 5000
 RUN_PLOTS = ("loss.png", "sg_loss.png", "test_acc.png", "bits.png", "length.png")
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,15 +34,23 @@ def _round(value):
     return value
 
 
+def stride_of(last_step):
+    """Every how many steps a run of `last_step` steps keeps a row: STRIDE, or the multiple of it
+    that keeps at most MAX_STEP_ROWS. It depends on the last step alone, so thinning twice keeps
+    what thinning once kept."""
+    return STRIDE * max(1, -(-last_step // (STRIDE * MAX_STEP_ROWS)))
+
+
 def thin_rows(rows):
     """The rows to keep, in order (see the module docstring)."""
     steps = [r for r in rows if r.get("kind") == "step" and "updated" not in r]
     last = steps[-1]["step"] if steps else None
+    stride = stride_of(last or 0)
     out = []
     for row in rows:
         if row.get("kind") != "step" or "updated" in row:
             out.append(row)
-        elif row["step"] == 1 or row["step"] == last or row["step"] % STRIDE == 0:
+        elif row["step"] == 1 or row["step"] == last or row["step"] % stride == 0:
             out.append({k: _round(v) for k, v in row.items()})
     return out
 
@@ -69,7 +79,7 @@ def what_is_fat(results, root=ROOT):
         if metrics.exists():
             rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
             if thin_rows(rows) != rows:
-                fat.append((metrics, f"per-step rows beyond every {STRIDE}th or unrounded"))
+                fat.append((metrics, "per-step rows beyond every STRIDE-th or unrounded"))
         for name in RUN_PLOTS:
             plot = run / name
             if plot.exists() and _relative(plot, root) not in shown:

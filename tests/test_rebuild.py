@@ -72,6 +72,14 @@ def test_thinning_keeps_epoch_rows_and_every_tenth_step():
     assert thin.thin_rows(kept) == kept
 
 
+def test_a_run_of_500k_steps_keeps_at_most_5000_step_rows():
+    last = 500_000
+    steps = [{"kind": "step", "epoch": 1, "step": s, "loss": 0.5} for s in range(1, last + 1)]
+    kept = [r["step"] for r in thin.thin_rows(steps)]
+    assert kept[:3] == [1, 100, 200] and kept[-1] == last and len(kept) == 5001
+    assert thin.stride_of(11_700) == thin.STRIDE  # the long runs committed so far keep every 10th
+
+
 def test_a_run_from_a_modified_tree_keeps_its_diff(tmp_path):
     """A run started with edits not committed saves them beside env.json, and a table says how
     many of its runs were made that way, and whether their diffs were kept."""
