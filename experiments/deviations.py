@@ -133,7 +133,9 @@ def markdown(table):
     lines = ["# Deviations from the paper's preset, one at a time (validation error)", "",
              f"Validation error (%) after the last epoch, mean ± std over seeds {table['seeds']}, and the "
              "difference to the row's baseline; 'all of ours' is `--preset ours` at the same budget. Seconds per "
-             "epoch of training, one thread, two runs sharing two cores."]
+             "epoch of training, one thread a run, on a shared two-core machine: the runs against the table's "
+             "stage rate (and 'all of ours') ran two at a time, the FCN runs against the paper's optimiser "
+             "beside two or three others, so their seconds are inflated and compare only among themselves."]
     for baseline in dict.fromkeys(r.get("baseline", "table") for r in table["rows"]):
         title, says = HEADINGS[baseline]
         lines += ["", f"## {title}", "", says[0].upper() + says[1:], "",
