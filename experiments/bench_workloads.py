@@ -17,6 +17,7 @@ import torch.nn as nn
 from dnilab.config import Config
 from dnilab.data import batches, load_data
 from dni.errors import DNIError
+from dni.local import make_head
 from dni.stages import DNINet, backprop_step, dni_step
 from dni.synthesizers import make_synthesizer
 from dnilab.parts import Optimizers, build_net
@@ -34,7 +35,8 @@ def _block(n_in, n_out):
 
 
 def wide_net(*, method, conditioned):
-    """Two stages cut at a 256-wide activation, 1024-wide inner layers, a linear synthesizer:
+    """Two stages cut at a 256-wide activation, 1024-wide inner layers, a linear synthesizer
+    (under local losses, main.py's head at the cut: a linear map to the classes):
     784-1024-256 | 256-1024-640-10. Balanced by measured time (the time-blocked column), not by
     multiply-adds: worker 0 also runs the synthesizer and cuts the image batches, so worker 1
     gets more units than equal multiply-adds would give it."""
@@ -44,7 +46,8 @@ def wide_net(*, method, conditioned):
     if method == "dni":
         synthesizers = nn.ModuleList([make_synthesizer((256,), context_features=10 if conditioned else 0,
                                                        hidden_layers=0)])
-    return DNINet(stages=stages, synthesizers=synthesizers, conditioned=conditioned)
+    heads = nn.ModuleList([make_head((256,), 10)]) if method == "local" else None
+    return DNINet(stages=stages, synthesizers=synthesizers, conditioned=conditioned, heads=heads)
 
 
 def repo_mlp_net(*, method, conditioned):

@@ -71,8 +71,6 @@ def skipped(model, method):
     wanted = method.flags[method.flags.index("--method") + 1]
     if wanted not in dnilab.config.METHODS:
         return f"main.py has no --method {wanted} yet (dnilab.config.METHODS)"
-    if model != "mlp" and wanted not in ("backprop", "dni"):
-        return f"the {model} bench net is built for backprop and DNI only"
     return None
 
 

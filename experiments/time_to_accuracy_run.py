@@ -44,8 +44,8 @@ def net_builder(model):
     build = BENCH_MODELS[model][0]
 
     def build_bench_net(config, in_shape, num_classes):
-        if config.method not in ("backprop", "dni"):
-            raise DNIError(f"the {model} bench net is built for --method backprop or dni, not {config.method}")
+        if config.method not in ("backprop", "dni", "local"):
+            raise DNIError(f"the {model} bench net is built for --method backprop, dni or local, not {config.method}")
         return build(method=config.method, conditioned=config.conditioned)
 
     return build_bench_net
