@@ -1,7 +1,10 @@
 """Train on MNIST with every stage decoupled by a DNI (or cDNI with --conditioned True).
 
+--method backprop and --method local (local auxiliary losses at the same cuts) are the baselines.
+
     python main.py --model_type mlp
     python main.py --model_type cnn --conditioned True
+    python main.py --model_type mlp --method local
 """
 from dnilab.train import main
 

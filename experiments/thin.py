@@ -22,7 +22,7 @@ from pathlib import Path
 
 STRIDE, DIGITS = 10, 4
 MAX_STEP_ROWS = 5000
-RUN_PLOTS = ("loss.png", "sg_loss.png", "test_acc.png", "bits.png", "length.png")
+RUN_PLOTS = ("loss.png", "sg_loss.png", "aux_loss.png", "test_acc.png", "bits.png", "length.png")
 ROOT = Path(__file__).resolve().parent.parent
 
 
