@@ -67,6 +67,12 @@ def slug(name):
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
+def short(rate):
+    """3e-05 -> 3e-5, 0.001 -> 1e-3: a rate as the pages write it."""
+    mantissa, exponent = f"{rate:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
 def run_config(args, model, method, baseline, row, change, seed):
     """The Config of one row's run: the baseline at the table's budget, plus `change`."""
     name = "all_of_ours" if change is None else PREFIX[baseline] + slug(row)  # one "all of ours" run for both
@@ -100,18 +106,20 @@ def collect(args):
     the ones it has and says how many."""
     rows, commands, run_dirs = [], set(), []
     for model, method, baseline, row, change in grid(args):
-        errors, per_epoch = [], []
+        errors, per_epoch, rates = [], [], set()
         for seed in args.seeds:
             run_dir = Path(run_config(args, model, method, baseline, row, change, seed).out)
             if (run_dir / "summary.json").exists():
                 summary = json.loads((run_dir / "summary.json").read_text())
                 errors.append(round(100 * (1 - summary["val_acc"]), 4))
                 per_epoch.append(summary["seconds"] / summary["epochs"])
+                rates.add(json.loads((run_dir / "config.json").read_text())["lr"])
                 run_dirs.append(run_dir)
                 if (run_dir / "command.txt").exists():
                     commands.add(typed_command((run_dir / "command.txt").read_text().splitlines()[0]))
         mean, std = mean_std(errors) if errors else (None, None)
-        rows.append(dict(model=model, method=method, baseline=baseline, row=row, val_error=errors, mean=mean, std=std,
+        rows.append(dict(model=model, method=method, baseline=baseline, row=row, lr=sorted(rates),
+                         val_error=errors, mean=mean, std=std,
                          seconds_per_epoch=sum(per_epoch) / len(per_epoch) if per_epoch else None))
     return dict(rows=rows, seeds=list(args.seeds), commands=sorted(commands), modified_tree=modified_tree_line(list(dict.fromkeys(run_dirs))),
                 command="python -m experiments.deviations " + " ".join(sys.argv[1:]), torch=torch.__version__)
@@ -139,7 +147,8 @@ def markdown(table):
     for baseline in dict.fromkeys(r.get("baseline", "table") for r in table["rows"]):
         title, says = HEADINGS[baseline]
         lines += ["", f"## {title}", "", says[0].upper() + says[1:], "",
-                  "| network | method | row | val error | vs baseline | s / epoch |", "|---|---|---|---|---|---|"]
+                  "| network | method | row | stage lr | val error | vs baseline | s / epoch |",
+                  "|---|---|---|---|---|---|---|"]
         rows = [r for r in table["rows"] if r.get("baseline", "table") == baseline]
         base = {(r["model"], r["method"]): r["mean"] for r in rows if r["row"] == "paper preset"}
         for r in rows:
@@ -149,9 +158,10 @@ def markdown(table):
             if r["val_error"] and len(r["val_error"]) < len(table["seeds"]):
                 error += f" ({len(r['val_error'])} of {len(table['seeds'])} seeds)"
             gap = "" if r["mean"] is None or ref is None or r["row"] == "paper preset" else f"{r['mean'] - ref:+.2f}"
+            rate = ", ".join(map(short, r.get("lr", [])))  # as the run folders say, not as the grid asks
             speed = "—" if r["seconds_per_epoch"] is None else f"{r['seconds_per_epoch']:.1f}"
             lines.append(f"| {label[r['model']]} | {'cDNI' if r['method'] == 'cdni' else 'DNI'} | {r['row']} | "
-                         f"{error} | {gap} | {speed} |")
+                         f"{rate} | {error} | {gap} | {speed} |")
     trained = ", ".join(f"`{c}`" for c in table.get("commands", []))
     lines += ["", (f"Runs trained by {trained}; " if trained else "") + f"table made by `{table['command'].strip()}`; "
               f"torch {table['torch']}. The test set is not read.",

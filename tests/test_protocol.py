@@ -137,18 +137,21 @@ def test_each_deviation_row_changes_one_setting_of_its_baseline(tmp_path):
     assert {"our stage rate", "our schedule", "our sg_lr"} <= rows
 
 
-def test_deviation_rows_say_how_many_seeds_they_hold_and_which_command_trained_them(tmp_path):
+def test_deviation_rows_say_how_many_seeds_they_hold_their_stage_rate_and_which_command_trained_them(tmp_path):
     from experiments import deviations
     args = deviations.parse_args(["--results", str(tmp_path), "--models", "mlp"])
     for seed, acc in ((0, 0.98), (1, 0.97)):  # the paper preset's row has two of three seeds
-        run_dir = Path(deviations.run_config(args, "mlp", "dni", "table", "paper preset", {}, seed).out)
+        config = deviations.run_config(args, "mlp", "dni", "table", "paper preset", {}, seed)
+        run_dir = Path(config.out)
         run_dir.mkdir(parents=True)
+        # trained when the table's rate was another: the row says the rate its runs had
+        (run_dir / "config.json").write_text(json.dumps({**config.to_dict(), "lr": 3e-3}))
         (run_dir / "summary.json").write_text(json.dumps({"val_acc": acc, "test_acc": 0.5, "seconds": 20.0,
                                                           "epochs": 10}))
         (run_dir / "command.txt").write_text("/venv/bin/python /repo/experiments/deviations.py --models mlp\n")
     text = deviations.markdown(deviations.collect(args))
-    assert "| FCN 4 | DNI | paper preset | 2.50 ± 0.71 (2 of 3 seeds) |" in text
-    assert "| FCN 4 | DNI | our sg_lr | not measured |" in text
+    assert "| FCN 4 | DNI | paper preset | 3e-3 | 2.50 ± 0.71 (2 of 3 seeds) |" in text
+    assert "| FCN 4 | DNI | our sg_lr |  | not measured |" in text
     assert "Runs trained by `python -m experiments.deviations --models mlp`" in text
 
 
