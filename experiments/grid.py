@@ -36,7 +36,7 @@ RECURRENT_NAMES = {"bptt": "BPTT", "dni": "DNI", "dni_aux": "DNI + Aux"}
 # the paper's), the same for every method, at each model's stage lr of that budget. main.py's
 # defaults train longer (dnilab/presets.py), which the grid cannot afford: with --jobs 2 on 2 cores
 # this one (72 runs, about three hours of training) takes about an hour and a half.
-CPU_SETTINGS = {"mlp": dict(num_epochs=10, lr=1e-3), "cnn": dict(num_epochs=10, lr=3e-3)}
+CPU_SETTINGS = {"mlp": dict(num_epochs=10, lr=1e-3), "cnn": dict(num_epochs=10, lr=1e-2)}
 # Settings that say where a run lives or how it is drawn, not what it computes.
 NOT_MATHS = {"device", "use_gpu", "out", "plot", "overwrite", "data_dir", "resume"}
 PIPELINE_ONLY = {"partition", "max_in_flight", "worker_timeout"}  # act only when pipeline is True

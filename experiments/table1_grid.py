@@ -16,10 +16,9 @@ PAPER_METHODS = ("nobprop", "backprop", "dni", "cdni")  # the paper's columns: t
 DATASET_TITLES = {"mnist": ("MNIST", ""), "fashion_mnist": ("Fashion-MNIST", "fashion_")}  # -> (title, file prefix)
 
 # The stage rates of CPU_SETTINGS (experiments/grid.py) and where they came from, printed with the table.
-STAGE_LR_SOURCE = ("Stage learning rates at 10 epochs: FCN 1e-3, chosen on validation at FCN 4 "
-                   "(results/stage_search_mlp.md); CNN 3e-3, chosen on test before the split; validation has "
-                   "since chosen 1e-2 at CNN 3 (results/stage_search_cnn.md), and these cells are to be "
-                   "rerun at it (docs/choices.md).")
+STAGE_LR_SOURCE = ("Stage learning rates at 10 epochs, both chosen on MNIST's validation split: FCN 1e-3 at FCN 4 "
+                   "(results/stage_search_mlp.md), CNN 1e-2 at CNN 3 (results/stage_search_cnn.md); "
+                   "docs/choices.md.")
 # The paper's budget (section 3.1): Adam, lr 3e-5 divided by 10 at 60% and 80% of 500k
 # iterations of batch 256; 128 filters per conv layer.
 PAPER_SETTINGS = {k: PAPER_PRESET[k] for k in ("lr", "sg_lr", "schedule", "batch_size", "channels")}

@@ -152,7 +152,7 @@ def test_paper_preset_builds_the_papers_model_at_the_tables_budget():
     cdni, dni = run_config(args, "cnn", 3, "cdni", 0), run_config(args, "cnn", 3, "dni", 0)
     assert (cdni.channels, cdni.synth_channels, cdni.synth_type, cdni.synth_position_map) == (128, 128, "conv", False)
     assert (cdni.synth_layers, dni.synth_layers, dni.synth_type) == (0, 1, "conv")
-    assert (cdni.num_epochs, cdni.lr, cdni.sg_lr, cdni.schedule) == (10, 3e-3, 3e-3, "cosine")  # the table's budget
+    assert (cdni.num_epochs, cdni.lr, cdni.sg_lr, cdni.schedule) == (10, 1e-2, 1e-2, "cosine")  # the table's budget
     assert "table1_preset_paper" in cdni.out and "table1_preset_paper" not in run_config(
         parse_args([]), "cnn", 3, "cdni", 0).out
     fcn = run_config(parse_args(["--preset", "paper", "--models", "mlp"]), "mlp", 4, "cdni", 0)
@@ -172,7 +172,7 @@ def test_layers_map_to_depth_and_paper_budget():
     assert (quick.lr, quick.num_epochs) == (1e-3, 1) and quick.method == "nobprop" and quick.depth == 2
     assert quick.sg_lr == Config(model_type="mlp").sg_lr  # what the table does not set: defaults at run time
     cpu = run_config(parse_args([]), "cnn", 3, "dni", 0)  # the CPU grid's budget, not main.py's longer one
-    assert (cpu.num_epochs, cpu.lr) == (10, 3e-3)
+    assert (cpu.num_epochs, cpu.lr) == (10, 1e-2)
 
 
 def test_nobprop_step_trains_the_classifier_alone():
