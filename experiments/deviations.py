@@ -32,7 +32,8 @@ import torch
 from dnilab.cli import OneLineParser, main_guard
 from dnilab.config import Config
 from dnilab.runs import write_text
-from experiments.grid import CPU_SETTINGS, SEEDS, add_grid_options, check_counts, mean_std, pending, train_all, typed_command
+from experiments.grid import (CPU_SETTINGS, SEEDS, add_grid_options, check_counts, mean_std, pending, short, train_all,
+                              typed_command)
 from experiments.provenance import modified_tree_line
 
 # model -> (network depth as in main.py, settings shared by every row of that model)
@@ -65,12 +66,6 @@ PREFIX = {"paper": "opt_", "table": ""}  # run folder names: the "table" rows ke
 
 def slug(name):
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
-
-
-def short(rate):
-    """3e-05 -> 3e-5, 0.001 -> 1e-3: a rate as the pages write it."""
-    mantissa, exponent = f"{rate:e}".split("e")
-    return f"{float(mantissa):g}e{int(exponent)}"
 
 
 def run_config(args, model, method, baseline, row, change, seed):

@@ -44,6 +44,11 @@ SYNTH_ONLY = {"sg_lr", "synth_type", "synth_layers", "synth_width", "synth_chann
               "synth_label_map"}
 
 
+def short(rate):
+    """3e-05 -> 3e-5, 0.001 -> 1e-3: a rate as the pages write it."""
+    mantissa, exponent = f"{rate:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
 def stale_settings(run_dir, config):
     """The settings a finished run was trained with that differ from `config`'s: {name: (was, now)}."""
     saved = saved_settings(json.loads((run_dir / "config.json").read_text()))

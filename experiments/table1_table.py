@@ -12,8 +12,8 @@ from dnilab.data import TRAIN_SIZES
 from dnilab.runs import write_text
 from experiments.grid import CPU_SETTINGS, mean_std, typed_command
 from experiments.provenance import modified_tree_line
-from experiments.table1_grid import (DATASET_TITLES, METHOD_LABEL, MODEL_LABEL, PAPER_TABLE1, STAGE_KEYS,
-                                     STAGE_LR_SOURCE, SYNTH_KEYS, budget, output_base, run_name, run_root,
+from experiments.table1_grid import (DATASET_TITLES, METHOD_LABEL, MODEL_LABEL, PAPER_TABLE1, STAGE_KEYS, stage_lr_line,
+                                     SYNTH_KEYS, budget, output_base, run_name, run_root,
                                      table_scope)
 
 
@@ -23,6 +23,7 @@ def collect(args, failures=None):
     cells, methods = table_scope(args)
     rows, envs, hyper, commands, seconds, done, total = [], set(), set(), set(), 0.0, 0, 0
     held_out, run_dirs = set(), []  # --val_size of each finished run: 0 for runs made before the split
+    rates = {}  # model -> the stage lrs of its finished runs
     for model, layers in cells:
         row = dict(model=model, layers=layers, depth=layers - 1, label=f"{MODEL_LABEL[model]} {layers}",
                    cells={}, paper={m: PAPER_TABLE1.get((args.dataset, model, layers, m)) for m in methods})
@@ -50,6 +51,7 @@ def collect(args, failures=None):
                 run_dirs.append(run_dir)
                 envs.add((env.get("device"), env.get("gpu") or env.get("cpu"), env.get("threads"), env.get("torch")))
                 hyper.add((False,) + tuple((k, config.get(k)) for k in STAGE_KEYS[model]))
+                rates.setdefault(model, set()).add(config["lr"])
                 if config["method"] == "dni":
                     hyper.add((True,) + tuple((k, config.get(k)) for k in SYNTH_KEYS[model]
                                                if k != "synth_label_map" or label_map_acts(config)))
@@ -61,7 +63,7 @@ def collect(args, failures=None):
             row["cells"][method] = cell
         rows.append(row)
     meta = dict(dataset=args.dataset, budget=budget(args) or "cpu", preset=args.preset, seeds=list(args.seeds),
-                methods=methods,
+                methods=methods, stage_rates={model: sorted(lrs) for model, lrs in rates.items()},
                 runs_done=done, runs_total=total, partial=done < total, val_sizes=sorted(held_out),
                 train_seconds_total=round(seconds, 1), modified_tree=modified_tree_line(run_dirs),
                 hyperparameters=[dict(h[1:]) for h in sorted(hyper, key=str) if not h[0]],
@@ -191,7 +193,8 @@ def markdown(table):
          "- Model: our networks and synthesizers (`--preset ours`, dnilab/presets.py; docs/deviations.md lists how they "
          "differ from the paper's)") + ".",
         _training_set(meta.get("val_sizes", []), meta["dataset"]),
-        *([f"- {STAGE_LR_SOURCE}"] if meta["budget"] == "cpu" and meta.get("preset") != "paper" else []),
+        *([f"- {stage_lr_line(meta['stage_rates'])}"]
+          if meta["budget"] == "cpu" and meta.get("preset") != "paper" and meta.get("stage_rates") else []),
         *([f"- {meta['modified_tree']}"] if meta.get("modified_tree") else []),
         "- Paper: its Table 1 values could not be confirmed where this table was made, so none is quoted.",
         "- Settings (" + ("the paper's budget" if meta["budget"] == "paper" else

@@ -175,6 +175,17 @@ def test_layers_map_to_depth_and_paper_budget():
     assert (cpu.num_epochs, cpu.lr) == (10, 1e-2)
 
 
+def test_a_table_names_where_its_runs_stage_rates_came_from_even_after_the_grid_moves_on():
+    from experiments.grid import CPU_SETTINGS
+    from experiments.table1_grid import stage_lr_line
+    now = stage_lr_line({"mlp": [CPU_SETTINGS["mlp"]["lr"]], "cnn": [CPU_SETTINGS["cnn"]["lr"]]})
+    assert "FCN 1e-3, chosen for 10 epochs on MNIST's validation split at FCN 4" in now
+    assert "CNN 1e-2, chosen for 10 epochs on MNIST's validation split at CNN 3" in now and "test" not in now
+    before = stage_lr_line({"cnn": [3e-3]})  # cells trained before validation moved the CNN's rate
+    assert before.startswith("Stage learning rates: CNN 3e-3, chosen on test before the split; the grid's is now 1e-2")
+    assert "CNN 3e-4, not chosen" in stage_lr_line({"cnn": [3e-4]})
+
+
 def test_nobprop_step_trains_the_classifier_alone():
     torch.manual_seed(0)
     config = Config(model_type="mlp", depth=2, hidden=16, method="nobprop")
