@@ -38,7 +38,7 @@ REBUILDS = {
     "results/search.md": f"{SEARCH} --methods dni cdni --synth_layers 0 1 --synth_widths 1024 2048 "
                          "--sg_lrs 1e-3 3e-3 5e-3 1e-2 --lrs 1e-3 --epochs 10 --table_only",
     "results/search_cnn.md": f"{SEARCH} --model_type cnn --methods cdni --synth_layers 0 1 --sg_lrs 3e-4 1e-3 3e-3 "
-                             "--lrs 3e-3 --epochs 10 --table_only",
+                             "--lrs 1e-2 --epochs 10 --table_only",
     "results/stage_search_mlp.md": "python -m experiments.stage_search --model_type mlp --table_only",
     "results/stage_search_cnn.md": "python -m experiments.stage_search --model_type cnn --table_only",
     "results/cost_model/cost_model.md": "python -m experiments.cost_model --results results/cost_model --table_only",
