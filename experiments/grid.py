@@ -49,6 +49,7 @@ def short(rate):
     mantissa, exponent = f"{rate:e}".split("e")
     return f"{float(mantissa):g}e{int(exponent)}"
 
+
 def stale_settings(run_dir, config):
     """The settings a finished run was trained with that differ from `config`'s: {name: (was, now)}."""
     saved = saved_settings(json.loads((run_dir / "config.json").read_text()))

@@ -12,8 +12,8 @@ from dnilab.data import TRAIN_SIZES
 from dnilab.runs import write_text
 from experiments.grid import CPU_SETTINGS, mean_std, typed_command
 from experiments.provenance import modified_tree_line
-from experiments.table1_grid import (DATASET_TITLES, METHOD_LABEL, MODEL_LABEL, PAPER_TABLE1, STAGE_KEYS, stage_lr_line,
-                                     SYNTH_KEYS, budget, output_base, run_name, run_root,
+from experiments.table1_grid import (DATASET_TITLES, METHOD_LABEL, MODEL_LABEL, PAPER_TABLE1, STAGE_KEYS,
+                                     SYNTH_KEYS, budget, output_base, run_name, run_root, stage_lr_line,
                                      table_scope)
 
 
