@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from dnilab.cli import OneLineParser, main_guard
+from dnilab.cli import OneLineParser
 from dnilab.config import Config
 from dnilab.runs import write_text
-from experiments.grid import (CPU_SETTINGS, SEEDS, add_grid_options, check_counts, mean_std, pending, short, train_all,
-                              typed_command)
+from experiments.grid import (CPU_SETTINGS, SEEDS, add_grid_options, check_counts, grid_main, mean_std, pending, short,
+                              train_all, typed_command)
 from experiments.provenance import modified_tree_line
 
 # model -> (network depth as in main.py, settings shared by every row of that model)
@@ -204,7 +204,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    return main_guard(deviations, args)
+    return grid_main(deviations, args)
 
 
 if __name__ == "__main__":

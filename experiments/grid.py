@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import statistics
+import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from dni.errors import DNIError
+from dnilab.cli import main_guard
 from dnilab.config import DEVICES, label_map_acts, saved_settings
 
 # A grid's method, as its tables name it (a column) -> the Config settings that train it.
@@ -228,6 +230,17 @@ def best_candidate(scores):
 def mean_std(values, *, single=None):
     """(mean, sample std) of a list of numbers; the std of fewer than two values is `single`."""
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else single)
+
+
+def grid_main(fn, *args, **kwargs):
+    """main_guard for a grid command: besides a DNIError's one line (exit 2), SIGINT/SIGTERM end it in
+    one line with exit code 130/143 once its running runs have saved their checkpoints."""
+    try:
+        return main_guard(fn, *args, **kwargs)
+    except Stopped as stop:
+        message, code = stop.args
+        print(f"{message}; rerun the same command to continue", file=sys.stderr, flush=True)
+        sys.exit(code)
 
 
 def add_grid_options(parser, stem):

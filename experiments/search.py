@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from dnilab.cli import OneLineParser, main_guard
+from dnilab.cli import OneLineParser
 from dnilab.config import Config
 from dni.errors import DNIError
 from dnilab.presets import OURS
 from dnilab.runs import write_text
-from experiments.grid import COLUMNS, add_grid_options, check_counts, mean_std, pending, train_all
+from experiments.grid import COLUMNS, add_grid_options, check_counts, grid_main, mean_std, pending, train_all
 from experiments.provenance import modified_tree_line
 
 SYNTH_LAYERS = (0, 1, 2)
@@ -240,7 +240,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    return main_guard(search, args)
+    return grid_main(search, args)
 
 
 if __name__ == "__main__":

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from dnilab.cli import OneLineParser, main_guard
+from dnilab.cli import OneLineParser
 from dnilab.config import Config
 from dnilab.runs import write_text
-from experiments.grid import COLUMNS, SEEDS, check_counts, pending, train_all
+from experiments.grid import COLUMNS, SEEDS, check_counts, grid_main, pending, train_all
 
 SEARCHED = ("backprop", "dni", "cdni")  # columns of experiments.grid.COLUMNS
 TABLE1_EPOCHS = 10
@@ -203,7 +203,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    return main_guard(search, args)
+    return grid_main(search, args)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from dnilab.cli import OneLineParser, main_guard
+from dnilab.cli import OneLineParser
 from dnilab.config import Config
 from dnilab.data import TRAIN_SIZES, num_batches
 from dnilab.runs import write_json, write_text
-from experiments.grid import COLUMNS, CPU_SETTINGS, SEEDS, add_grid_options, check_counts, pending, train_all
+from experiments.grid import COLUMNS, CPU_SETTINGS, SEEDS, add_grid_options, check_counts, grid_main, pending, train_all
 
 SIZES = (0, 256, 512, 1024, 2048)  # units of the one hidden layer; 0: linear
 FRONT_METHODS = ("dni", "cdni")  # columns of experiments.grid.COLUMNS
@@ -160,7 +160,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    return main_guard(front, args)
+    return grid_main(front, args)
 
 
 if __name__ == "__main__":

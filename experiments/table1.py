@@ -24,14 +24,14 @@ hyperparameters (sg_lr, synthesizer depth...) are dnilab.config's defaults at ru
 <results>/table1.json, .md, _curves.png and _sg.png (Fashion-MNIST: fashion_table1.*),
 rewriting the tables after every run; `--table_only` redraws them from the run folders.
 """
-import sys
 import time
 
 import torch
 
-from dnilab.cli import OneLineParser, main_guard
+from dnilab.cli import OneLineParser
 from dnilab.presets import PAPER_ITERATIONS, PRESETS
-from experiments.grid import COLUMNS, CPU_SETTINGS, SEEDS, Stopped, add_grid_options, check_counts, pending, train_all
+from experiments.grid import (COLUMNS, CPU_SETTINGS, SEEDS, add_grid_options, check_counts, grid_main, pending,
+                             train_all)
 from experiments.table1_figures import plot_curves, plot_sg
 from experiments.table1_grid import (DATASET_TITLES, LAYERS, PAPER_METHODS, PAPER_SETTINGS, QUICK_TABLE, grid_cells,
                                      output_base, run_config, stem)
@@ -109,12 +109,7 @@ def main(argv=None):
     the same command continues the table."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    try:
-        return main_guard(make_table, args)
-    except Stopped as stop:
-        message, code = stop.args
-        print(f"{message}; rerun the same command to continue the table", file=sys.stderr, flush=True)
-        sys.exit(code)
+    return grid_main(make_table, args)
 
 
 if __name__ == "__main__":

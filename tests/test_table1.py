@@ -302,3 +302,22 @@ def test_the_training_set_line_says_what_the_runs_held_out():
     assert "first 50,000" in _training_set([10_000], "mnist") and "validation split" in _training_set([10_000], "mnist")
     assert "all 60,000" in _training_set([0], "mnist") and "nothing may be chosen" in _training_set([0], "mnist")
     assert "MIXED" in _training_set([0, 10_000], "mnist")
+
+
+@pytest.mark.parametrize("command", ["table1", "deviations", "search", "stage_search", "synth_front"])
+def test_a_stopped_grid_ends_in_one_line_with_the_signals_exit_code(command, tmp_path, monkeypatch, capsys):
+    """SIGTERM reaches a grid as Stopped from its running run (checkpoint saved): one line, exit 143, no traceback."""
+    import importlib
+
+    from experiments import grid
+
+    def stopped(config, threads):
+        raise grid.Stopped(f"stopped by SIGTERM after step 3; checkpoint saved; continue with --resume {config.out}", 143)
+
+    monkeypatch.setattr(grid, "train_one", stopped)
+    module = importlib.import_module(f"experiments.{command}")
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--results", str(tmp_path), "--data_dir", str(tmp_path)])
+    assert exit_.value.code == 143
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("rerun the same command to continue\n"), err
