@@ -182,8 +182,8 @@ def markdown(table):
     lines += [""] + [f"- failed: {label} {METHOD_LABEL[m]} seed {s}: {e}" for label, m, s, e in failed]
     lines += [
         f"- Mean ± sample std over seeds {meta['seeds']}, test error after the last epoch (no early stopping).",
-        f"- Layers count every layer with weights, the classifier included: FCN n = `--model_type mlp "
-        f"--depth n-1` (n-1 hidden layers + classifier), CNN n = `--model_type cnn --depth n-1`.",
+        "- Layers count every layer with weights, the classifier included: FCN n = `--model_type mlp "
+        "--depth n-1` (n-1 hidden layers + classifier), CNN n = `--model_type cnn --depth n-1`.",
         "- No Bprop: only the classifier learns; the layers below keep their random weights "
         "(`--method nobprop`).",
         ("- Model: the paper's networks and synthesizers (section 3.1, `--preset paper`: nothing of ours)"
