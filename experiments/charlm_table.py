@@ -21,15 +21,14 @@ Budgets, seeds and settings are read from the run folders, never from this comma
 import json
 import shlex
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from dnilab.charlm import LM_METHODS, CharLMConfig, run
 from dni.errors import DNIError
-from dnilab.cli import main_guard, parse_config
+from dnilab.cli import parse_config
 from dnilab.runs import write_json, write_text
-from experiments.grid import RECURRENT_NAMES, mean_std
+from experiments.grid import RECURRENT_NAMES, grid_main, mean_std, run_pool
 from experiments.provenance import modified_tree_line
 
 TRUNCATIONS = (2, 3, 4, 5, 8)
@@ -83,7 +82,7 @@ def _train(config):
 def train_missing(table, log=print):
     todo = [c for c in run_configs(table) if finished(c) is None]
     log(f"charlm_table: {len(todo)} run(s) to train, --jobs {table.jobs}")
-    with ProcessPoolExecutor(table.jobs) as pool:
+    with run_pool(table.jobs) as pool:
         list(pool.map(_train, todo))
 
 
@@ -227,7 +226,7 @@ def choose_aux(table, argv, log=print):
     configs = choice_configs(table)
     if not table.table_only:
         todo = [c for c in configs if finished(c) is None]
-        with ProcessPoolExecutor(table.jobs) as pool:
+        with run_pool(table.jobs) as pool:
             list(pool.map(_train, todo))
     scores = {}
     for c in configs:
@@ -254,7 +253,7 @@ def choose_aux(table, argv, log=print):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     table = parse_config(TableConfig, argv, prog="python -m experiments.charlm_table", description=__doc__.splitlines()[0])
-    return main_guard(choose_aux if table.choose_aux else main_table, table, argv)
+    return grid_main(choose_aux if table.choose_aux else main_table, table, argv)
 
 
 if __name__ == "__main__":

@@ -234,13 +234,36 @@ def mean_std(values, *, single=None):
 
 def grid_main(fn, *args, **kwargs):
     """main_guard for a grid command: besides a DNIError's one line (exit 2), SIGINT/SIGTERM end it in
-    one line with exit code 130/143 once its running runs have saved their checkpoints."""
+    one line with exit code 130/143. Runs in train_all's workers save their checkpoints first; runs
+    that keep none (recurrent, char-LM and timescales runs, in `run_pool` workers or in this process)
+    end where they are and are trained again by the next call, which reuses every finished one."""
+    def stop(signum, frame):
+        for child in multiprocessing.active_children():  # run_pool's workers leave the signals to us
+            child.terminate()
+        raise Stopped(f"stopped by {signal.Signals(signum).name}", 128 + signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return main_guard(fn, *args, **kwargs)
-    except Stopped as stop:
-        message, code = stop.args
+    except Stopped as stopped:
+        message, code = stopped.args
         print(f"{message}; rerun the same command to continue", file=sys.stderr, flush=True)
         sys.exit(code)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _leave_signals_to_grid_main():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole process group: grid_main decides
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # how grid_main ends a worker (a forked one inherits its handler)
+
+
+def run_pool(jobs, mp_context=None):
+    """A process pool for runs that keep no checkpoint, under grid_main: its workers ignore SIGINT,
+    and grid_main terminates them on SIGINT/SIGTERM, so a stopped grid prints one line, not a
+    traceback from every worker."""
+    return ProcessPoolExecutor(jobs, mp_context=mp_context, initializer=_leave_signals_to_grid_main)
 
 
 def add_grid_options(parser, stem):

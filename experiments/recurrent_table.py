@@ -38,19 +38,18 @@ import shlex
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from dnilab.cli import main_guard, parse_config
+from dnilab.cli import parse_config
 from dni.errors import DNIError
 from dnilab.config import DEVICES
 from dnilab.recurrent import RecurrentConfig, factor_tag, run
 from dnilab.runs import write_json, write_text
 from experiments.recurrent_table_view import (AUX, RECURRENT_METHODS, TASK_NAMES, columns, plot_table,
                                               write_markdown)
-from experiments.grid import RECURRENT_NAMES, best_candidate, choice_candidates
+from experiments.grid import RECURRENT_NAMES, best_candidate, choice_candidates, grid_main, run_pool
 from experiments.provenance import modified_tree_line
 
 TRUNCATIONS = (2, 3, 4, 5, 8)
@@ -190,7 +189,7 @@ def make_table(config, argv=(), *, log=print):
     elif config.jobs == 1:
         summaries = [run_or_reuse(c, log) for c in run_configs]
     else:
-        with ProcessPoolExecutor(config.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with run_pool(config.jobs, multiprocessing.get_context("spawn")) as pool:
             summaries = list(pool.map(run_or_reuse, run_configs, [print] * len(run_configs)))
     rows = []
     for n, (task, T, method) in enumerate(grid):
@@ -296,7 +295,7 @@ def main(argv=None):
     config = parse_config(TableConfig, argv, prog="python -m experiments.recurrent_table",
                           description="Longest length solved, BPTT vs DNI (vs DNI + Aux), on Copy / Repeat Copy.")
     flag = "choose" if config.choose else "choose_aux" if config.choose_aux else None
-    return main_guard(partial(choose, choice=CHOICES[flag]) if flag else make_table, config, argv)
+    return grid_main(partial(choose, choice=CHOICES[flag]) if flag else make_table, config, argv)
 
 
 if __name__ == "__main__":

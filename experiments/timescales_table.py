@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dni.errors import DNIError
-from dnilab.cli import main_guard, parse_config
+from dnilab.cli import parse_config
 from dnilab.runs import write_json, write_text
 from dnilab.timescales import SYSTEM_METHODS, TASKS, TimescalesConfig
 from dnilab.timescales_train import run
-from experiments.grid import best_candidate, choice_candidates, mean_std
+from experiments.grid import best_candidate, choice_candidates, grid_main, mean_std
 from experiments.provenance import modified_tree_line
 
 SPANS = (2, 4, 8)
@@ -316,7 +316,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     config = parse_config(TableConfig, argv, prog="python -m experiments.timescales_table",
                           description="The two-timescale table: backprop, DNI and two baselines at T = 2, 4, 8.")
-    return main_guard(choose_lr if config.choose_lr else make_table, config, argv)
+    return grid_main(choose_lr if config.choose_lr else make_table, config, argv)
 
 
 if __name__ == "__main__":

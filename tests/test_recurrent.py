@@ -4,8 +4,11 @@ gradient, a short Copy run, the CLI and the table's quick slice (with and withou
 DNI + Aux) and its choices of factor and auxiliary weight. The public form on torch's own
 recurrent modules is tested in tests/test_recurrent_interface.py."""
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -427,3 +430,41 @@ def test_the_aux_weight_is_chosen_on_seeds_the_reported_table_does_not_use(tmp_p
         with pytest.raises(SystemExit) as exit_info:
             table_main([*argv, *flags])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signum, pool", [(signal.SIGINT, "--jobs 2"), (signal.SIGTERM, "--jobs 2"),
+                                          (signal.SIGINT, "--jobs 1")])
+def test_a_stopped_table_ends_in_one_line_and_leaves_no_worker(signum, pool, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group) or SIGTERM (to the table's process alone), sent
+    once the runs have started: one line on stderr, exit 128 + signal, and every worker gone."""
+    table = subprocess.Popen([sys.executable, "-m", "experiments.recurrent_table", "--steps", "1000000",
+                              "--out", str(tmp_path), *pool.split()], cwd=ROOT, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    started = int(pool.split()[1])
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("rnn/*/metrics.jsonl"))) < started:  # each run writes it as it starts
+            assert table.poll() is None and time.monotonic() < deadline, table.stderr.read()
+            time.sleep(0.2)
+        if signum == signal.SIGINT:
+            os.killpg(table.pid, signum)
+        else:
+            table.send_signal(signum)
+        err = table.communicate(timeout=60)[1]
+        assert table.returncode == 128 + signum, err
+        assert err == f"stopped by {signal.Signals(signum).name}; rerun the same command to continue\n", err
+        deadline = time.monotonic() + 30
+        while _group_alive(table.pid):
+            assert time.monotonic() < deadline, "a worker outlived its table"
+            time.sleep(0.2)
+    finally:
+        if _group_alive(table.pid):
+            os.killpg(table.pid, signal.SIGKILL)
+
+
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
