@@ -155,6 +155,31 @@ def test_deviation_rows_say_how_many_seeds_they_hold_their_stage_rate_and_which_
     assert "Runs trained by `python -m experiments.deviations --models mlp`" in text
 
 
+
+def test_a_deviation_row_at_another_stage_rate_than_its_baseline_shows_no_difference(tmp_path):
+    """A rerun at a new table rate lands row by row: until a row's baseline is at the same rate,
+    the row shows its error but no difference, since it would differ in two settings."""
+    from experiments import deviations
+    args = deviations.parse_args(["--results", str(tmp_path), "--models", "mlp", "--methods", "dni"])
+
+    def fake(baseline, row, change, lr, acc):
+        for seed in (0, 1, 2):
+            config = deviations.run_config(args, "mlp", "dni", baseline, row, change, seed)
+            Path(config.out).mkdir(parents=True)
+            (Path(config.out) / "config.json").write_text(json.dumps({**config.to_dict(), "lr": lr}))
+            (Path(config.out) / "summary.json").write_text(json.dumps({"val_acc": acc, "seconds": 10.0,
+                                                                       "epochs": 10}))
+
+    fake("table", "paper preset", {}, 1e-3, 0.95)
+    fake("table", "our sg_lr", "sg_lr", 1e-3, 0.96)
+    fake("table", "2048-unit hidden layer", dict(synth_width=2048), 3e-3, 0.97)
+    fake("paper", "paper preset", {}, 3e-5, 0.90)
+    fake("paper", "our stage rate", "lr", 1e-3, 0.93)
+    text = deviations.markdown(deviations.collect(args))
+    assert "| FCN 4 | DNI | our sg_lr | 1e-3 | 4.00 ± 0.00 | -1.00 |" in text
+    assert "| FCN 4 | DNI | 2048-unit hidden layer | 3e-3 | 3.00 ± 0.00 |  |" in text
+    assert "| FCN 4 | DNI | our stage rate | 1e-3 | 7.00 ± 0.00 | -3.00 |" in text  # the rate is the row's change
+
 def test_unlock_sweeps_hold_out_the_split_and_retrain_runs_made_without_it():
     from argparse import Namespace
     from experiments.unlock_experiments import base_config, same_settings
