@@ -199,7 +199,7 @@ def run(config, *, log=print):
     record_environment(folder, config, device)
     with open(folder / "metrics.jsonl", "w") as f:
         summary = train(config, log=log, metrics=lambda row: f.write(json.dumps(row) + "\n"), corpus=corpus)
-    summary.update(config=dataclasses.asdict(config), env=environment(device))
+    summary.update(config=dataclasses.asdict(config), env=environment(device, folder))
     write_json(folder / "summary.json", summary)
     log(f"{config.method} T={config.truncation}: test {summary['test_bits']:.3f} bits/char at the best validation "
         f"({summary['val_bits']:.3f}, after {summary['best_chars']} chars), {summary['train_seconds']:.0f}s -> {folder}")

@@ -199,7 +199,7 @@ def run(config, *, log=print):
     with MetricsFile(folder, "w") as metrics:
         summary = train(config, log=log, metrics=lambda event: metrics.write(metrics_row(event)))
     plot_run(folder)
-    summary.update(config=dataclasses.asdict(config), env=environment(device))
+    summary.update(config=dataclasses.asdict(config), env=environment(device, folder))
     write_summary(folder, summary)
     method = "DNI" if config.dni else "BPTT"
     log(f"{config.task} T={config.truncation} {method}: longest length solved {summary['solved']}, error at "

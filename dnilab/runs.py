@@ -22,12 +22,27 @@ from dnilab.config import Config, saved_settings
 from dni.errors import DNIError
 
 
+REPO = Path(__file__).parent  # git reads the checkout this code was loaded from
+
+
 def _git(*args):
     try:
         return subprocess.run(["git", *args], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+                              cwd=REPO, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _beside(run_dir):
+    """Pathspecs for the whole checkout less `run_dir`, when the run folder lies inside it: a run
+    made again in place (README's `--overwrite True` into results/) rewrites its own committed
+    files, which are its output, not an edit to the code that made it."""
+    top = _git("rev-parse", "--show-toplevel")
+    try:
+        inside = Path(run_dir).resolve().relative_to(Path(top).resolve())
+    except (TypeError, ValueError):  # no checkout, no folder, or a folder outside it
+        return []
+    return ["--", ":(top)", f":(top,exclude){inside.as_posix()}"]
 
 
 def git_commit():
@@ -85,10 +100,12 @@ def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def environment(device):
-    """What a result depends on besides its config: code version, libraries, hardware."""
+def environment(device, run_dir=None):
+    """What a result depends on besides its config: code version, libraries, hardware. `git_dirty`:
+    tracked files differ from the commit, the run's own folder `run_dir` aside."""
     commit = git_commit()
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None  # edits not in commit
+    spec = _beside(run_dir) if run_dir is not None else []
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no", *spec)) if commit else None
     return {"git_commit": commit, "git_dirty": dirty, "torch": torch.__version__, "python": platform.python_version(),
             "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
@@ -99,8 +116,8 @@ def save_diff(run_dir, env):
     so the commit plus this patch is the code that made it."""
     if env.get("git_dirty"):
         try:
-            diff = subprocess.run(["git", "diff", "HEAD"], capture_output=True, text=True,
-                                  cwd=Path(__file__).parent, timeout=30).stdout
+            diff = subprocess.run(["git", "diff", "HEAD", *_beside(run_dir)], capture_output=True, text=True,
+                                  cwd=REPO, timeout=30).stdout
         except (OSError, subprocess.SubprocessError):
             return
         write_text(Path(run_dir) / "diff.patch", diff)
@@ -114,7 +131,7 @@ def record_environment(run_dir, config, device):
     """config.json, command.txt and env.json of a new run (`config`: any settings dataclass)."""
     write_json(run_dir / "config.json", dataclasses.asdict(config))
     (run_dir / "command.txt").write_text(command_line() + "\n")
-    env = environment(device)
+    env = environment(device, run_dir)
     write_json(run_dir / "env.json", env)
     save_diff(run_dir, env)
 
@@ -125,7 +142,7 @@ def record_resume(run_dir, device, step):
         f.write(command_line() + "\n")
     path = run_dir / "env.json"
     env = json.loads(path.read_text()) if path.exists() else {}
-    env.setdefault("resumes", []).append({"step": step, **environment(device)})
+    env.setdefault("resumes", []).append({"step": step, **environment(device, run_dir)})
     write_json(path, env)
 
 

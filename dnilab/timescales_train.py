@@ -254,7 +254,7 @@ def run(config, *, log=print, load=load_data):
         system, summary = trainer(config, data, log=log, metrics=lambda row: f.write(json.dumps(row) + "\n"))
     summary["test_acc"] = accuracy(system.a, system.b, *fixed_streams(*data[2], config.val_streams, config.span),
                                    config.span, config.task)
-    summary.update(config=dataclasses.asdict(config), env=environment(device))
+    summary.update(config=dataclasses.asdict(config), env=environment(device, folder))
     write_json(folder / "summary.json", summary)
     log(f"T={config.span} {config.method} ({config.processes} process{'es' if config.processes == 2 else ''}): "
         f"val_acc {summary['val_acc']:.4f} test_acc {summary['test_acc']:.4f} ({summary['train_s']:.0f}s) -> {folder}")

@@ -6,6 +6,7 @@
 - the tracked files under results/ weigh at most 40 MB, and every finished run folder is thin
   (experiments/thin.py: every 10th step row, rounded; no per-run plot that no page shows).
 """
+import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -102,3 +103,32 @@ def test_a_run_from_a_modified_tree_keeps_its_diff(tmp_path):
     assert modified_tree_line([clean]) == ""
     line = modified_tree_line([clean, dirty, lost])
     assert line.startswith("Made from a modified tree: 2 of 3 runs") and "the diffs of 1 were not saved" in line
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed: there is no commit to compare with")
+def test_a_run_made_again_in_place_is_not_an_edit_of_the_tree(tmp_path, monkeypatch):
+    """README's `--overwrite True` rewrites a committed run folder: that is the run's output, so the
+    run still counts as made from a clean tree; an edit anywhere else does not, and its diff is kept."""
+    import torch
+
+    from dnilab import runs
+    repo = tmp_path / "repo"
+    (repo / "results" / "run").mkdir(parents=True)
+    (repo / "code.py").write_text("lr = 1e-3\n")
+    (repo / "results" / "run" / "summary.json").write_text("{}\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "runs"]):
+        subprocess.run(git + args, check=True)
+    monkeypatch.setattr(runs, "REPO", repo)
+    cpu, run = torch.device("cpu"), repo / "results" / "run"
+    assert runs.environment(cpu, run)["git_dirty"] is False
+    (run / "summary.json").write_text('{"val_acc": 0.9}\n')  # the run, rewritten in place
+    assert runs.environment(cpu, run)["git_dirty"] is False
+    assert runs.environment(cpu)["git_dirty"] is True  # without the run folder named, it counts
+    assert runs.environment(cpu, tmp_path / "elsewhere")["git_dirty"] is True
+    (repo / "code.py").write_text("lr = 3e-3\n")  # an edit of the code
+    env = runs.environment(cpu, run)
+    assert env["git_dirty"] is True
+    runs.save_diff(run, env)
+    diff = (run / "diff.patch").read_text()
+    assert "+lr = 3e-3" in diff and "val_acc" not in diff
