@@ -33,16 +33,21 @@ def _git(*args):
         return None
 
 
-def _beside(run_dir):
-    """Pathspecs for the whole checkout less `run_dir`, when the run folder lies inside it: a run
-    made again in place (README's `--overwrite True` into results/) rewrites its own committed
-    files, which are its output, not an edit to the code that made it."""
+def _code_paths(run_dir):
+    """Pathspecs for the checkout's code: everything tracked but results/ and `run_dir` (when the
+    run folder lies inside the checkout). Run folders hold what runs wrote, not what they ran: a
+    run made again in place (README's `--overwrite True` into results/) rewrites its own committed
+    files, and runs made one after another in one checkout rewrite each other's before they are
+    committed; neither is an edit to the code that made them."""
     top = _git("rev-parse", "--show-toplevel")
+    if top is None:
+        return []
+    spec = ["--", ":(top)", ":(top,exclude)results"]
     try:
         inside = Path(run_dir).resolve().relative_to(Path(top).resolve())
-    except (TypeError, ValueError):  # no checkout, no folder, or a folder outside it
-        return []
-    return ["--", ":(top)", f":(top,exclude){inside.as_posix()}"]
+    except (TypeError, ValueError):  # no folder given, or one outside the checkout
+        return spec
+    return spec + [f":(top,exclude){inside.as_posix()}"]
 
 
 def git_commit():
@@ -102,10 +107,9 @@ def write_json(path, obj):
 
 def environment(device, run_dir=None):
     """What a result depends on besides its config: code version, libraries, hardware. `git_dirty`:
-    tracked files differ from the commit, the run's own folder `run_dir` aside."""
+    tracked files differ from the commit, run folders (results/ and `run_dir`) aside."""
     commit = git_commit()
-    spec = _beside(run_dir) if run_dir is not None else []
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no", *spec)) if commit else None
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no", *_code_paths(run_dir))) if commit else None
     return {"git_commit": commit, "git_dirty": dirty, "torch": torch.__version__, "python": platform.python_version(),
             "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
@@ -116,7 +120,7 @@ def save_diff(run_dir, env):
     so the commit plus this patch is the code that made it."""
     if env.get("git_dirty"):
         try:
-            diff = subprocess.run(["git", "diff", "HEAD", *_beside(run_dir)], capture_output=True, text=True,
+            diff = subprocess.run(["git", "diff", "HEAD", *_code_paths(run_dir)], capture_output=True, text=True,
                                   cwd=REPO, timeout=30).stdout
         except (OSError, subprocess.SubprocessError):
             return

@@ -106,29 +106,31 @@ def test_a_run_from_a_modified_tree_keeps_its_diff(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed: there is no commit to compare with")
-def test_a_run_made_again_in_place_is_not_an_edit_of_the_tree(tmp_path, monkeypatch):
-    """README's `--overwrite True` rewrites a committed run folder: that is the run's output, so the
-    run still counts as made from a clean tree; an edit anywhere else does not, and its diff is kept."""
+def test_a_run_folder_rewritten_is_not_an_edit_of_the_tree(tmp_path, monkeypatch):
+    """README's `--overwrite True` rewrites committed run folders one after another: what runs
+    wrote (results/, or the run's own folder elsewhere) leaves a run made from a clean tree; an edit
+    of the code does not, and its diff, less the run folders, is kept."""
     import torch
 
     from dnilab import runs
     repo = tmp_path / "repo"
-    (repo / "results" / "run").mkdir(parents=True)
+    for folder in ("results/first", "results/second", "runs/mine", "runs/other"):
+        (repo / folder).mkdir(parents=True)
+        (repo / folder / "summary.json").write_text("{}\n")
     (repo / "code.py").write_text("lr = 1e-3\n")
-    (repo / "results" / "run" / "summary.json").write_text("{}\n")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
     for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "runs"]):
         subprocess.run(git + args, check=True)
     monkeypatch.setattr(runs, "REPO", repo)
-    cpu, run = torch.device("cpu"), repo / "results" / "run"
-    assert runs.environment(cpu, run)["git_dirty"] is False
-    (run / "summary.json").write_text('{"val_acc": 0.9}\n')  # the run, rewritten in place
-    assert runs.environment(cpu, run)["git_dirty"] is False
-    assert runs.environment(cpu)["git_dirty"] is True  # without the run folder named, it counts
+    cpu = torch.device("cpu")
+    for folder in ("results/first", "results/second", "runs/mine"):  # made again in place, in turn
+        (repo / folder / "summary.json").write_text('{"val_acc": 0.9}\n')
+        assert runs.environment(cpu, repo / folder)["git_dirty"] is False, folder
+    assert runs.environment(cpu, repo / "runs" / "other")["git_dirty"] is True  # runs/mine is not its own
     assert runs.environment(cpu, tmp_path / "elsewhere")["git_dirty"] is True
-    (repo / "code.py").write_text("lr = 3e-3\n")  # an edit of the code
-    env = runs.environment(cpu, run)
+    (repo / "code.py").write_text("lr = 3e-3\n")
+    env = runs.environment(cpu, repo / "runs" / "mine")
     assert env["git_dirty"] is True
-    runs.save_diff(run, env)
-    diff = (run / "diff.patch").read_text()
+    runs.save_diff(repo / "runs" / "mine", env)
+    diff = (repo / "runs" / "mine" / "diff.patch").read_text()
     assert "+lr = 3e-3" in diff and "val_acc" not in diff
