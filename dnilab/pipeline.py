@@ -66,8 +66,9 @@ Design choices, written once:
   true gradient with its own batch's trigger never rests on the order of delivery.
 - Faults: every step checks what it computed (stage outputs, synthetic gradients, losses,
   gradients) and stops at the first non-finite one, naming the worker, the stage and the
-  step. Every wait on another worker has a deadline (--worker_timeout, also the process
-  group's timeout); a dead peer is seen at once by its closed connection. Either way the
+  step. Every wait on another worker while training has a deadline (--worker_timeout, also the
+  process group's timeout; evaluation's waits have none: EVALUATION_TIMEOUT); a dead peer is
+  seen at once by its closed connection. Either way the
   worker stops with one line, `error: worker 0: ...`, and exit code 2 (at once, by os._exit:
   see `worker_process`); files already written stay as they were. Workers started with
   different settings refuse to start.
@@ -88,7 +89,7 @@ from dnilab.data import batches, load_data, num_batches
 from dnilab.parts import Optimizers, build_net, load_run_data, pick_device, set_seed
 from dnilab.partition import balanced_partition, describe_partition, parse_partition, stage_costs
 from dnilab.runs import announce, check_batches, git_commit, prepare_run_dir, record_environment, step_record
-from dnilab.transport import _reason, collective
+from dnilab.transport import NO_DEADLINE, _reason, collective
 from dnilab.worker import PipelineWorker, assemble, share_of_data
 
 
@@ -117,8 +118,9 @@ def check_same_settings(config, rank, world, timeout_s):
 
 # How long the other workers wait for rank 0 to finish an epoch (logs, evaluation, checkpoint):
 # evaluation is not training, and a slow one must not stop a healthy run, so no --worker_timeout
-# here. A worker that dies meanwhile is still seen at once: its connection closes.
-EVALUATION_TIMEOUT = timedelta(days=7)
+# here, nor in the evaluation's own messages (Peers.without_deadline). A worker that dies
+# meanwhile is still seen at once: its connection closes.
+EVALUATION_TIMEOUT = NO_DEADLINE
 
 
 def agree(rank, timeout_s, what, fn, group=None):

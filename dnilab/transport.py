@@ -24,6 +24,7 @@ def _reason(error):
 # Every message carries the step of the batch it belongs to as one extra element, checked on
 # receipt; a float32 counts integers exactly up to 2**24, so the tag is the step modulo that.
 TAG_MODULUS = 2 ** 24
+NO_DEADLINE = timedelta(days=7)  # "no deadline" for waits that torch.distributed must bound
 
 
 @dataclass
@@ -86,6 +87,17 @@ class Peers:
 
     def start_recv(self, payload, peer, step):
         return dist.irecv(payload, peer, tag=self._tag(step))
+
+    @contextlib.contextmanager
+    def without_deadline(self):
+        """Waits inside have no deadline: evaluation is not training, and a slow one (a loaded
+        machine, a large split) must not stop a healthy run. A dead peer is still seen at once, by
+        its closed connection."""
+        timeout, self.timeout = self.timeout, NO_DEADLINE
+        try:
+            yield
+        finally:
+            self.timeout = timeout
 
     def wait(self, message):
         """Block until `message` is through; a receive returns its tensor, checked to be of its step."""

@@ -81,26 +81,27 @@ class PipelineWorker:
         stages = [self.net.stages[i] for i in self.part]
         modes = [stage.training for stage in stages]
         correct, outbox = torch.zeros((), dtype=torch.long), deque()
-        try:
-            for stage in stages:
-                stage.eval()
-            for j, start in enumerate(range(0, n, batch_size), start=1):
-                b = min(batch_size, n - start)
-                if self.first:
-                    h = x[start:start + b]
-                else:
-                    h = self.peers.wait(self.peers.recv((b, *self.in_shape[1:]), self.rank - 1, "evaluation", j))
+        with self.peers.without_deadline():  # see Peers.without_deadline
+            try:
                 for stage in stages:
-                    h = stage(h)
-                if self.last:
-                    correct += (h.argmax(1) == y[start:start + b]).sum().cpu()
-                else:
-                    outbox.append(self.peers.send(h, self.rank + 1, "evaluation", j))
-                    self._flush(outbox, keep=2)
-            self._flush(outbox, keep=0)
-        finally:
-            for stage, mode in zip(stages, modes):
-                stage.train(mode)
+                    stage.eval()
+                for j, start in enumerate(range(0, n, batch_size), start=1):
+                    b = min(batch_size, n - start)
+                    if self.first:
+                        h = x[start:start + b]
+                    else:
+                        h = self.peers.wait(self.peers.recv((b, *self.in_shape[1:]), self.rank - 1, "evaluation", j))
+                    for stage in stages:
+                        h = stage(h)
+                    if self.last:
+                        correct += (h.argmax(1) == y[start:start + b]).sum().cpu()
+                    else:
+                        outbox.append(self.peers.send(h, self.rank + 1, "evaluation", j))
+                        self._flush(outbox, keep=2)
+                self._flush(outbox, keep=0)
+            finally:
+                for stage, mode in zip(stages, modes):
+                    stage.train(mode)
         return correct.item() / n if self.last else None
 
     def train_epoch(self, source, steps):

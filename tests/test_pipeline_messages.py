@@ -12,6 +12,7 @@ Every message carries its step; the worker checks it on receipt. What is checked
   delivery, and with 1 batch in flight those of sequential DNI (`dni_step`), bit for bit;
 - a transport that hands over another batch's message is caught: one line naming the step;
 - a non-finite value stops the worker where it appears, naming the worker, stage and step.
+- a late peer stops training at the deadline, never evaluation, which has none.
 """
 import copy
 import random
@@ -214,3 +215,51 @@ def test_a_non_finite_value_stops_the_worker_at_its_step():
     data[6] = (x * float("inf"), y)  # step 7's images overflow the first stage
     _, _, errors = run_pipeline(Transport(timeout_s=3.0), 2, data)
     assert errors[0].startswith("worker 0: the output of stage 1 is not finite at step 7; lower --lr"), errors
+
+
+class Late(random.Random):
+    """Every message takes the longest delay: past the deadline whenever max_delay_s > timeout_s."""
+
+    def uniform(self, a, b):
+        return b
+
+
+def run_evaluation(transport, n=3 * BATCH):
+    """Evaluate a fresh net on n examples across len(PARTS) threads; returns (accuracy, errors)."""
+    torch.set_num_threads(1)
+    template, _ = fresh_net()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(n, *IN_SHAPE, generator=g), torch.randint(0, 10, (n,), generator=g)
+    accuracy, errors = [], {}
+
+    def work(rank):
+        net = copy.deepcopy(template)
+        worker = PipelineWorker(net=net, optimizers=Optimizers(net, CONFIG, STEPS), parts=PARTS, rank=rank,
+                                method="dni", in_shape=IN_SHAPE, batch_size=BATCH, max_in_flight=1,
+                                peers=transport.peers(rank))
+        try:
+            accuracy.append(worker.evaluate(x, y, n, batch_size=BATCH))
+        except DNIError as e:
+            errors[rank] = str(e)
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(len(PARTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return [a for a in accuracy if a is not None], errors
+
+
+def test_evaluation_has_no_deadline_where_training_has_one():
+    """Every message arrives 0.1 s late against a 0.02 s --worker_timeout, as on a loaded machine:
+    training stops with one line, while evaluation (Peers.without_deadline) gives the accuracy of
+    instant delivery. A slow evaluation must not stop a healthy run."""
+    def late():
+        transport = Transport(max_delay_s=0.1, timeout_s=0.02)
+        transport.rng = Late()
+        return transport
+    _, _, errors = run_pipeline(late(), 1, make_data())
+    assert errors and all("stalled past --worker_timeout 0.02s" in e and "\n" not in e for e in errors.values())
+    accuracy, errors = run_evaluation(late())
+    assert not errors, errors
+    assert accuracy == run_evaluation(Transport())[0] and len(accuracy) == 1
