@@ -125,6 +125,15 @@ def fresh_net():
     return net, Optimizers(net, CONFIG, STEPS)
 
 
+def on_threads(work):
+    """work(rank) for every worker, each on a thread of its own, until all are done."""
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(len(PARTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+
+
 def run_pipeline(transport, k, data, method="dni"):
     """Train STEPS steps on len(PARTS) threads; returns (net state per worker, pairings, errors)."""
     torch.set_num_threads(1)
@@ -149,11 +158,7 @@ def run_pipeline(transport, k, data, method="dni"):
         except DNIError as e:
             errors[rank] = str(e)
 
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(len(PARTS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    on_threads(work)
     return results, sorted(pairs), errors
 
 
@@ -242,11 +247,7 @@ def run_evaluation(transport, n=3 * BATCH):
         except DNIError as e:
             errors[rank] = str(e)
 
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(len(PARTS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    on_threads(work)
     return [a for a in accuracy if a is not None], errors
 
 
